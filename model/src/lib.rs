@@ -1,0 +1,18 @@
+//! Qwen2.5-VL over any Burn backend: configuration, vision tower (window attention, 2D rotary,
+//! patch merger), language model (GQA, M-RoPE, KV cache) and HF safetensors in and out.
+//!
+//! What it computes is HF transformers' `Qwen2_5_VLForConditionalGeneration`; see
+//! `shared/reference/qwen2_5_vl.md` for the formulas. No training code lives here.
+
+pub mod config;
+pub mod model;
+pub mod nn;
+pub mod rope;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+pub use config::{Qwen25VlConfig, TextConfig, TokenIds, VisionConfig};
+pub use model::{copy_aux_files, ModelInput, Qwen25VL};
+pub use text::KvCache;
+pub use weights::{SaveDtype, WeightReader};

@@ -1,0 +1,346 @@
+//! `Qwen2_5_VLForConditionalGeneration`: vision tower + language model + head, with the
+//! embedding merge at image pad positions, M-RoPE positions and incremental decoding.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::config::Qwen25VlConfig;
+use crate::nn::{int1, linear_export, linear_init, linear_load, tensor2};
+use crate::rope;
+use crate::text::{KvCache, TextModel};
+use crate::vision::VisionTower;
+use crate::weights::{save_safetensors, NamedTensor, SaveDtype, WeightReader};
+
+/// A batch of token sequences (all of the same, padded length) and the images they refer to.
+#[derive(Debug, Clone, Default)]
+pub struct ModelInput {
+    /// `[batch][seq]` token ids.
+    pub input_ids: Vec<Vec<u32>>,
+    /// `[batch][seq]`, false for padding. `None`: every token is real.
+    pub attention_mask: Option<Vec<Vec<bool>>>,
+    /// Flattened patches of every image of the batch, rows in processor order: `[rows, patch_dim]`.
+    pub pixel_values: Vec<f32>,
+    /// `[t, h, w]` of every image, in the order the image pad runs appear (row by row).
+    pub image_grids: Vec<[usize; 3]>,
+}
+
+impl ModelInput {
+    pub fn text(input_ids: Vec<Vec<u32>>) -> Self {
+        Self { input_ids, ..Default::default() }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.input_ids.first().map(Vec::len).unwrap_or(0)
+    }
+
+    fn valid(&self, b: usize) -> Vec<bool> {
+        match &self.attention_mask {
+            Some(m) => m[b].clone(),
+            None => vec![true; self.input_ids[b].len()],
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Qwen25VL<B: Backend> {
+    pub visual: VisionTower<B>,
+    pub model: TextModel<B>,
+    /// `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: Qwen25VlConfig,
+}
+
+impl<B: Backend> Qwen25VL<B> {
+    /// Random init (HF's: normal std 0.02, zero biases, unit norms). Seed the backend first
+    /// (`B::seed`) for a reproducible model.
+    pub fn init(config: &Qwen25VlConfig, device: &B::Device) -> Self {
+        let t = &config.text;
+        Self {
+            visual: VisionTower::init(&config.vision, device),
+            model: TextModel::init(t, device),
+            lm_head: (!t.tie_word_embeddings).then(|| linear_init(t.hidden_size, t.vocab_size, false, device)),
+            config: config.clone(),
+        }
+    }
+
+    /// Load an HF model directory (config.json + safetensors, single or sharded).
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = Qwen25VlConfig::from_dir(dir)?;
+        Self::load_with_config(dir, config, device)
+    }
+
+    pub fn load_with_config(dir: &Path, config: Qwen25VlConfig, device: &B::Device) -> Result<Self> {
+        let mut r = WeightReader::open(dir)?;
+        let t = &config.text;
+        let visual = VisionTower::load(&config.vision, &mut r, device)?;
+        let model = TextModel::load(t, &mut r, device)?;
+        let lm_head = if t.tie_word_embeddings {
+            // Tied: the head is the embedding. A stored copy is read (so it is not reported as
+            // unexpected) and dropped, as transformers does when it ties the weights.
+            if r.contains("lm_head.weight") {
+                r.take("lm_head.weight", &[t.vocab_size, t.hidden_size])?;
+            }
+            None
+        } else {
+            Some(linear_load(&mut r, "lm_head", t.hidden_size, t.vocab_size, false, device)?)
+        };
+        r.finish()?;
+        Ok(Self { visual, model, lm_head, config })
+    }
+
+    /// Every tensor under its HF name (original scheme) and `[out, in]` layout.
+    pub fn export_tensors(&self) -> Vec<NamedTensor> {
+        let mut out = Vec::new();
+        self.visual.export(&mut out);
+        self.model.export(&mut out);
+        if let Some(head) = &self.lm_head {
+            linear_export(head, "lm_head", &mut out);
+        }
+        out
+    }
+
+    /// Write `config.json` and safetensors (sharded past `max_shard_bytes`) into `dir`.
+    /// Tokenizer, template and processor files are the caller's to copy (see `copy_aux_files`).
+    pub fn save(&self, dir: &Path, dtype: SaveDtype, max_shard_bytes: usize) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tensors = self.export_tensors();
+        save_safetensors(dir, &tensors, dtype, max_shard_bytes)?;
+        let mut cfg = self.config.to_hf_json();
+        if let Some(obj) = cfg.as_object_mut() {
+            let key = if obj.contains_key("dtype") && !obj.contains_key("torch_dtype") { "dtype" } else { "torch_dtype" };
+            obj.insert(key.into(), serde_json::json!(dtype.torch_name()));
+            if self.lm_head.is_none() {
+                obj.insert("tie_word_embeddings".into(), serde_json::json!(true));
+            }
+        }
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg)?).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Logits of the head for hidden states `[.., C]`.
+    pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let w = self.model.embed_tokens.weight.val(); // [V, C]
+                let [v, c] = w.dims();
+                let dims = hidden.dims();
+                let n: usize = dims[..D - 1].iter().product();
+                let mut out_dims = dims;
+                out_dims[D - 1] = v;
+                hidden.reshape([n, c]).matmul(w.transpose()).reshape(out_dims)
+            }
+        }
+    }
+
+    /// Input embeddings `[B, T, C]` with the vision tower's output placed at the image pad tokens.
+    pub fn embed(&self, input: &ModelInput, device: &B::Device) -> Result<Tensor<B, 3>> {
+        let (b, t) = (input.batch_size(), input.seq_len());
+        let c = self.config.text.hidden_size;
+        let flat: Vec<i64> = input.input_ids.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
+        if flat.len() != b * t {
+            bail!("input rows have different lengths");
+        }
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]), device);
+        let text = self.model.embed_tokens.forward(ids);
+        if input.image_grids.is_empty() {
+            if let Some(img) = self.config.tokens.image_token_id {
+                let n = input.input_ids.iter().flatten().filter(|&&x| x == img).count();
+                if n > 0 {
+                    bail!("the input holds {n} image tokens but no image was given");
+                }
+            }
+            return Ok(text);
+        }
+        let image_token = self.config.image_token_id()?;
+        let vcfg = &self.config.vision;
+        let rows: usize = input.image_grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        if input.pixel_values.len() != rows * vcfg.patch_dim() {
+            bail!(
+                "pixel_values hold {} values, the image grids need {rows} rows of {}",
+                input.pixel_values.len(),
+                vcfg.patch_dim()
+            );
+        }
+        let pixels = tensor2::<B>(input.pixel_values.clone(), [rows, vcfg.patch_dim()], device);
+        let image_embeds = self.visual.forward(pixels, &input.image_grids);
+        let n_embeds = rows / vcfg.merge_unit();
+        // Where each position takes its embedding from: itself, or image embedding k.
+        let mut map = Vec::with_capacity(b * t);
+        let mut k = 0usize;
+        for (p, &id) in input.input_ids.iter().flatten().enumerate() {
+            if id == image_token {
+                map.push(b * t + k);
+                k += 1;
+            } else {
+                map.push(p);
+            }
+        }
+        if k != n_embeds {
+            bail!("image features and image tokens do not match: {k} image tokens in the text, {n_embeds} image embeddings");
+        }
+        let table = Tensor::cat(vec![text.reshape([b * t, c]), image_embeds], 0);
+        Ok(table.select(0, int1::<B>(&map, device)).reshape([b, t, c]))
+    }
+
+    /// M-RoPE positions of a batch: per row `[3][T]` positions and the row's `rope_delta`.
+    pub fn rope_positions(&self, input: &ModelInput) -> Result<(Vec<[Vec<i64>; 3]>, Vec<i64>)> {
+        let merge = self.config.vision.spatial_merge_size;
+        let unit = merge * merge;
+        let image_token = self.config.tokens.image_token_id;
+        let mut grids = input.image_grids.iter();
+        let mut positions = Vec::with_capacity(input.batch_size());
+        let mut deltas = Vec::with_capacity(input.batch_size());
+        for (b, row) in input.input_ids.iter().enumerate() {
+            let valid = input.valid(b);
+            let n_img_tokens = row.iter().zip(&valid).filter(|(&x, &v)| v && Some(x) == image_token).count();
+            let mut row_grids = Vec::new();
+            let mut have = 0;
+            while have < n_img_tokens {
+                let Some(g) = grids.next() else {
+                    bail!("row {b} holds {n_img_tokens} image tokens but the image grids run out after {have}");
+                };
+                have += g[0] * g[1] * g[2] / unit;
+                row_grids.push(*g);
+            }
+            if have != n_img_tokens {
+                bail!("row {b}: {n_img_tokens} image tokens do not match the grids of its images ({have} tokens)");
+            }
+            let (p, d) = rope::rope_index_padded(row, &valid, image_token, &row_grids, merge)
+                .with_context(|| format!("positions of batch row {b}"))?;
+            positions.push(p);
+            deltas.push(d);
+        }
+        if grids.next().is_some() {
+            bail!("more images than image token runs in the batch");
+        }
+        Ok((positions, deltas))
+    }
+
+    /// cos / sin `[B, 1, T, head_dim]` for the given position rows.
+    fn cos_sin(&self, positions: &[[Vec<i64>; 3]], device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let t = &self.config.text;
+        let b = positions.len();
+        let n = positions.first().map(|p| p[0].len()).unwrap_or(0);
+        let mut cos = Vec::with_capacity(b * n * t.head_dim);
+        let mut sin = Vec::with_capacity(b * n * t.head_dim);
+        for p in positions {
+            let (c, s) = rope::mrope_cos_sin([&p[0], &p[1], &p[2]], t.head_dim, t.rope_theta, t.mrope_section);
+            cos.extend(c);
+            sin.extend(s);
+        }
+        let shape = [b, 1, n, t.head_dim];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+
+    fn key_pad(valid: &[Vec<bool>], device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
+        if valid.iter().all(|r| r.iter().all(|&v| v)) {
+            return None;
+        }
+        let (b, n) = (valid.len(), valid[0].len());
+        let pad: Vec<bool> = valid.iter().flat_map(|r| r.iter().map(|&v| !v)).collect();
+        Some(Tensor::from_data(TensorData::new(pad, [b, 1, 1, n]), device))
+    }
+
+    /// Final hidden states `[B, T, C]` (after the last norm). With a cache, this is the prefill:
+    /// the cache must be empty and is filled with the keys and values of every position.
+    pub fn forward_hidden(&self, input: &ModelInput, cache: Option<&mut KvCache<B>>) -> Result<Tensor<B, 3>> {
+        let device = self.devices().into_iter().next().context("model has no parameters")?;
+        let embeds = self.embed(input, &device)?;
+        let (positions, deltas) = self.rope_positions(input)?;
+        let (cos, sin) = self.cos_sin(&positions, &device);
+        let valid: Vec<Vec<bool>> = (0..input.batch_size()).map(|b| input.valid(b)).collect();
+        let key_pad = Self::key_pad(&valid, &device);
+        let cache = match cache {
+            Some(c) => {
+                if !c.is_empty() {
+                    bail!("forward_hidden with a cache is a prefill: the cache must be empty");
+                }
+                c.rope_deltas = deltas;
+                c.key_valid = valid;
+                Some(c)
+            }
+            None => None,
+        };
+        Ok(self.model.forward_embeds(embeds, cos, sin, key_pad, cache))
+    }
+
+    /// Logits `[B, T, V]` of every position.
+    pub fn forward(&self, input: &ModelInput) -> Result<Tensor<B, 3>> {
+        Ok(self.logits(self.forward_hidden(input, None)?))
+    }
+
+    /// Feed new text tokens (`[B][n]`, all real) after what the cache holds; returns the final
+    /// hidden states `[B, n, C]`. Positions continue at `cache index + rope_delta`.
+    pub fn decode_hidden(&self, tokens: &[Vec<u32>], cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        let device = self.devices().into_iter().next().context("model has no parameters")?;
+        let b = tokens.len();
+        if b != cache.batch_size() {
+            bail!("decode: {b} rows but the cache holds {}", cache.batch_size());
+        }
+        let n = tokens[0].len();
+        let start = cache.len() as i64;
+        let positions: Vec<[Vec<i64>; 3]> = cache
+            .rope_deltas
+            .iter()
+            .map(|&d| {
+                let row: Vec<i64> = (0..n as i64).map(|i| start + i + d).collect();
+                [row.clone(), row.clone(), row]
+            })
+            .collect();
+        let (cos, sin) = self.cos_sin(&positions, &device);
+        for v in cache.key_valid.iter_mut() {
+            v.extend(std::iter::repeat_n(true, n));
+        }
+        let key_pad = Self::key_pad(&cache.key_valid, &device);
+        let flat: Vec<i64> = tokens.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, n]), &device);
+        let embeds = self.model.embed_tokens.forward(ids);
+        Ok(self.model.forward_embeds(embeds, cos, sin, key_pad, Some(cache)))
+    }
+
+    /// A new empty cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.config.text.num_hidden_layers)
+    }
+}
+
+/// Copy the tokenizer, chat template, processor and generation files of an HF model directory.
+pub fn copy_aux_files(from: &Path, to: &Path) -> Result<Vec<String>> {
+    const FILES: &[&str] = &[
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "generation_config.json",
+    ];
+    let mut copied = Vec::new();
+    for f in FILES {
+        let src = from.join(f);
+        if src.exists() {
+            std::fs::copy(&src, to.join(f)).with_context(|| format!("copying {} to {}", src.display(), to.display()))?;
+            copied.push(f.to_string());
+        }
+    }
+    Ok(copied)
+}

@@ -1,0 +1,131 @@
+//! Small building blocks shared by the vision tower and the language model: RMSNorm, linear
+//! layers loaded from / exported to HF's `[out, in]` layout, and host <-> tensor helpers.
+
+use anyhow::Result;
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::weights::{NamedTensor, WeightReader};
+
+/// Standard deviation of the random init (HF `initializer_range`).
+pub const INIT_STD: f64 = 0.02;
+
+/// Root-mean-square norm, computed in f32: `w * (x * rsqrt(mean(x^2) + eps))`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn init(dim: usize, eps: f64, device: &B::Device) -> Self {
+        Self { weight: Param::from_tensor(Tensor::ones([dim], device)), eps }
+    }
+
+    pub fn load(r: &mut WeightReader, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self> {
+        Ok(Self { weight: Param::from_tensor(tensor1(r.take(name, &[dim])?, device)), eps })
+    }
+
+    pub fn export(&self, name: &str, out: &mut Vec<NamedTensor>) {
+        out.push(named(name, self.weight.val()));
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let var = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * (var + self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze()
+    }
+}
+
+/// A linear layer with HF's init (normal, std 0.02; zero bias).
+pub fn linear_init<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
+    let mut lin = LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
+        .init(device);
+    if bias {
+        lin.bias = Some(Param::from_tensor(Tensor::zeros([d_out], device)));
+    }
+    lin
+}
+
+/// Load `{prefix}.weight` (HF `[out, in]`) and optionally `{prefix}.bias` into a Burn linear
+/// layer (`[in, out]`).
+pub fn linear_load<B: Backend>(
+    r: &mut WeightReader,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let w = r.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
+    let weight = Param::from_tensor(tensor2(transpose(&w, d_out, d_in), [d_in, d_out], device));
+    let bias = if bias {
+        Some(Param::from_tensor(tensor1(r.take(&format!("{prefix}.bias"), &[d_out])?, device)))
+    } else {
+        None
+    };
+    Ok(Linear { weight, bias })
+}
+
+/// Export a Burn linear layer under HF names and layout.
+pub fn linear_export<B: Backend>(lin: &Linear<B>, prefix: &str, out: &mut Vec<NamedTensor>) {
+    let w = lin.weight.val();
+    let [d_in, d_out] = w.dims();
+    let values = to_vec(w);
+    out.push(NamedTensor { name: format!("{prefix}.weight"), shape: vec![d_out, d_in], values: transpose(&values, d_in, d_out) });
+    if let Some(b) = &lin.bias {
+        out.push(named(&format!("{prefix}.bias"), b.val()));
+    }
+}
+
+/// Row-major transpose of a `rows x cols` matrix.
+pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+pub fn tensor1<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+pub fn tensor2<B: Backend>(v: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+pub fn int1<B: Backend>(v: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let data: Vec<i64> = v.iter().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(data, [v.len()]), device)
+}
+
+/// Host copy of a float tensor as f32.
+pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
+}
+
+pub fn named<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> NamedTensor {
+    let shape = t.dims().to_vec();
+    NamedTensor { name: name.to_string(), shape, values: to_vec(t) }
+}
+
+/// `rotate_half(x) = cat(-x[.., d/2..], x[.., ..d/2])` on the last dimension.
+pub fn rotate_half<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let d = x.dims()[D - 1];
+    let x1 = x.clone().narrow(D - 1, 0, d / 2);
+    let x2 = x.narrow(D - 1, d / 2, d - d / 2);
+    Tensor::cat(vec![x2.neg(), x1], D - 1)
+}
+
+/// `x * cos + rotate_half(x) * sin`.
+pub fn apply_rotary<B: Backend, const D: usize>(x: Tensor<B, D>, cos: Tensor<B, D>, sin: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() * cos + rotate_half(x) * sin
+}

@@ -1,0 +1,346 @@
+//! HF safetensors in and out.
+//!
+//! Reading: a single `model.safetensors` or shards listed in `model.safetensors.index.json`;
+//! bf16 / f16 / f32 (f64 too) on disk, converted to f32 on the host and then to the backend's
+//! float type. Both key schemes are accepted: `visual.*` / `model.*` (original) and
+//! `model.visual.*` / `model.language_model.*` (transformers >= 4.52); names are canonicalised
+//! to the original scheme. Every tensor taken is checked against the shape the model expects,
+//! and tensors left over at the end are reported: errors name the tensor, the file and both shapes.
+//!
+//! Writing: HF names (original scheme), `[out, in]` layout, sharded with an index when large.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value};
+
+/// Map a checkpoint name to the original (canonical) scheme.
+pub fn canonical_name(name: &str) -> String {
+    if let Some(rest) = name.strip_prefix("model.visual.") {
+        format!("visual.{rest}")
+    } else if let Some(rest) = name.strip_prefix("model.language_model.") {
+        format!("model.{rest}")
+    } else {
+        name.to_string()
+    }
+}
+
+struct Entry {
+    shard: usize,
+    file_name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// Lazily-read tensors of a checkpoint directory, handed out by canonical name.
+pub struct WeightReader {
+    dir: PathBuf,
+    shards: Vec<(PathBuf, Mmap, usize)>, // path, map, data start
+    entries: HashMap<String, Entry>,
+    taken: HashSet<String>,
+}
+
+/// Which safetensors files make up a checkpoint.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
+        let mut files: Vec<String> = map.values().filter_map(|x| x.as_str().map(String::from)).collect();
+        files.sort();
+        files.dedup();
+        if files.is_empty() {
+            bail!("{} lists no shards", index.display());
+        }
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading model directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        bail!("no model.safetensors, model.safetensors.index.json or *.safetensors in {}", dir.display());
+    }
+    Ok(found)
+}
+
+impl WeightReader {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let files = checkpoint_files(dir)?;
+        let mut shards = Vec::new();
+        let mut entries = HashMap::new();
+        for (si, path) in files.iter().enumerate() {
+            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: the file is opened read-only and not modified while mapped by this process.
+            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e:?}); truncated or corrupt?", path.display()))?;
+            let data_start = 8 + header_len;
+            let data_len = map.len().saturating_sub(data_start);
+            let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            for (name, info) in meta.tensors() {
+                let (start, end) = info.data_offsets;
+                if end > data_len || start > end {
+                    bail!(
+                        "{}: tensor `{name}` needs bytes {start}..{end} of the data section but the file holds {data_len}: the file is truncated",
+                        path.display()
+                    );
+                }
+                let canon = canonical_name(&name);
+                if let Some(prev) = entries.get(&canon) {
+                    let prev: &Entry = prev;
+                    bail!("tensor `{canon}` appears twice: in {} and {}", prev.file_name, file_name);
+                }
+                entries.insert(
+                    canon,
+                    Entry { shard: si, file_name: file_name.clone(), dtype: info.dtype, shape: info.shape.clone(), start, end },
+                );
+            }
+            shards.push((path.clone(), map, data_start));
+        }
+        Ok(Self { dir: dir.to_path_buf(), shards, entries, taken: HashSet::new() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The dtype of the first tensor (for "save in the dtype we loaded").
+    pub fn dominant_dtype(&self) -> Option<Dtype> {
+        let mut counts: BTreeMap<String, (usize, Dtype)> = BTreeMap::new();
+        for e in self.entries.values() {
+            let c = counts.entry(format!("{:?}", e.dtype)).or_insert((0, e.dtype));
+            c.0 += e.end - e.start;
+        }
+        counts.into_values().max_by_key(|c| c.0).map(|c| c.1)
+    }
+
+    /// Take tensor `name` (canonical), checking its shape; returns the values as f32.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let Some(e) = self.entries.get(name) else {
+            bail!(
+                "missing tensor `{name}` (expected shape {shape:?}) in checkpoint {}",
+                self.dir.display()
+            );
+        };
+        if e.shape != shape {
+            bail!(
+                "tensor `{name}` in {} has shape {:?}, but the model (from config.json) expects {shape:?}",
+                self.dir.join(&e.file_name).display(),
+                e.shape
+            );
+        }
+        let (path, map, data_start) = &self.shards[e.shard];
+        let bytes = &map[data_start + e.start..data_start + e.end];
+        let n: usize = shape.iter().product();
+        let out = decode(bytes, e.dtype, n).with_context(|| format!("tensor `{name}` in {}", path.display()))?;
+        self.taken.insert(name.to_string());
+        Ok(out)
+    }
+
+    /// Error on tensors nobody took (a checkpoint of another shape or model).
+    pub fn finish(self) -> Result<()> {
+        let mut left: Vec<&String> = self.entries.keys().filter(|k| !self.taken.contains(*k)).collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        left.sort();
+        let e = &self.entries[left[0]];
+        bail!(
+            "unexpected tensor `{}` (shape {:?}) in {} ({} unexpected in all{}); does config.json match the weights?",
+            left[0],
+            e.shape,
+            self.dir.join(&e.file_name).display(),
+            left.len(),
+            if left.len() > 1 { format!(", e.g. also `{}`", left[1]) } else { String::new() }
+        )
+    }
+}
+
+fn decode(bytes: &[u8], dtype: Dtype, n: usize) -> Result<Vec<f32>> {
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::BF16 | Dtype::F16 => 2,
+        Dtype::F64 => 8,
+        other => bail!("unsupported dtype {other:?} (expected F32, BF16, F16 or F64)"),
+    };
+    if bytes.len() != n * width {
+        bail!("holds {} bytes, {n} values of {dtype:?} need {}", bytes.len(), n * width);
+    }
+    Ok(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        _ => unreachable!(),
+    })
+}
+
+/// On-disk dtype of a saved checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl SaveDtype {
+    pub fn from_safetensors(d: Dtype) -> Self {
+        match d {
+            Dtype::BF16 => Self::BF16,
+            Dtype::F16 => Self::F16,
+            _ => Self::F32,
+        }
+    }
+
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::BF16 => "bfloat16",
+            Self::F16 => "float16",
+        }
+    }
+
+    fn dtype(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::BF16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Self::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
+            Self::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// One tensor to save: HF name, shape, row-major f32 values.
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// Write tensors as HF safetensors into `dir`: one `model.safetensors`, or shards
+/// `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json` when the total exceeds
+/// `max_shard_bytes`. Files are written under temporary names and renamed into place.
+pub fn save_safetensors(dir: &Path, tensors: &[NamedTensor], dtype: SaveDtype, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let elem = match dtype {
+        SaveDtype::F32 => 4,
+        _ => 2,
+    };
+    // Group into shards in order.
+    let mut shards: Vec<Vec<&NamedTensor>> = vec![vec![]];
+    let mut size = 0usize;
+    for t in tensors {
+        let bytes = t.values.len() * elem;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().unwrap().push(t);
+        size += bytes;
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut written = Vec::new();
+    let mut total = 0usize;
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    for (i, shard) in shards.iter().enumerate() {
+        let file_name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> =
+            shard.iter().map(|t| (t.name.clone(), t.shape.clone(), dtype.encode(&t.values))).collect();
+        let views: Vec<(String, TensorView)> = encoded
+            .iter()
+            .map(|(name, shape, bytes)| {
+                TensorView::new(dtype.dtype(), shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| anyhow::anyhow!("tensor `{name}`: {e:?}"))
+            })
+            .collect::<Result<_>>()?;
+        let path = dir.join(&file_name);
+        let tmp = dir.join(format!(".{file_name}.tmp"));
+        safetensors::serialize_to_file(views, Some(metadata.clone()), &tmp)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        for (name, _, bytes) in &encoded {
+            weight_map.insert(name.clone(), json!(file_name));
+            total += bytes.len();
+        }
+        written.push(path);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if n > 1 {
+        let v = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(&index, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", index.display()))?;
+    } else if index.exists() {
+        std::fs::remove_file(&index).ok();
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_names() {
+        assert_eq!(canonical_name("model.visual.blocks.0.attn.qkv.weight"), "visual.blocks.0.attn.qkv.weight");
+        assert_eq!(canonical_name("model.language_model.layers.0.mlp.up_proj.weight"), "model.layers.0.mlp.up_proj.weight");
+        assert_eq!(canonical_name("model.layers.1.self_attn.q_proj.bias"), "model.layers.1.self_attn.q_proj.bias");
+        assert_eq!(canonical_name("lm_head.weight"), "lm_head.weight");
+        assert_eq!(canonical_name("visual.merger.mlp.0.weight"), "visual.merger.mlp.0.weight");
+    }
+
+    #[test]
+    fn save_and_read_back_sharded_bf16() {
+        let dir = std::env::temp_dir().join(format!("infimed-wt-{}", std::process::id()));
+        let ts = vec![
+            NamedTensor { name: "a".into(), shape: vec![2, 3], values: vec![1.0, -2.5, 3.25, 0.0, 1e-3, 7.0] },
+            NamedTensor { name: "b".into(), shape: vec![4], values: vec![0.5, 0.25, -1.0, 2.0] },
+        ];
+        save_safetensors(&dir, &ts, SaveDtype::BF16, 8).unwrap();
+        assert!(dir.join("model.safetensors.index.json").exists());
+        let mut r = WeightReader::open(&dir).unwrap();
+        let b = r.take("b", &[4]).unwrap();
+        assert_eq!(b, vec![0.5, 0.25, -1.0, 2.0]);
+        let err = r.take("a", &[3, 2]).unwrap_err().to_string();
+        assert!(err.contains("`a`") && err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+        assert!(r.finish().unwrap_err().to_string().contains("unexpected tensor `a`"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
