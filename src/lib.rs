@@ -9,4 +9,6 @@ pub use infimed_model as model;
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod generate;
+pub mod inputs;
 pub mod rewards;

@@ -1,0 +1,111 @@
+//! `infimed score`: per-token log-likelihood of the last assistant turn of sharegpt records.
+//!
+//! Targets are the label tokens of the last assistant turn as SFT trains them
+//! (`content<|im_end|>\n`); each log-prob is `log_softmax(logits)` (temperature 1) at the
+//! position before the token. One JSON object per input record, same order:
+//! `{"index", "target_ids", "logprobs", "sum_logprob"}`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::{dispatch, BackendArgs, BackendJob};
+use crate::data::encode::{Encoded, TrainOn};
+use crate::data::sharegpt::read_sharegpt;
+use crate::inputs::Processor;
+use crate::model::nn::to_vec;
+use crate::model::{ModelInput, Qwen25VL};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScoreArgs {
+    /// HF model directory (config.json, safetensors, tokenizer, chat template, preprocessor config).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// sharegpt JSONL; relative image paths resolve against its directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output JSONL, one object per input record.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Override the processor's max_pixels (InfiMed trains with 262144).
+    #[arg(long)]
+    pub max_pixels: Option<usize>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// The scores of one record.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RecordScore {
+    pub index: usize,
+    pub target_ids: Vec<u32>,
+    pub logprobs: Vec<f64>,
+    pub sum_logprob: f64,
+}
+
+pub fn run(args: ScoreArgs) -> Result<()> {
+    let backend = args.backend;
+    let n = dispatch(backend, ScoreJob(args.clone()))?;
+    eprintln!("scored {n} records -> {}", args.out.display());
+    Ok(())
+}
+
+struct ScoreJob(ScoreArgs);
+
+impl BackendJob for ScoreJob {
+    type Output = usize;
+    fn run<B: Backend>(self, device: B::Device) -> Result<usize> {
+        let args = self.0;
+        let processor = Processor::from_dir(&args.model, args.max_pixels)?;
+        let records = read_sharegpt(&args.data)?;
+        let model = Qwen25VL::<B>::load(&args.model, &device)
+            .with_context(|| format!("loading model from {}", args.model.display()))?;
+        let file = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        let bar = ProgressBar::new(records.len() as u64);
+        bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} records [{elapsed} < {eta}]").expect("style"));
+        for (index, rec) in records.iter().enumerate() {
+            let enc = processor
+                .encode(rec, TrainOn::LastAssistant)?;
+            let score = score_encoded(&model, &enc, index).with_context(|| rec.origin.clone())?;
+            serde_json::to_writer(&mut out, &score)?;
+            out.write_all(b"\n")?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        out.flush()?;
+        Ok(records.len())
+    }
+}
+
+/// Log-probs of the labelled tokens of one encoded sample.
+pub fn score_encoded<B: Backend>(model: &Qwen25VL<B>, enc: &Encoded, index: usize) -> Result<RecordScore> {
+    let device = model.devices().into_iter().next().context("model has no parameters")?;
+    let input = ModelInput {
+        input_ids: vec![enc.input_ids.clone()],
+        attention_mask: None,
+        pixel_values: enc.pixel_values.clone(),
+        image_grids: enc.image_grids.clone(),
+    };
+    let (positions, target_ids): (Vec<usize>, Vec<u32>) =
+        enc.labels.iter().enumerate().filter_map(|(j, l)| l.filter(|_| j > 0).map(|t| (j - 1, t))).unzip();
+    if target_ids.is_empty() {
+        return Ok(RecordScore { index, target_ids, logprobs: vec![], sum_logprob: 0.0 });
+    }
+    let hidden = model.forward_hidden(&input, None)?; // [1, T, C]
+    let [_, t, c] = hidden.dims();
+    let idx = crate::model::nn::int1::<B>(&positions, &device);
+    let rows = hidden.reshape([t, c]).select(0, idx); // [n, C]
+    let logp = log_softmax(model.logits(rows), 1); // [n, V]
+    let tgt: Vec<i64> = target_ids.iter().map(|&x| x as i64).collect();
+    let n = tgt.len();
+    let tgt = Tensor::<B, 2, Int>::from_data(burn::tensor::TensorData::new(tgt, [n, 1]), &device);
+    let picked = to_vec(logp.gather(1, tgt));
+    let logprobs: Vec<f64> = picked.iter().map(|&x| x as f64).collect();
+    let sum_logprob = logprobs.iter().sum();
+    Ok(RecordScore { index, target_ids, logprobs, sum_logprob })
+}
