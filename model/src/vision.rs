@@ -69,6 +69,11 @@ impl<B: Backend> SegmentPlan<B> {
         }
     }
 
+    /// Attention scores one head materialises: segments x (longest segment)^2.
+    pub fn score_elements(&self) -> usize {
+        self.n_seg * self.max_len * self.max_len
+    }
+
     /// Non-causal attention within segments. q, k, v: `[N, heads, head_dim]` -> `[N, heads * head_dim]`.
     pub fn attend(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 2> {
         let [n, h, d] = q.dims();

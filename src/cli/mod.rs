@@ -2,8 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod demo;
+pub mod eval;
 pub mod reward;
 pub mod score;
+pub mod synth;
 
 #[derive(Parser, Debug)]
 #[command(name = "infimed", version, about = "InfiMed: SFT + GRPO for Qwen2.5-VL medical MLLMs, on Burn")]
@@ -16,14 +19,29 @@ pub struct Cli {
 pub enum Command {
     /// Log-likelihood of the last assistant turn of each sharegpt record.
     Score(score::ScoreArgs),
+    /// Supervised fine-tuning from a TOML recipe (`--dry-run` prints the plan).
+    Sft(crate::sft::SftArgs),
     /// Score responses with the verifiable rewards (format + accuracy) and print a summary.
     Reward(reward::RewardArgs),
+    /// Score benchmark responses (accuracy per benchmark, Table 1 layout).
+    Eval(eval::EvalArgs),
+    /// Convert a benchmark's public files to benchmark records (JSONL).
+    BenchConvert(eval::BenchConvertArgs),
+    /// Reflective CoT synthesis from candidate answers (sharegpt SFT records).
+    SynthReflective(synth::SynthArgs),
+    /// Write the bundled demo's synthetic data set (seeded scans + medical QA).
+    DemoData(demo::DemoDataArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Score(args) => score::run(args),
+        Command::Sft(args) => crate::sft::run(args),
         Command::Reward(args) => reward::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::BenchConvert(args) => eval::run_convert(args),
+        Command::SynthReflective(args) => synth::run(args),
+        Command::DemoData(args) => demo::run(args),
     }
 }
 

@@ -1,0 +1,671 @@
+//! The dry-run plan of an SFT run: the data mix, the step arithmetic, the parameter counts and a
+//! memory estimate, computed from the recipe, the model config and the record counts only.
+//!
+//! Rules:
+//! - **Mix** ([`mix_counts`]): per source and per epoch, `samples = N` takes N records, `weight = w`
+//!   takes `round(w * available)`, neither takes every record once. N (or the weighted count) may
+//!   exceed the file: the source is then **upsampled** — every record `N / available` times plus
+//!   a seeded random subset of `N % available` records (LLaMA-Factory's `max_samples` truncates
+//!   instead; we repeat, so that a `+20K` ablation on a small source means 20K more examples).
+//!   When N < available the N records are a seeded random subset (not the first N: files are
+//!   often sorted by origin dataset). The selection depends on `seed` only, so it is the same
+//!   every epoch; the order of the mixed epoch is reshuffled with `seed + epoch`
+//!   ([`mixed_order`]). Both are pure functions: a resumed run recomputes them exactly.
+//! - **Steps** (HF Trainer, one process = one device): micro-batches per epoch
+//!   `B = ceil(samples / per_device_batch)` (the last batch may be short, no drop_last);
+//!   optimizer steps per epoch `S = ceil(B / grad_accum)` (= `ceil(samples / (per_device_batch *
+//!   grad_accum))`; the last step of an epoch accumulates the leftover micro-batches); total
+//!   `T = ceil(epochs * S)` (fractional epochs allowed), then `min(T, max_steps)` when `max_steps`
+//!   is set — the schedule runs over that T. Warmup `W = ceil(T * warmup_ratio)`.
+//! - **Memory** ([`MemoryEstimate`]): an estimate, not a measurement (expect +-50%; allocator
+//!   overhead, the tokenizer, image buffers and backend workspaces are not counted). See
+//!   [`MemoryEstimate`] for the formulas.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::BackendKind;
+use crate::model::Qwen25VlConfig;
+use crate::recipe::{DataSource, FreezeConfig, Mix, Precision, ScheduleConfig, SftRecipe};
+use crate::schedule::warmup_steps;
+
+/// The Qwen2.5-VL preprocessor's default `max_pixels` (used when the recipe sets none).
+pub const DEFAULT_MAX_PIXELS: usize = 12_845_056;
+
+// ---------------------------------------------------------------------------------------------
+// Records and the mix
+// ---------------------------------------------------------------------------------------------
+
+/// Number of records in a sharegpt file without parsing them: non-blank lines of a JSONL file, or
+/// the elements of a JSON array (a file whose first non-blank character is `[`).
+pub fn count_records(path: impl AsRef<Path>) -> Result<usize> {
+    let path = path.as_ref();
+    let file = std::fs::File::open(path).with_context(|| format!("dataset {}: cannot open", path.display()))?;
+    let mut reader = BufReader::new(file);
+    // Peek at the first non-blank byte.
+    let first = loop {
+        let buf = reader.fill_buf().with_context(|| format!("dataset {}: read error", path.display()))?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => {
+                let b = buf[i];
+                reader.consume(i);
+                break b;
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    };
+    if first == b'[' {
+        let mut text = String::new();
+        reader.read_to_string(&mut text).with_context(|| format!("dataset {}: read error", path.display()))?;
+        let items: Vec<serde::de::IgnoredAny> = serde_json::from_str(&text)
+            .with_context(|| format!("dataset {}: invalid JSON array", path.display()))?;
+        return Ok(items.len());
+    }
+    let mut count = 0;
+    for line in reader.lines() {
+        let line = line.with_context(|| format!("dataset {}: read error", path.display()))?;
+        if !line.trim().is_empty() {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// [`count_records`] of every source.
+pub fn count_available(sources: &[DataSource]) -> Result<Vec<usize>> {
+    sources.iter().map(|s| count_records(&s.path)).collect()
+}
+
+/// Records each source contributes per epoch (see the module docs for the rules).
+pub fn mix_counts(sources: &[DataSource], available: &[usize]) -> Result<Vec<usize>> {
+    if sources.len() != available.len() {
+        bail!("{} data sources but {} record counts", sources.len(), available.len());
+    }
+    sources
+        .iter()
+        .zip(available)
+        .enumerate()
+        .map(|(i, (s, &avail))| {
+            let n = match s.mix() {
+                Mix::All => avail,
+                Mix::Samples(n) => n,
+                Mix::Weight(w) => {
+                    if !(w.is_finite() && w >= 0.0) {
+                        bail!("data.{i}.weight must be a finite number >= 0, got {w}");
+                    }
+                    (w * avail as f64).round() as usize
+                }
+            };
+            if n > 0 && avail == 0 {
+                bail!("data.{i} ({}): {} requested but the file has no records", s.path.display(), s.mix());
+            }
+            Ok(n)
+        })
+        .collect()
+}
+
+/// The record indices source `source` contributes per epoch: every index `count / available`
+/// times, plus a random subset (seeded by `seed` and `source`, not by the epoch) of
+/// `count % available` indices. Sorted. Empty when `available == 0`.
+pub fn selected_records(count: usize, available: usize, seed: u64, source: usize) -> Vec<usize> {
+    if available == 0 {
+        return Vec::new();
+    }
+    let (repeats, rest) = (count / available, count % available);
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..repeats {
+        out.extend(0..available);
+    }
+    if rest > 0 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(source as u64 + 1);
+        let mut perm: Vec<usize> = (0..available).collect();
+        perm.shuffle(&mut rng);
+        out.extend_from_slice(&perm[..rest]);
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The order of one epoch: `(source, record index)` pairs, every selected record of every source
+/// ([`selected_records`]) exactly as often as selected, shuffled with ChaCha8 seeded by
+/// `seed + epoch`. Deterministic: the same arguments give the same order.
+pub fn mixed_order(counts: &[usize], available: &[usize], seed: u64, epoch: usize) -> Vec<(usize, usize)> {
+    assert_eq!(counts.len(), available.len(), "mixed_order: counts and available differ in length");
+    let mut order: Vec<(usize, usize)> = Vec::with_capacity(counts.iter().sum());
+    for (s, (&c, &a)) in counts.iter().zip(available).enumerate() {
+        order.extend(selected_records(c, a, seed, s).into_iter().map(|r| (s, r)));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
+    order.shuffle(&mut rng);
+    order
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+// ---------------------------------------------------------------------------------------------
+
+/// Parameter counts of a Qwen2.5-VL checkpoint, every weight and bias, from the config alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ParamCounts {
+    /// `visual.patch_embed.proj.weight` (Conv3d without bias).
+    pub patch_embed: u64,
+    /// `visual.blocks.*`: norms, qkv + proj with bias, SwiGLU MLP with bias.
+    pub vision_blocks: u64,
+    /// `visual.merger`: ln_q + two linears with bias.
+    pub projector: u64,
+    /// `model.embed_tokens.weight`.
+    pub embed_tokens: u64,
+    /// `model.layers.*`: norms, q/k/v with bias, o without, SwiGLU MLP without bias.
+    pub decoder_layers: u64,
+    /// `model.norm.weight`.
+    pub final_norm: u64,
+    /// `lm_head.weight`; 0 when tied to the embeddings (counted once, in `embed_tokens`).
+    pub lm_head: u64,
+}
+
+/// Parameters per trainable part (LLaMA-Factory's freezing units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartCounts {
+    pub vision_tower: u64,
+    pub projector: u64,
+    pub language_model: u64,
+}
+
+impl PartCounts {
+    pub fn total(&self) -> u64 {
+        self.vision_tower + self.projector + self.language_model
+    }
+}
+
+impl ParamCounts {
+    /// Patch embedding + blocks.
+    pub fn vision_tower(&self) -> u64 {
+        self.patch_embed + self.vision_blocks
+    }
+    /// Vision tower + projector.
+    pub fn vision_total(&self) -> u64 {
+        self.vision_tower() + self.projector
+    }
+    /// Embeddings, layers, final norm and (untied) head.
+    pub fn language_model(&self) -> u64 {
+        self.embed_tokens + self.decoder_layers + self.final_norm + self.lm_head
+    }
+    pub fn total(&self) -> u64 {
+        self.vision_total() + self.language_model()
+    }
+    pub fn parts(&self) -> PartCounts {
+        PartCounts { vision_tower: self.vision_tower(), projector: self.projector, language_model: self.language_model() }
+    }
+    pub fn trainable(&self, freeze: &FreezeConfig) -> PartCounts {
+        let p = self.parts();
+        PartCounts {
+            vision_tower: if freeze.vision_tower { 0 } else { p.vision_tower },
+            projector: if freeze.projector { 0 } else { p.projector },
+            language_model: if freeze.language_model { 0 } else { p.language_model },
+        }
+    }
+    pub fn frozen(&self, freeze: &FreezeConfig) -> PartCounts {
+        let (p, t) = (self.parts(), self.trainable(freeze));
+        PartCounts {
+            vision_tower: p.vision_tower - t.vision_tower,
+            projector: p.projector - t.projector,
+            language_model: p.language_model - t.language_model,
+        }
+    }
+}
+
+/// Exact parameter counts of a Qwen2.5-VL model (weight list of `qwen2_5_vl.md` section 5).
+pub fn param_counts(cfg: &Qwen25VlConfig) -> ParamCounts {
+    let v = &cfg.vision;
+    let (vh, vi) = (v.hidden_size as u64, v.intermediate_size as u64);
+    let linear = |i: u64, o: u64, bias: bool| i * o + if bias { o } else { 0 };
+    let patch_embed = vh * v.patch_dim() as u64;
+    let block = 2 * vh // norm1, norm2
+        + linear(vh, 3 * vh, true) // attn.qkv
+        + linear(vh, vh, true) // attn.proj
+        + 2 * linear(vh, vi, true) // mlp.gate_proj, mlp.up_proj
+        + linear(vi, vh, true); // mlp.down_proj
+    let merged = vh * v.merge_unit() as u64;
+    let projector = vh // merger.ln_q
+        + linear(merged, merged, true) // merger.mlp.0
+        + linear(merged, v.out_hidden_size as u64, true); // merger.mlp.2
+
+    let t = &cfg.text;
+    let (h, i) = (t.hidden_size as u64, t.intermediate_size as u64);
+    let q = (t.num_attention_heads * t.head_dim) as u64;
+    let kv = (t.num_key_value_heads * t.head_dim) as u64;
+    let layer = 2 * h // input_layernorm, post_attention_layernorm
+        + linear(h, q, true) // q_proj
+        + 2 * linear(h, kv, true) // k_proj, v_proj
+        + linear(q, h, false) // o_proj
+        + 3 * linear(h, i, false); // gate, up, down (h*i each)
+    let embed = t.vocab_size as u64 * h;
+    ParamCounts {
+        patch_embed,
+        vision_blocks: v.depth as u64 * block,
+        projector,
+        embed_tokens: embed,
+        decoder_layers: t.num_hidden_layers as u64 * layer,
+        final_norm: h,
+        lm_head: if t.tie_word_embeddings { 0 } else { embed },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------------------------
+
+/// Device memory estimate in bytes, for one process (one device). An estimate (+-50%).
+///
+/// - `weights`: every parameter at the precision's width (f32: 4 bytes, bf16: 2).
+/// - `gradients`: trainable parameters at the same width.
+/// - `optimizer_state`: AdamW's two moments in f32: `2 * 4 * trainable`.
+/// - `master_weights`: bf16 only, an f32 copy of the trainable parameters: `4 * trainable`.
+/// - `activations`: worst case, every example at `cutoff_len` tokens, batch `b = per_device_batch`,
+///   no activation checkpointing, `e` = bytes per element of the precision. Counted only if
+///   something is trained (backpropagation runs through the whole language model even when only
+///   the projector or the vision tower trains):
+///   - per decoder layer: `b * s * (11 h + 3 kv + 4 i) * e` for the tensors kept for backward —
+///     residual input (h), RMSNorm f32 copy and output (2h), q and rotated q (2h), k/v and rotated k
+///     (3kv), GQA-repeated k/v (2h), attention output (h), post-attention residual (h), second
+///     RMSNorm (2h), SwiGLU gate/up/silu/product (4i) — plus the attention matrices, which the
+///     fallback attention materialises in f32 (scores and probabilities): `2 * b * heads * s^2 * 4`;
+///   - logits and their log-softmax in f32: `2 * b * s * vocab * 4`;
+///   - vision tower, only when it trains: with `N = min(max_pixels / patch^2, 4 * s)` patches per
+///     example (the image tokens, N/4, cannot exceed the sequence), per block
+///     `b * N * (11 hv + 4 iv) * e` plus attention `2 * b * heads_v * N * w * 4` with `w = N` in
+///     full-attention blocks and `w = 64` (an 8x8-patch window) in windowed blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer_state: u64,
+    pub master_weights: u64,
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.gradients + self.optimizer_state + self.master_weights + self.activations
+    }
+}
+
+/// Activation bytes (see [`MemoryEstimate`]) for `batch` examples of `seq` tokens.
+pub fn activation_bytes(
+    cfg: &Qwen25VlConfig,
+    freeze: &FreezeConfig,
+    precision: Precision,
+    batch: usize,
+    seq: usize,
+    max_pixels: usize,
+) -> u64 {
+    if freeze.vision_tower && freeze.projector && freeze.language_model {
+        return 0;
+    }
+    let e = precision.bytes();
+    let (b, s) = (batch as u64, seq as u64);
+    let t = &cfg.text;
+    let (h, i) = (t.hidden_size as u64, t.intermediate_size as u64);
+    let kv = (t.num_key_value_heads * t.head_dim) as u64;
+    let heads = t.num_attention_heads as u64;
+    let per_layer = b * s * (11 * h + 3 * kv + 4 * i) * e + 2 * b * heads * s * s * 4;
+    let logits = 2 * b * s * t.vocab_size as u64 * 4;
+    let mut total = t.num_hidden_layers as u64 * per_layer + logits;
+    if !freeze.vision_tower {
+        let v = &cfg.vision;
+        let patch_area = (v.patch_size * v.patch_size).max(1);
+        let n = ((max_pixels / patch_area) as u64).min(v.merge_unit() as u64 * s);
+        let (vh, vi, vheads) = (v.hidden_size as u64, v.intermediate_size as u64, v.num_heads as u64);
+        let win_side = (v.window_size / v.patch_size.max(1)) as u64; // 112 / 14 = 8 patches
+        let win = (win_side * win_side).min(n);
+        for blk in 0..v.depth {
+            let w = if v.fullatt_block_indexes.contains(&blk) { n } else { win };
+            total += b * n * (11 * vh + 4 * vi) * e + 2 * b * vheads * n * w * 4;
+        }
+    }
+    total
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan
+// ---------------------------------------------------------------------------------------------
+
+/// One source of the mix, as planned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourcePlan {
+    pub name: String,
+    pub path: PathBuf,
+    pub group: String,
+    pub mix: Mix,
+    /// Records in the file.
+    pub available: usize,
+    /// Records per epoch after mixing.
+    pub selected: usize,
+}
+
+/// Everything an SFT run will do, computed before loading any weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftPlan {
+    pub model: String,
+    pub backend: BackendKind,
+    pub precision: Precision,
+    pub sources: Vec<SourcePlan>,
+    /// Examples per epoch (sum of `selected`).
+    pub total_samples: usize,
+    pub per_device_batch: usize,
+    pub grad_accum: usize,
+    pub epochs: f64,
+    /// `ceil(total_samples / per_device_batch)`.
+    pub micro_batches_per_epoch: usize,
+    /// `ceil(micro_batches_per_epoch / grad_accum)`.
+    pub steps_per_epoch: usize,
+    /// `ceil(epochs * steps_per_epoch)`, capped by `max_steps`.
+    pub total_steps: usize,
+    /// Whether `max_steps` lowered `total_steps`.
+    pub capped_by_max_steps: bool,
+    /// `ceil(total_steps * warmup_ratio)`.
+    pub warmup_steps: usize,
+    pub base_lr: f64,
+    pub schedule: ScheduleConfig,
+    pub cutoff_len: usize,
+    /// The recipe's max_pixels, or [`DEFAULT_MAX_PIXELS`] (the preprocessor's default).
+    pub max_pixels: usize,
+    pub max_pixels_from_recipe: bool,
+    pub freeze: FreezeConfig,
+    pub params: ParamCounts,
+    pub trainable: PartCounts,
+    pub frozen: PartCounts,
+    pub trainable_params: u64,
+    pub frozen_params: u64,
+    pub memory: MemoryEstimate,
+}
+
+impl SftPlan {
+    /// Selected examples per group, in first-appearance order.
+    pub fn group_totals(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for s in &self.sources {
+            match out.iter_mut().find(|(g, _)| *g == s.group) {
+                Some((_, n)) => *n += s.selected,
+                None => out.push((s.group.clone(), s.selected)),
+            }
+        }
+        out
+    }
+}
+
+/// Optimizer steps per epoch and in total (see the module docs): `(micro_batches_per_epoch,
+/// steps_per_epoch, total_steps, capped)`.
+pub fn step_counts(
+    samples: usize,
+    per_device_batch: usize,
+    grad_accum: usize,
+    epochs: f64,
+    max_steps: Option<usize>,
+) -> (usize, usize, usize, bool) {
+    let micro = samples.div_ceil(per_device_batch.max(1));
+    let per_epoch = micro.div_ceil(grad_accum.max(1));
+    let total = (epochs * per_epoch as f64).ceil() as usize;
+    match max_steps {
+        Some(m) if m < total => (micro, per_epoch, m, true),
+        _ => (micro, per_epoch, total, false),
+    }
+}
+
+/// Builds the plan of `recipe` for a model with config `model_cfg`, given the number of records
+/// of each `[[data]]` source (e.g. from [`count_available`]).
+pub fn build_plan(recipe: &SftRecipe, model_cfg: &Qwen25VlConfig, available_counts: &[usize]) -> Result<SftPlan> {
+    recipe.validate()?;
+    let counts = mix_counts(&recipe.data, available_counts)?;
+    let total_samples: usize = counts.iter().sum();
+    if total_samples == 0 {
+        bail!("the data mix is empty: every [[data]] source contributes 0 records");
+    }
+    let sources = recipe
+        .data
+        .iter()
+        .zip(available_counts.iter().zip(&counts))
+        .map(|(d, (&available, &selected))| SourcePlan {
+            name: d.display_name(),
+            path: d.path.clone(),
+            group: d.group.clone(),
+            mix: d.mix(),
+            available,
+            selected,
+        })
+        .collect();
+    let (micro, per_epoch, total_steps, capped) = step_counts(
+        total_samples,
+        recipe.per_device_batch,
+        recipe.grad_accum,
+        recipe.epochs,
+        recipe.max_steps,
+    );
+    let params = param_counts(model_cfg);
+    let trainable = params.trainable(&recipe.freeze);
+    let frozen = params.frozen(&recipe.freeze);
+    let max_pixels = recipe.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS);
+    let e = recipe.precision.bytes();
+    let tr = trainable.total();
+    let memory = MemoryEstimate {
+        weights: params.total() * e,
+        gradients: tr * e,
+        optimizer_state: 2 * 4 * tr,
+        master_weights: if recipe.precision == Precision::Bf16 { 4 * tr } else { 0 },
+        activations: activation_bytes(
+            model_cfg,
+            &recipe.freeze,
+            recipe.precision,
+            recipe.per_device_batch,
+            recipe.cutoff_len,
+            max_pixels,
+        ),
+    };
+    Ok(SftPlan {
+        model: recipe.model.clone(),
+        backend: recipe.backend,
+        precision: recipe.precision,
+        sources,
+        total_samples,
+        per_device_batch: recipe.per_device_batch,
+        grad_accum: recipe.grad_accum,
+        epochs: recipe.epochs,
+        micro_batches_per_epoch: micro,
+        steps_per_epoch: per_epoch,
+        total_steps,
+        capped_by_max_steps: capped,
+        warmup_steps: warmup_steps(total_steps, recipe.schedule.warmup_ratio),
+        base_lr: recipe.optimizer.lr,
+        schedule: recipe.schedule,
+        cutoff_len: recipe.cutoff_len,
+        max_pixels,
+        max_pixels_from_recipe: recipe.max_pixels.is_some(),
+        freeze: recipe.freeze,
+        params,
+        trainable,
+        frozen,
+        trainable_params: tr,
+        frozen_params: frozen.total(),
+        memory,
+    })
+}
+
+/// `1234567` -> `1,234,567`.
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn short(n: u64) -> String {
+    if n >= 1_000_000_000 {
+        format!("{:.3}B", n as f64 / 1e9)
+    } else if n >= 1_000_000 {
+        format!("{:.1}M", n as f64 / 1e6)
+    } else if n >= 1_000 {
+        format!("{:.1}K", n as f64 / 1e3)
+    } else {
+        n.to_string()
+    }
+}
+
+impl fmt::Display for SftPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "SFT plan")?;
+        writeln!(f, "  model      {}  (backend {}, precision {})", self.model, self.backend, self.precision)?;
+        writeln!(f)?;
+        let name_w = self.sources.iter().map(|s| s.name.len()).max().unwrap_or(0).max(6);
+        let group_w = self.sources.iter().map(|s| s.group.len()).max().unwrap_or(0).max(5);
+        writeln!(
+            f,
+            "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}  {}",
+            "source", "group", "available", "per epoch", "mix"
+        )?;
+        for s in &self.sources {
+            writeln!(
+                f,
+                "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}  {}{}",
+                s.name,
+                s.group,
+                thousands(s.available as u64),
+                thousands(s.selected as u64),
+                s.mix,
+                if s.selected > s.available { "  (upsampled)" } else { "" }
+            )?;
+        }
+        for (g, n) in self.group_totals() {
+            writeln!(f, "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}", "", g, "", thousands(n as u64))?;
+        }
+        writeln!(f, "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}", "total", "", "", thousands(self.total_samples as u64))?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "  batch      {} per device x {} accumulation = {} examples per optimizer step",
+            self.per_device_batch,
+            self.grad_accum,
+            self.per_device_batch * self.grad_accum
+        )?;
+        writeln!(
+            f,
+            "  steps      {} per epoch (ceil({} / {}) micro-batches, / {} accumulation, rounded up) x {} epochs = {}{}",
+            thousands(self.steps_per_epoch as u64),
+            thousands(self.total_samples as u64),
+            self.per_device_batch,
+            self.grad_accum,
+            self.epochs,
+            thousands(self.total_steps as u64),
+            if self.capped_by_max_steps { " (capped by max_steps)" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "  lr         {} {:e}, warmup {} steps (ceil({} x {})), min lr ratio {}",
+            self.schedule.kind,
+            self.base_lr,
+            thousands(self.warmup_steps as u64),
+            self.total_steps,
+            self.schedule.warmup_ratio,
+            self.schedule.min_lr_ratio
+        )?;
+        writeln!(
+            f,
+            "  inputs     cutoff_len {} tokens, max_pixels {}{}",
+            self.cutoff_len,
+            thousands(self.max_pixels as u64),
+            if self.max_pixels_from_recipe { "" } else { " (preprocessor default)" }
+        )?;
+        writeln!(f)?;
+        writeln!(f, "  {:<16}  {:>15}  {:>15}  {:>15}", "parameters", "total", "trainable", "frozen")?;
+        let p = self.params.parts();
+        let rows = [
+            ("vision tower", p.vision_tower, self.trainable.vision_tower, self.frozen.vision_tower),
+            ("projector", p.projector, self.trainable.projector, self.frozen.projector),
+            ("language model", p.language_model, self.trainable.language_model, self.frozen.language_model),
+            ("total", p.total(), self.trainable_params, self.frozen_params),
+        ];
+        for (name, total, tr, fr) in rows {
+            writeln!(f, "  {:<16}  {:>15}  {:>15}  {:>15}", name, thousands(total), thousands(tr), thousands(fr))?;
+        }
+        writeln!(
+            f,
+            "  ({} total; lm_head {})",
+            short(self.params.total()),
+            if self.params.lm_head == 0 { "tied to embed_tokens, counted once" } else { "untied" }
+        )?;
+        writeln!(f)?;
+        let m = &self.memory;
+        writeln!(f, "  memory (estimate, one device; activations at cutoff_len, no checkpointing)")?;
+        writeln!(f, "    weights           {:>12}", gib(m.weights))?;
+        writeln!(f, "    gradients         {:>12}", gib(m.gradients))?;
+        writeln!(f, "    optimizer state   {:>12}", gib(m.optimizer_state))?;
+        if m.master_weights > 0 {
+            writeln!(f, "    master weights    {:>12}", gib(m.master_weights))?;
+        }
+        writeln!(f, "    activations       {:>12}", gib(m.activations))?;
+        writeln!(f, "    total             {:>12}", gib(m.total()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qwen2_5_vl_3b_param_counts() {
+        let p = param_counts(&Qwen25VlConfig::qwen2_5_vl_3b());
+        assert_eq!(p.patch_embed, 1280 * 1176);
+        assert_eq!(p.vision_blocks, 32 * 19_702_200);
+        assert_eq!(p.projector, 36_708_608);
+        assert_eq!(p.vision_total(), 668_684_288);
+        assert_eq!(p.embed_tokens, 151_936 * 2048);
+        assert_eq!(p.decoder_layers, 36 * 77_076_992);
+        assert_eq!(p.lm_head, 0);
+        assert_eq!(p.language_model(), 3_085_938_688);
+        assert_eq!(p.total(), 3_754_622_976);
+    }
+
+    #[test]
+    fn upsampling_and_subsets() {
+        let s = selected_records(7, 3, 1, 0);
+        assert_eq!(s.len(), 7);
+        for r in 0..3 {
+            assert!(s.iter().filter(|&&x| x == r).count() >= 2);
+        }
+        let s = selected_records(2, 10, 1, 0);
+        assert_eq!(s.len(), 2);
+        assert!(s[0] != s[1]);
+        assert_eq!(selected_records(5, 0, 1, 0), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn step_rounding() {
+        // 10 samples, batch 4 -> 3 micro-batches; accumulation 2 -> 2 steps per epoch.
+        assert_eq!(step_counts(10, 4, 2, 3.0, None), (3, 2, 6, false));
+        assert_eq!(step_counts(10, 4, 2, 2.5, None), (3, 2, 5, false));
+        assert_eq!(step_counts(10, 4, 2, 3.0, Some(4)), (3, 2, 4, true));
+        assert_eq!(step_counts(10, 4, 2, 3.0, Some(40)), (3, 2, 6, false));
+    }
+}
