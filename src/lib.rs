@@ -12,6 +12,7 @@ pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod grpo;
 pub mod inputs;
 pub mod plan;
 pub mod recipe;

@@ -164,7 +164,9 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     BinFileRecorder::<FullPrecisionSettings>::new()
         .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
         .map_err(|e| anyhow::anyhow!("writing optimizer state: {e:?}"))?;
-    if let Some(ms) = std::env::var("INFIMED_CHECKPOINT_PAUSE_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+    let pause_step = std::env::var("INFIMED_CHECKPOINT_PAUSE_STEP").ok().and_then(|v| v.parse::<usize>().ok());
+    let pause_ms = std::env::var("INFIMED_CHECKPOINT_PAUSE_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    if let (Some(ms), true) = (pause_ms, pause_step.is_none_or(|s| s == state.step)) {
         // Test hook: widen the window in which a crash leaves an incomplete checkpoint.
         eprintln!("checkpoint {}: pausing {ms} ms before completing", state.step);
         std::thread::sleep(std::time::Duration::from_millis(ms));
