@@ -69,8 +69,8 @@ pub fn count_records(path: impl AsRef<Path>) -> Result<usize> {
     if first == b'[' {
         let mut text = String::new();
         reader.read_to_string(&mut text).with_context(|| format!("dataset {}: read error", path.display()))?;
-        let items: Vec<serde::de::IgnoredAny> = serde_json::from_str(&text)
-            .with_context(|| format!("dataset {}: invalid JSON array", path.display()))?;
+        let items: Vec<serde::de::IgnoredAny> =
+            serde_json::from_str(&text).with_context(|| format!("dataset {}: invalid JSON array", path.display()))?;
         return Ok(items.len());
     }
     let mut count = 0;
@@ -207,7 +207,11 @@ impl ParamCounts {
         self.vision_total() + self.language_model()
     }
     pub fn parts(&self) -> PartCounts {
-        PartCounts { vision_tower: self.vision_tower(), projector: self.projector, language_model: self.language_model() }
+        PartCounts {
+            vision_tower: self.vision_tower(),
+            projector: self.projector,
+            language_model: self.language_model(),
+        }
     }
     pub fn trainable(&self, freeze: &FreezeConfig) -> PartCounts {
         let p = self.parts();
@@ -295,6 +299,8 @@ pub struct MemoryEstimate {
     pub optimizer_state: u64,
     pub master_weights: u64,
     pub activations: u64,
+    /// The part of `activations` taken by materialised attention matrices (already included).
+    pub attention_matrices: u64,
 }
 
 impl MemoryEstimate {
@@ -312,8 +318,20 @@ pub fn activation_bytes(
     seq: usize,
     max_pixels: usize,
 ) -> u64 {
+    activation_breakdown(cfg, freeze, precision, batch, seq, max_pixels).0
+}
+
+/// `(activations, of which attention matrices)` in bytes (see [`MemoryEstimate`]).
+pub fn activation_breakdown(
+    cfg: &Qwen25VlConfig,
+    freeze: &FreezeConfig,
+    precision: Precision,
+    batch: usize,
+    seq: usize,
+    max_pixels: usize,
+) -> (u64, u64) {
     if freeze.vision_tower && freeze.projector && freeze.language_model {
-        return 0;
+        return (0, 0);
     }
     let e = precision.bytes();
     let (b, s) = (batch as u64, seq as u64);
@@ -321,9 +339,10 @@ pub fn activation_bytes(
     let (h, i) = (t.hidden_size as u64, t.intermediate_size as u64);
     let kv = (t.num_key_value_heads * t.head_dim) as u64;
     let heads = t.num_attention_heads as u64;
-    let per_layer = b * s * (11 * h + 3 * kv + 4 * i) * e + 2 * b * heads * s * s * 4;
+    let layers = t.num_hidden_layers as u64;
+    let mut attention = layers * 2 * b * heads * s * s * 4;
     let logits = 2 * b * s * t.vocab_size as u64 * 4;
-    let mut total = t.num_hidden_layers as u64 * per_layer + logits;
+    let mut total = layers * b * s * (11 * h + 3 * kv + 4 * i) * e + attention + logits;
     if !freeze.vision_tower {
         let v = &cfg.vision;
         let patch_area = (v.patch_size * v.patch_size).max(1);
@@ -333,10 +352,12 @@ pub fn activation_bytes(
         let win = (win_side * win_side).min(n);
         for blk in 0..v.depth {
             let w = if v.fullatt_block_indexes.contains(&blk) { n } else { win };
-            total += b * n * (11 * vh + 4 * vi) * e + 2 * b * vheads * n * w * 4;
+            let att = 2 * b * vheads * n * w * 4;
+            attention += att;
+            total += b * n * (11 * vh + 4 * vi) * e + att;
         }
     }
-    total
+    (total, attention)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,32 +468,29 @@ pub fn build_plan(recipe: &SftRecipe, model_cfg: &Qwen25VlConfig, available_coun
             selected,
         })
         .collect();
-    let (micro, per_epoch, total_steps, capped) = step_counts(
-        total_samples,
-        recipe.per_device_batch,
-        recipe.grad_accum,
-        recipe.epochs,
-        recipe.max_steps,
-    );
+    let (micro, per_epoch, total_steps, capped) =
+        step_counts(total_samples, recipe.per_device_batch, recipe.grad_accum, recipe.epochs, recipe.max_steps);
     let params = param_counts(model_cfg);
     let trainable = params.trainable(&recipe.freeze);
     let frozen = params.frozen(&recipe.freeze);
     let max_pixels = recipe.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS);
     let e = recipe.precision.bytes();
     let tr = trainable.total();
+    let (activations, attention_matrices) = activation_breakdown(
+        model_cfg,
+        &recipe.freeze,
+        recipe.precision,
+        recipe.per_device_batch,
+        recipe.cutoff_len,
+        max_pixels,
+    );
     let memory = MemoryEstimate {
         weights: params.total() * e,
         gradients: tr * e,
         optimizer_state: 2 * 4 * tr,
         master_weights: if recipe.precision == Precision::Bf16 { 4 * tr } else { 0 },
-        activations: activation_bytes(
-            model_cfg,
-            &recipe.freeze,
-            recipe.precision,
-            recipe.per_device_batch,
-            recipe.cutoff_len,
-            max_pixels,
-        ),
+        activations,
+        attention_matrices,
     };
     Ok(SftPlan {
         model: recipe.model.clone(),
@@ -559,7 +577,14 @@ impl fmt::Display for SftPlan {
         for (g, n) in self.group_totals() {
             writeln!(f, "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}", "", g, "", thousands(n as u64))?;
         }
-        writeln!(f, "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}", "total", "", "", thousands(self.total_samples as u64))?;
+        writeln!(
+            f,
+            "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}",
+            "total",
+            "",
+            "",
+            thousands(self.total_samples as u64)
+        )?;
         writeln!(f)?;
         writeln!(
             f,
@@ -623,7 +648,12 @@ impl fmt::Display for SftPlan {
         if m.master_weights > 0 {
             writeln!(f, "    master weights    {:>12}", gib(m.master_weights))?;
         }
-        writeln!(f, "    activations       {:>12}", gib(m.activations))?;
+        writeln!(
+            f,
+            "    activations       {:>12}  ({} of it attention matrices, materialised in f32)",
+            gib(m.activations),
+            gib(m.attention_matrices)
+        )?;
         writeln!(f, "    total             {:>12}", gib(m.total()))?;
         Ok(())
     }

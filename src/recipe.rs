@@ -234,7 +234,9 @@ impl Default for FreezeConfig {
 impl FreezeConfig {
     pub fn check(&self, field: &str, errors: &mut Vec<String>) {
         if self.vision_tower && self.projector && self.language_model {
-            errors.push(format!("{field}: every part is frozen (vision_tower, projector, language_model): nothing to train"));
+            errors.push(format!(
+                "{field}: every part is frozen (vision_tower, projector, language_model): nothing to train"
+            ));
         }
     }
 }
@@ -270,7 +272,13 @@ fn default_max_grad_norm() -> f64 {
 impl OptimizerConfig {
     /// HF defaults with the given learning rate.
     pub fn with_lr(lr: f64) -> Self {
-        Self { lr, betas: default_betas(), eps: default_eps(), weight_decay: 0.0, max_grad_norm: default_max_grad_norm() }
+        Self {
+            lr,
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: 0.0,
+            max_grad_norm: default_max_grad_norm(),
+        }
     }
 
     pub fn check(&self, field: &str, errors: &mut Vec<String>) {
@@ -434,8 +442,7 @@ impl SftRecipe {
     /// validates. Every error names the file.
     pub fn from_file(path: impl AsRef<Path>, overrides: &[String]) -> Result<Self> {
         let path = path.as_ref();
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read recipe", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read recipe", path.display()))?;
         Self::from_str_with(&text, &path.display().to_string(), overrides)
     }
 
@@ -546,8 +553,7 @@ pub fn load_toml<T: DeserializeOwned>(text: &str, origin: &str, overrides: &[Str
     if overrides.is_empty() {
         return toml::from_str::<T>(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()));
     }
-    let mut table: toml::Table =
-        toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()))?;
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()))?;
     for o in overrides {
         apply_override(&mut table, o).map_err(|e| anyhow!("{origin}: --set {o}: {e:#}"))?;
     }
@@ -574,9 +580,8 @@ pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
 }
 
 fn apply_override_value(root: &mut toml::Value, assignment: &str) -> Result<()> {
-    let (key, raw) = assignment
-        .split_once('=')
-        .ok_or_else(|| anyhow!("expected key=value (e.g. optimizer.lr=1e-5)"))?;
+    let (key, raw) =
+        assignment.split_once('=').ok_or_else(|| anyhow!("expected key=value (e.g. optimizer.lr=1e-5)"))?;
     let key = key.trim();
     let parts: Vec<&str> = key.split('.').map(str::trim).collect();
     if parts.iter().any(|p| p.is_empty()) {

@@ -15,8 +15,8 @@
 
 use crate::recipe::{ScheduleConfig, ScheduleKind};
 
-/// Warmup steps as HF: `ceil(total * ratio)` in f64 (so, like HF, `ceil(30 * 0.1) = 4` because
-/// `30.0 * 0.1 = 3.0000000000000004`).
+/// Warmup steps as HF: `ceil(total * ratio)` in f64 (so, like HF, `ceil(100 * 0.07) = 8` because
+/// `100.0 * 0.07 = 7.000000000000001`).
 pub fn warmup_steps(total: usize, ratio: f64) -> usize {
     (total as f64 * ratio).ceil() as usize
 }
@@ -83,7 +83,8 @@ mod tests {
     #[test]
     fn hf_warmup_rounding() {
         assert_eq!(warmup_steps(100, 0.1), 10);
-        assert_eq!(warmup_steps(30, 0.1), 4); // as math.ceil(30 * 0.1) in Python
+        assert_eq!(warmup_steps(100, 0.07), 8); // as math.ceil(100 * 0.07) in Python
+        assert_eq!(warmup_steps(30, 0.1), 3);
         assert_eq!(warmup_steps(7, 0.0), 0);
         assert_eq!(warmup_steps(7, 1.0), 7);
     }
