@@ -4,7 +4,6 @@
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
-use burn::prelude::*;
 use infimed::data::encode::{Encoded, TrainOn};
 use infimed::data::sharegpt::read_sharegpt;
 use infimed::inputs::Processor;
