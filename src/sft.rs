@@ -180,29 +180,42 @@ pub fn collate(samples: &[&Encoded], pad_id: u32) -> MicroBatch {
     MicroBatch { input, labels, target_tokens, samples: samples.len() }
 }
 
-/// Sum over the batch's target tokens of `-log p(token)` (logits only at target positions).
-pub fn token_nll_sum<B: Backend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<Tensor<B, 1>> {
+/// Log-probs of the batch's target tokens (each from the logits at the position before it;
+/// logits are computed only at those positions), with the target ids, in batch order.
+pub fn target_logprobs<B: Backend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<(Tensor<B, 1>, Vec<u32>)> {
     let device = model.devices().into_iter().next().context("model has no parameters")?;
-    let hidden = model.forward_hidden(&batch.input, None)?;
-    let [b, t, c] = hidden.dims();
     let mut rows = vec![];
     let mut targets = vec![];
+    let t = batch.input.seq_len();
     for (bi, l) in batch.labels.iter().enumerate() {
         for (j, tok) in l.iter().enumerate() {
             if let (Some(tok), true) = (tok, j > 0) {
                 rows.push(bi * t + j - 1);
-                targets.push(*tok as i64);
+                targets.push(*tok);
             }
         }
     }
     if rows.is_empty() {
-        return Ok(Tensor::zeros([1], &device));
+        return Ok((Tensor::zeros([0], &device), targets));
     }
+    let hidden = model.forward_hidden(&batch.input, None)?;
+    let [b, t, c] = hidden.dims();
     let n = rows.len();
     let h = hidden.reshape([b * t, c]).select(0, int1::<B>(&rows, &device));
     let logp = log_softmax(model.logits(h), 1);
-    let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-    Ok(logp.gather(1, tgt).sum().neg())
+    let ids: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
+    let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
+    Ok((logp.gather(1, tgt).reshape([n]), targets))
+}
+
+/// Sum over the batch's target tokens of `-log p(token)`.
+pub fn token_nll_sum<B: Backend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<Tensor<B, 1>> {
+    let (logp, targets) = target_logprobs(model, batch)?;
+    if targets.is_empty() {
+        let device = model.devices().into_iter().next().context("model has no parameters")?;
+        return Ok(Tensor::zeros([1], &device));
+    }
+    Ok(logp.sum().neg())
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::{dispatch, BackendArgs, BackendJob};
@@ -18,7 +17,8 @@ use crate::data::encode::{Encoded, TrainOn};
 use crate::data::sharegpt::read_sharegpt;
 use crate::inputs::Processor;
 use crate::model::nn::to_vec;
-use crate::model::{ModelInput, Qwen25VL};
+use crate::model::Qwen25VL;
+use crate::sft::{collate, target_logprobs};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ScoreArgs {
@@ -84,28 +84,9 @@ impl BackendJob for ScoreJob {
 
 /// Log-probs of the labelled tokens of one encoded sample.
 pub fn score_encoded<B: Backend>(model: &Qwen25VL<B>, enc: &Encoded, index: usize) -> Result<RecordScore> {
-    let device = model.devices().into_iter().next().context("model has no parameters")?;
-    let input = ModelInput {
-        input_ids: vec![enc.input_ids.clone()],
-        attention_mask: None,
-        pixel_values: enc.pixel_values.clone(),
-        image_grids: enc.image_grids.clone(),
-    };
-    let (positions, target_ids): (Vec<usize>, Vec<u32>) =
-        enc.labels.iter().enumerate().filter_map(|(j, l)| l.filter(|_| j > 0).map(|t| (j - 1, t))).unzip();
-    if target_ids.is_empty() {
-        return Ok(RecordScore { index, target_ids, logprobs: vec![], sum_logprob: 0.0 });
-    }
-    let hidden = model.forward_hidden(&input, None)?; // [1, T, C]
-    let [_, t, c] = hidden.dims();
-    let idx = crate::model::nn::int1::<B>(&positions, &device);
-    let rows = hidden.reshape([t, c]).select(0, idx); // [n, C]
-    let logp = log_softmax(model.logits(rows), 1); // [n, V]
-    let tgt: Vec<i64> = target_ids.iter().map(|&x| x as i64).collect();
-    let n = tgt.len();
-    let tgt = Tensor::<B, 2, Int>::from_data(burn::tensor::TensorData::new(tgt, [n, 1]), &device);
-    let picked = to_vec(logp.gather(1, tgt));
-    let logprobs: Vec<f64> = picked.iter().map(|&x| x as f64).collect();
+    // One sample: no padding, so the pad id is irrelevant.
+    let (logp, target_ids) = target_logprobs(model, &collate(&[enc], 0))?;
+    let logprobs: Vec<f64> = if target_ids.is_empty() { vec![] } else { to_vec(logp).iter().map(|&x| x as f64).collect() };
     let sum_logprob = logprobs.iter().sum();
     Ok(RecordScore { index, target_ids, logprobs, sum_logprob })
 }
