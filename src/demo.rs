@@ -21,7 +21,7 @@
 //! * `bench_val.jsonl` — evaluation records ([`crate::eval::BenchRecord`]) for the val split:
 //!   presence and text yes/no -> `yes_no`, count -> `closed`, side and text MCQ -> `mcq` with an
 //!   `options` object and the question WITHOUT the inline option lines; `id` = `"demo/NNNNN"`,
-//!   `benchmark` = `"demo"`, `meta` = `{"task": ..., "lesions": n}` (lesions only for images).
+//!   `benchmark` = `"demo-TASK"` (one Table-1 column per task), `meta` = `{"task": ..., "lesions": n}` (lesions only for images).
 //! * `summary.json` — [`DemoDataSummary`]: counts per task and label, chance accuracies.
 //!
 //! Questions (exact texts) and answers:
@@ -233,10 +233,13 @@ impl DemoRecord {
         q
     }
 
-    /// The question with the `<image>` placeholder in front for image records.
+    /// What the model is asked (SFT and RL records): the `<image>` placeholder for image records,
+    /// then MedEvalKit's direct-answer prompt for the benchmark record
+    /// ([`crate::eval::build_prompt`]), so that `infimed eval --mode direct` asks exactly what
+    /// the demo model was trained on.
     pub fn prompt(&self) -> String {
         let tag = if self.image.is_some() { "<image>" } else { "" };
-        format!("{tag}{}", self.question())
+        format!("{tag}{}", crate::eval::build_prompt(&bench_record(self), crate::eval::Mode::Direct))
     }
 
     pub fn images(&self) -> Vec<String> {
@@ -471,7 +474,7 @@ fn render_scan(seed: u64, index: usize, size: u32, sides: &[f64]) -> (Vec<u8>, V
     let soft = 1.0 * k;
 
     // Lesions inside the lungs, at most 0.65 of the lung radius from its centre, kept apart.
-    let min_dist = 5.0 * k;
+    let min_dist = 6.5 * k;
     let mut lesions: Vec<(f64, f64, f64, f64)> = Vec::new(); // (x, y, sigma, amplitude)
     'outer: loop {
         lesions.clear();
@@ -485,7 +488,7 @@ fn render_scan(seed: u64, index: usize, size: u32, sides: &[f64]) -> (Vec<u8>, V
                 }
                 let (x, y) = (lcx + 0.65 * lung_a * u, lung_cy + 0.65 * lung_b * v);
                 if lesions.iter().all(|&(px, py, _, _)| ((px - x).powi(2) + (py - y).powi(2)).sqrt() >= min_dist) {
-                    lesions.push((x, y, rng.uniform(1.1, 1.7) * k, rng.uniform(120.0, 160.0)));
+                    lesions.push((x, y, rng.uniform(1.8, 2.4) * k, rng.uniform(150.0, 190.0)));
                     placed = true;
                     break;
                 }
@@ -580,7 +583,7 @@ fn bench_record(rec: &DemoRecord) -> BenchRecord {
     }
     BenchRecord {
         id: format!("demo/{:05}", rec.index),
-        benchmark: "demo".into(),
+        benchmark: format!("demo-{}", rec.task.as_str()),
         question: rec.stem.clone(),
         options,
         answer: rec.answer.clone(),

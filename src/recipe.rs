@@ -385,6 +385,9 @@ pub struct SftRecipe {
     pub cutoff_len: usize,
     #[serde(default = "default_train_on")]
     pub train_on: TrainOn,
+    /// Sort mega-batches of 50 batches by length (HF `group_by_length`; default false).
+    #[serde(default)]
+    pub group_by_length: bool,
     /// false: an invalid record is an error; true: it is skipped, counted and reported.
     #[serde(default)]
     pub skip_invalid: bool,

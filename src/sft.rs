@@ -133,12 +133,23 @@ pub fn encode_sources(
     Ok(out)
 }
 
-/// Batches of one epoch: the seeded mixed order, split into mega-batches of 50 batches, each
-/// sorted by length (longest first) as HF's length-grouped sampler does, then cut into batches.
-pub fn epoch_batches(order: &[(usize, usize)], lengths: &dyn Fn(usize, usize) -> Option<usize>, batch: usize) -> Vec<Vec<(usize, usize)>> {
+/// Batches of one epoch: the seeded mixed order (skipped samples left out) cut into batches.
+/// With `group_by_length` (HF's `group_by_length`, off by default as in HF and LLaMA-Factory) the
+/// order is first split into mega-batches of 50 batches, each sorted by length (longest first) as
+/// HF's length-grouped sampler does: less padding, but consecutive batches then hold samples of
+/// similar length, which on data where length reveals the task (the demo) means one task per step.
+pub fn epoch_batches(
+    order: &[(usize, usize)],
+    lengths: &dyn Fn(usize, usize) -> Option<usize>,
+    batch: usize,
+    group_by_length: bool,
+) -> Vec<Vec<(usize, usize)>> {
     let valid: Vec<(usize, usize, usize)> =
         order.iter().filter_map(|&(s, r)| lengths(s, r).map(|l| (s, r, l))).collect();
     let mut batches = vec![];
+    if !group_by_length {
+        return valid.chunks(batch).map(|b| b.iter().map(|&(s, r, _)| (s, r)).collect()).collect();
+    }
     for mega in valid.chunks(batch * 50) {
         let mut mega = mega.to_vec();
         mega.sort_by(|a, b| b.2.cmp(&a.2)); // stable: ties keep the seeded order
@@ -180,9 +191,9 @@ pub fn collate(samples: &[&Encoded], pad_id: u32) -> MicroBatch {
     MicroBatch { input, labels, target_tokens, samples: samples.len() }
 }
 
-/// Log-probs of the batch's target tokens (each from the logits at the position before it;
-/// logits are computed only at those positions), with the target ids, in batch order.
-pub fn target_logprobs<B: Backend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<(Tensor<B, 1>, Vec<u32>)> {
+/// Logits `[targets, vocab]` at the positions before the batch's target tokens (computed only
+/// there), with the target ids, in batch order (row by row, left to right).
+pub fn target_logits<B: Backend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<(Tensor<B, 2>, Vec<u32>)> {
     let device = model.devices().into_iter().next().context("model has no parameters")?;
     let mut rows = vec![];
     let mut targets = vec![];
@@ -196,16 +207,34 @@ pub fn target_logprobs<B: Backend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> R
         }
     }
     if rows.is_empty() {
-        return Ok((Tensor::zeros([0], &device), targets));
+        let v = model.config.text.vocab_size;
+        return Ok((Tensor::zeros([0, v], &device), targets));
     }
     let hidden = model.forward_hidden(&batch.input, None)?;
     let [b, t, c] = hidden.dims();
-    let n = rows.len();
     let h = hidden.reshape([b * t, c]).select(0, int1::<B>(&rows, &device));
-    let logp = log_softmax(model.logits(h), 1);
+    Ok((model.logits(h), targets))
+}
+
+/// `log_softmax(logits / temperature)` at the target ids: `[targets]`.
+pub fn gather_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32], temperature: f64) -> Tensor<B, 1> {
+    let n = targets.len();
+    let device = logits.device();
+    if n == 0 {
+        return Tensor::zeros([0], &device);
+    }
+    let logits = if temperature == 1.0 { logits } else { logits.div_scalar(temperature) };
+    let logp = log_softmax(logits, 1);
     let ids: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
     let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
-    Ok((logp.gather(1, tgt).reshape([n]), targets))
+    logp.gather(1, tgt).reshape([n])
+}
+
+/// Log-probs of the batch's target tokens (each from the logits at the position before it;
+/// logits are computed only at those positions), with the target ids, in batch order.
+pub fn target_logprobs<B: Backend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<(Tensor<B, 1>, Vec<u32>)> {
+    let (logits, targets) = target_logits(model, batch)?;
+    Ok((gather_logprobs(logits, &targets, 1.0), targets))
 }
 
 /// Sum over the batch's target tokens of `-log p(token)`.
@@ -351,7 +380,7 @@ pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume:
     );
     bar.set_position(state.step as u64);
     let lengths = |s: usize, r: usize| encoded[s][r].as_ref().map(|e| e.input_ids.len());
-    let mut batches = epoch_batches(&mixed_order(&counts, &available, recipe.seed, state.epoch), &lengths, recipe.per_device_batch);
+    let mut batches = epoch_batches(&mixed_order(&counts, &available, recipe.seed, state.epoch), &lengths, recipe.per_device_batch, recipe.group_by_length);
     let mut last_loss = f64::NAN;
     let t_start = Instant::now();
     let mut tokens_since = 0usize;
@@ -359,7 +388,7 @@ pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume:
         if state.batch_in_epoch >= batches.len() {
             state.epoch += 1;
             state.batch_in_epoch = 0;
-            batches = epoch_batches(&mixed_order(&counts, &available, recipe.seed, state.epoch), &lengths, recipe.per_device_batch);
+            batches = epoch_batches(&mixed_order(&counts, &available, recipe.seed, state.epoch), &lengths, recipe.per_device_batch, recipe.group_by_length);
             if batches.is_empty() {
                 bail!("no trainable sample left after skipping");
             }

@@ -50,9 +50,9 @@ fn all_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 fn task_of(question: &str, has_image: bool) -> DemoTask {
     let q = question.trim_start_matches("<image>");
     match (has_image, q) {
-        (true, PRESENCE_QUESTION) => DemoTask::Presence,
-        (true, COUNT_QUESTION) => DemoTask::Count,
-        (true, q) if q.starts_with(SIDE_QUESTION) => DemoTask::Side,
+        (true, q) if q.starts_with(PRESENCE_QUESTION) => DemoTask::Presence,
+        (true, q) if q.starts_with(COUNT_QUESTION) => DemoTask::Count,
+        (true, q) if q.contains(SIDE_QUESTION) => DemoTask::Side,
         (false, q) if q.contains("\nA. ") => DemoTask::TextMcq,
         (false, _) => DemoTask::TextYesNo,
         _ => panic!("unknown question {question:?}"),
@@ -171,7 +171,10 @@ fn default_size_counts_schemas_and_labels() {
     assert!(skipped.is_empty());
     assert_eq!(recs.len(), 200);
     for (b, sft) in recs.iter().zip(&val) {
-        assert_eq!(b.benchmark, "demo");
+        assert_eq!(b.benchmark, format!("demo-{}", b.meta.as_ref().unwrap()["task"].as_str().unwrap()));
+        // The sharegpt prompt is MedEvalKit's direct prompt for the benchmark record.
+        let q = sft["messages"][0]["content"].as_str().unwrap().trim_start_matches("<image>");
+        assert_eq!(q, infimed::eval::build_prompt(b, infimed::eval::Mode::Direct));
         assert_eq!(b.answer, sft["messages"][1]["content"].as_str().unwrap());
         assert_eq!(serde_json::to_value(&b.images).unwrap(), sft["images"]);
         for img in &b.images {
@@ -185,10 +188,6 @@ fn default_size_counts_schemas_and_labels() {
                 let opts = b.options.as_ref().unwrap();
                 assert_eq!(opts.keys().cloned().collect::<Vec<_>>(), ["A", "B", "C", "D"]);
                 assert!(opts.contains_key(&b.answer));
-                // The sharegpt question is the stem plus the option lines.
-                let inline: String = opts.iter().map(|(k, v)| format!("\n{k}. {v}")).collect();
-                let q = sft["messages"][0]["content"].as_str().unwrap().trim_start_matches("<image>");
-                assert_eq!(q, format!("{}{inline}", b.question));
             }
             AnswerType::YesNo => assert!(b.answer == "yes" || b.answer == "no"),
             AnswerType::Closed => assert!(["0", "1", "2", "3"].contains(&b.answer.as_str())),

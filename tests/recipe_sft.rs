@@ -60,9 +60,11 @@ fn demo_recipe_parses() {
     assert_eq!(r.eval_data.len(), 1);
     assert_eq!(r.eval_data[0].path, PathBuf::from("runs/demo/data/val.jsonl"));
     assert_eq!(r.cutoff_len, 256);
-    assert_eq!(r.per_device_batch, 8);
-    assert_eq!(r.epochs, 3.0);
-    assert!(!r.freeze.vision_tower && !r.freeze.projector && !r.freeze.language_model);
+    assert_eq!(r.per_device_batch, 4);
+    assert_eq!(r.epochs, 4.0);
+    // As the paper: vision tower and projector frozen, language model trained.
+    assert!(r.freeze.vision_tower && r.freeze.projector && !r.freeze.language_model);
+    assert!(!r.group_by_length);
     assert_eq!(r.schedule.kind, ScheduleKind::Cosine);
     assert_eq!(r.schedule.warmup_ratio, 0.05);
     assert_eq!(r.output_dir, PathBuf::from("runs/demo/sft"));
@@ -328,11 +330,11 @@ fn paper_plan_3b() {
 fn demo_plan_and_max_steps() {
     let recipe = SftRecipe::from_file(repo("recipes/demo-sft.toml"), &["max_steps=5".into()]).unwrap();
     let plan = build_plan(&recipe, &Qwen25VlConfig::qwen2_5_vl_3b(), &[100]).unwrap();
-    assert_eq!(plan.steps_per_epoch, 13); // ceil(100 / 8)
+    assert_eq!(plan.steps_per_epoch, 25); // ceil(100 / 4)
     assert_eq!(plan.total_steps, 5);
     assert!(plan.capped_by_max_steps);
     assert_eq!(plan.warmup_steps, 1); // ceil(5 * 0.05)
-    assert_eq!(plan.trainable_params, plan.params.total());
+    assert_eq!(plan.trainable_params, plan.params.language_model());
     assert_eq!(plan.memory.master_weights, 0);
     // Wrong number of counts, empty mix.
     assert!(build_plan(&recipe, &Qwen25VlConfig::qwen2_5_vl_3b(), &[1, 2]).is_err());

@@ -75,5 +75,26 @@ fn killed_during_checkpoint_then_resumed_equals_uninterrupted() {
     let wa = std::fs::read(a.join("model.safetensors")).unwrap();
     let wb = std::fs::read(b.join("model.safetensors")).unwrap();
     assert!(wa == wb, "resumed weights differ from the uninterrupted run");
+
+    // The demo recipe freezes the vision tower and projector, as the paper: every visual.*
+    // tensor of the export is bit-identical to the initial (seed 42) model; the LM's changed.
+    use burn::backend::NdArray;
+    let device = Default::default();
+    let init = infimed::sft::load_model::<NdArray<f32>>("builtin:demo-tiny", 42, &device).unwrap().export_tensors();
+    let trained = infimed::model::Qwen25VL::<NdArray<f32>>::load(&a, &device).unwrap().export_tensors();
+    assert_eq!(init.len(), trained.len());
+    let (mut visual, mut lm_changed, mut lm) = (0, 0, 0);
+    for (i, t) in init.iter().zip(&trained) {
+        assert_eq!(i.name, t.name);
+        if i.name.starts_with("visual.") {
+            visual += 1;
+            assert!(i.values.iter().zip(&t.values).all(|(x, y)| x.to_bits() == y.to_bits()), "{} changed", i.name);
+        } else {
+            lm += 1;
+            lm_changed += (i.values != t.values) as usize;
+        }
+    }
+    eprintln!("{visual} visual.* tensors bit-identical; {lm_changed} of {lm} language-model tensors changed");
+    assert!(visual > 0 && lm_changed == lm, "{lm_changed} of {lm} language-model tensors changed");
     std::fs::remove_dir_all(&tmp).ok();
 }

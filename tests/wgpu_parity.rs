@@ -45,3 +45,44 @@ fn wgpu_matches_ndarray() {
         assert!(worst < 1e-3, "{ckpt}: {worst}");
     }
 }
+
+/// A few SFT steps of the demo recipe (from the same fixture weights) on wgpu give the same
+/// losses as on ndarray, within 1e-3.
+#[test]
+fn sft_steps_on_wgpu_match_ndarray() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_infimed"))
+        .args(["demo-data", "--out"])
+        .arg(&data)
+        .args(["--train", "24", "--val", "4"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let losses = |backend: &str| -> Vec<f64> {
+        let out = tmp.path().join(backend);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_infimed"))
+            .current_dir(&root)
+            .args(["sft", "--recipe", "recipes/demo-sft.toml"])
+            .args(["--set", &format!("model={}", model_dir("tiny-gqa2").display())])
+            .args(["--set", &format!("data.0.path={}", data.join("train.jsonl").display())])
+            .args(["--set", "eval_data=[]", "--set", "max_steps=3", "--set", "save_every=0"])
+            .args(["--set", &format!("backend={backend}"), "--set", &format!("output_dir={}", out.display())])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{backend}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+            .collect()
+    };
+    let cpu = losses("ndarray");
+    let gpu = losses("wgpu");
+    assert_eq!(cpu.len(), 3);
+    assert_eq!(cpu.len(), gpu.len());
+    let worst = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    eprintln!("SFT losses ndarray {cpu:?} wgpu {gpu:?}: max |diff| {worst:.2e}");
+    assert!(worst < 1e-3, "ndarray {cpu:?} vs wgpu {gpu:?}");
+}

@@ -513,6 +513,67 @@ mod tests {
         })
     }
 
+    /// Random multi-turn conversations (optional system turn, 1-3 user/assistant rounds).
+    fn arb_turns() -> impl Strategy<Value = (bool, Vec<(String, String)>)> {
+        let word = prop::sample::select(vec!["lung", "x-ray", "no", "yes", "B", "nodule", "3 mm", "left.", "Why?", "ok"]);
+        let text = prop::collection::vec(word, 1..6).prop_map(|w| w.join(" "));
+        (any::<bool>(), prop::collection::vec((text.clone(), text), 1..4))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Label masking: the input ids are the rendered template whichever turns are trained;
+        /// a position is labelled iff it is a target token (label = its own id), and the targets
+        /// are exactly `content<|im_end|>\n` of every assistant turn (all_assistant) or of the
+        /// last one (last_assistant), in order.
+        #[test]
+        fn labels_are_exactly_the_trained_assistant_turns((system, rounds) in arb_turns()) {
+            let tok = tiny_tokenizer();
+            let t = ChatTemplate::qwen2_vl();
+            let p = ImageProcessorConfig::qwen2_5_vl();
+            let mut msgs = vec![];
+            if system {
+                msgs.push(ChatMessage::text("system", "You are careful."));
+            }
+            for (q, a) in &rounds {
+                msgs.push(ChatMessage::text("user", q.clone()));
+                msgs.push(ChatMessage::text("assistant", a.clone()));
+            }
+            let c = conv(msgs.clone(), vec![]);
+            let all = encode_conversation(&tok, &t, &p, &c, TrainOn::AllAssistant).unwrap();
+            let last = encode_conversation(&tok, &t, &p, &c, TrainOn::LastAssistant).unwrap();
+            prop_assert_eq!(&all.input_ids, &last.input_ids);
+            prop_assert_eq!(tok.decode(&all.input_ids, false).unwrap(), t.render(&msgs, false).unwrap());
+            for (e, trained) in [(&all, rounds.len()), (&last, 1)] {
+                prop_assert_eq!(e.labels.len(), e.input_ids.len());
+                for (l, id) in e.labels.iter().zip(&e.input_ids) {
+                    if let Some(l) = l {
+                        prop_assert_eq!(l, id);
+                    }
+                }
+                let expected: String = rounds[rounds.len() - trained..].iter().map(|(_, a)| format!("{a}<|im_end|>\n")).collect();
+                let ids: Vec<u32> = e.labels.iter().flatten().copied().collect();
+                prop_assert_eq!(tok.decode(&ids, false).unwrap(), expected.clone());
+                // Contiguous spans: one per trained turn, each ending with <|im_end|> and "\n".
+                let mut spans = 0;
+                let mut prev = false;
+                for l in &e.labels {
+                    if l.is_some() && !prev {
+                        spans += 1;
+                    }
+                    prev = l.is_some();
+                }
+                prop_assert_eq!(spans, trained);
+                // Everything else is ignored: the unlabelled tokens are the prompt parts.
+                let n_target: usize = rounds[rounds.len() - trained..]
+                    .iter()
+                    .map(|(_, a)| tok.encode(&format!("{a}<|im_end|>\n")).unwrap().len())
+                    .sum();
+                prop_assert_eq!(e.num_label_tokens(), n_target);
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn truncate_properties(e in arb_encoded(), cutoff in 1usize..80) {
