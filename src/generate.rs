@@ -124,7 +124,6 @@ pub fn generate<B: Backend>(
     if let Some(i) = prompts.iter().position(|p| p.input_ids.is_empty()) {
         bail!("prompt {i} is empty");
     }
-    let device = model.devices().into_iter().next().context("model has no parameters")?;
     let pad_id = model.config.tokens.pad_token_id.unwrap_or(0);
     let refs: Vec<&Prompt> = prompts.iter().collect();
     let input = left_padded_batch(&refs, pad_id);
@@ -138,7 +137,7 @@ pub fn generate<B: Backend>(
     // Batch row -> prompt index, for the rows still running.
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..cfg.max_new_tokens {
-        let next = next_tokens(model, last, cfg, rng, &device);
+        let next = next_tokens(model, last, cfg, rng);
         let mut keep = Vec::with_capacity(active.len());
         for (row, &p) in active.iter().enumerate() {
             out[p].tokens.push(next[row]);
@@ -160,16 +159,65 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
+/// Generate for many prompts, `batch_size` at a time. Prompts are grouped by length (sorted,
+/// then cut into batches) so that left padding stays small; the results come back in input order.
+/// `on_batch(indices, generations)` is called after each batch with the input indices it held.
+pub fn generate_batched<B: Backend>(
+    model: &Qwen25VL<B>,
+    prompts: &[Prompt],
+    cfg: &SamplingConfig,
+    stop: &[u32],
+    rng: &mut ChaCha8Rng,
+    batch_size: usize,
+    mut on_batch: impl FnMut(&[usize], &[Generation]),
+) -> Result<Vec<Generation>> {
+    if batch_size == 0 {
+        bail!("batch size must be at least 1");
+    }
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    // Stable sort: equal lengths keep their input order, so the batches are deterministic.
+    order.sort_by_key(|&i| prompts[i].input_ids.len());
+    let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+    for chunk in order.chunks(batch_size) {
+        let batch: Vec<Prompt> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let gens = generate(model, &batch, cfg, stop, rng)?;
+        on_batch(chunk, &gens);
+        for (&i, g) in chunk.iter().zip(gens) {
+            out[i] = Some(g);
+        }
+    }
+    Ok(out.into_iter().map(|g| g.expect("every prompt generated")).collect())
+}
+
 /// Choose one token per row from final hidden states `[rows, C]`.
+///
+/// The image and video placeholder tokens are never emitted: a response holding one would claim
+/// an image slot that has no pixels (HF's generate can emit them; a trained model never does, a
+/// random or young one may, and GRPO trains on its own samples).
 fn next_tokens<B: Backend>(
     model: &Qwen25VL<B>,
     hidden: Tensor<B, 2>,
     cfg: &SamplingConfig,
     rng: &mut ChaCha8Rng,
-    _device: &B::Device,
 ) -> Vec<u32> {
     let logits = model.logits(hidden);
     let [rows, v] = logits.dims();
+    let banned: Vec<usize> = [model.config.tokens.image_token_id, model.config.tokens.video_token_id]
+        .into_iter()
+        .flatten()
+        .map(|t| t as usize)
+        .filter(|&t| t < v)
+        .collect();
+    let logits = if banned.is_empty() {
+        logits
+    } else {
+        let mut row = vec![0.0f32; v];
+        for t in banned {
+            row[t] = f32::NEG_INFINITY;
+        }
+        let device = logits.device();
+        logits + Tensor::<B, 2>::from_data(TensorData::new(row, [1, v]), &device)
+    };
     if cfg.is_greedy() {
         let idx = logits.argmax(1).reshape([rows]);
         return idx.into_data().iter::<i64>().map(|x| x as u32).collect();

@@ -46,4 +46,24 @@ impl Processor {
         let e = self.encode_prompt(messages, images)?;
         Ok(Prompt { input_ids: e.input_ids, pixel_values: e.pixel_values, image_grids: e.image_grids })
     }
+
+    /// The generation prompt of a sharegpt record: every message before its last assistant turn
+    /// (all messages when it has none), with the images those messages use.
+    pub fn conversation_prompt(&self, conv: &Conversation) -> Result<Prompt> {
+        let end = match conv.last_assistant() {
+            Some(i) if i + 1 == conv.messages.len() => i,
+            _ => conv.messages.len(),
+        };
+        let msgs = &conv.messages[..end];
+        anyhow::ensure!(msgs.iter().any(|m| m.role == "user"), "{}: no user message to answer", conv.origin);
+        let n_img: usize = msgs.iter().map(ChatMessage::num_images).sum();
+        anyhow::ensure!(
+            n_img <= conv.images.len(),
+            "{}: {} <image> tags but {} images",
+            conv.origin,
+            n_img,
+            conv.images.len()
+        );
+        self.prompt(msgs, &conv.images[..n_img]).with_context(|| conv.origin.clone())
+    }
 }

@@ -164,8 +164,9 @@ fn bad_responses_and_unmatched_ids() {
     let o = infimed(&["eval", "--responses", s(&resp), "--bench", s(&bench), "--out", s(&out)]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("matches a benchmark record"));
-    // --model is not wired yet
-    let o = infimed(&["eval", "--model", "m", "--mode", "reasoning", "--bench", s(&bench), "--out", s(&out)]);
+    // --model: a folder without a model is a clear error naming it
+    let o = infimed(&["eval", "--model", "no/such/model", "--mode", "reasoning", "--bench", s(&bench), "--out", s(&out)]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("generation-based evaluation is not wired yet"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no/such/model") && !err.contains("panicked"), "{err}");
 }

@@ -80,11 +80,37 @@ fn not_wired_flags_and_bad_lines() {
     let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_infimed")).args(args).output().unwrap();
     let cands = fixture("synth/candidates.jsonl");
     let out = dir.path().join("o.jsonl");
-    let o = run(&["synth-reflective", "--candidates", cands.to_str().unwrap(), "--out", out.to_str().unwrap(), "--generate-with", "m", "--n", "10", "--temperature", "0.7"]);
+    // A missing model folder is a clear error naming it.
+    let o = run(&["synth-reflective", "--candidates", cands.to_str().unwrap(), "--out", out.to_str().unwrap(), "--generate-with", "no/such/m", "--n", "10", "--temperature", "0.7"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not wired yet"));
-    let o = run(&["synth-reflective", "--candidates", cands.to_str().unwrap(), "--out", out.to_str().unwrap(), "--judge-model", "m"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not wired yet"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no/such/m") && !err.contains("panicked"), "{err}");
+    // Generation + judging with a (tiny, random) local model: n candidates per question are
+    // written next to the output, then the rules run on them.
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-gqa2");
+    let img = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/scan_gray_84x112.png");
+    std::fs::copy(&img, dir.path().join("scan.png")).unwrap();
+    let qs = dir.path().join("questions.jsonl");
+    std::fs::write(
+        &qs,
+        "{\"id\": \"t1\", \"question\": \"Is aspirin an antiplatelet drug?\", \"answer\": \"yes\", \"task\": \"text\"}\n\
+         {\"id\": \"i1\", \"question\": \"<image>Which side?\\nA. left\\nB. right\", \"images\": [\"scan.png\"], \"answer\": \"B\", \"task\": \"mcq\"}\n",
+    )
+    .unwrap();
+    let cands = qs;
+    let o = run(&[
+        "synth-reflective", "--candidates", cands.to_str().unwrap(), "--out", out.to_str().unwrap(), "--generate-with",
+        model.to_str().unwrap(), "--judge-model", model.to_str().unwrap(), "--n", "3", "--max-new-tokens", "6",
+        "--judge-max-new-tokens", "6",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let prepared = std::fs::read_to_string(out.with_extension("candidates.jsonl")).unwrap();
+    let n_in = std::fs::read_to_string(&cands).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(prepared.lines().count(), n_in);
+    for l in prepared.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["candidates"].as_array().unwrap().len(), 3);
+    }
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"id\": \"x\", \"question\": \"q\", \"answer\": \"A\", \"candidates\": [{\"text\": \"A\"}]}\n{broken\n").unwrap();
     let o = run(&["synth-reflective", "--candidates", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);

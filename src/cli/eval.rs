@@ -12,13 +12,30 @@
 //!   naming FILE:LINE, or with `--skip-invalid` a skipped line, counted and listed in the output;
 //! * writes `DIR/results.jsonl`, `DIR/summary.json`, `DIR/summary.md`.
 //!
-//! `--model DIR --mode direct|reasoning` (generate the responses with a model first) is accepted
-//! but not wired yet.
+//! `infimed eval --model DIR --mode direct|reasoning --bench ... --out DIR` generates the responses
+//! first: MedEvalKit's prompt for each record ([`crate::eval::build_prompt`]) after the record's
+//! images, greedy decoding in length-grouped batches, then the same scoring. The responses are
+//! also written to `DIR/responses.jsonl` (re-score them with `--responses`). A record whose prompt
+//! cannot be built (missing or corrupt image) is an error naming it, or with `--skip-invalid` a
+//! record without response: it counts as wrong and is listed, never dropped from the denominator.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
+use burn::prelude::*;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::{dispatch, BackendArgs, BackendJob};
+use crate::data::template::{ChatMessage, ContentPart};
+use crate::eval::report::EvalReport;
+use crate::eval::score::score_record;
+use crate::eval::{BenchRecord, Skipped};
+use crate::generate::{generate_batched, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
+use crate::inputs::Processor;
+use crate::sft::{load_model, model_files_dir};
 
 use crate::eval::convert::{self, BenchFormat, ConvertOptions};
 use crate::eval::{self, Mode};
@@ -40,20 +57,36 @@ pub struct EvalArgs {
     /// Row label in summary.md (default: the responses file name, or "model").
     #[arg(long)]
     pub label: Option<String>,
-    /// Generate the responses with this model folder first (not wired yet).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// Generate the responses with this model first: an HF model folder, or `builtin:NAME`
+    /// (seeded random weights, with --seed).
+    #[arg(long, conflicts_with = "responses")]
+    pub model: Option<String>,
     /// Prompt mode for --model: direct or reasoning.
     #[arg(long, default_value = "direct")]
     pub mode: Mode,
+    /// --model: most new tokens per response.
+    #[arg(long, default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    /// --model: prompts per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// --model: seed of `builtin:` weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// --model: override the processor's max_pixels.
+    #[arg(long)]
+    pub max_pixels: Option<usize>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
     if args.model.is_some() {
-        bail!("generation-based evaluation is not wired yet (use --responses with responses produced elsewhere)");
+        let backend = args.backend;
+        return dispatch(backend, ModelEvalJob(args));
     }
     let Some(responses_path) = args.responses.as_ref() else {
-        bail!("--responses is required (generation with --model is not wired yet)");
+        bail!("give --responses R.jsonl (responses produced elsewhere) or --model DIR (generate them)");
     };
     let (records, mut skipped) = eval::read_bench_files(&args.bench, args.skip_invalid)?;
     ensure!(!records.is_empty(), "the benchmark file(s) hold no record");
@@ -71,6 +104,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         responses_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
     });
     report.skipped = skipped;
+    finish(&args, &report)
+}
+
+/// Warnings, the report files and the printed table.
+fn finish(args: &EvalArgs, report: &EvalReport) -> Result<()> {
     for s in &report.skipped {
         tracing::warn!("skipped {s}");
     }
@@ -85,10 +123,125 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if report.missing_responses > 0 {
         tracing::warn!("{} benchmark record(s) have no response and count as wrong", report.missing_responses);
     }
-    eval::write_report(&args.out, &report)?;
+    eval::write_report(&args.out, report)?;
     print!("{}", report.summary_markdown());
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// The chat messages of a benchmark record: one user turn, its images first, then the prompt.
+pub fn bench_messages(record: &BenchRecord, mode: Mode) -> Vec<ChatMessage> {
+    let mut parts = vec![ContentPart::Image; record.images.len()];
+    parts.push(ContentPart::Text(eval::build_prompt(record, mode)));
+    vec![ChatMessage::new("user", parts)]
+}
+
+/// Image paths of a record, relative ones resolved against its benchmark file's folder.
+pub fn bench_images(record: &BenchRecord, base: &Path) -> Vec<PathBuf> {
+    record
+        .images
+        .iter()
+        .map(|i| {
+            let p = PathBuf::from(i);
+            if p.is_absolute() {
+                p
+            } else {
+                base.join(p)
+            }
+        })
+        .collect()
+}
+
+struct ModelEvalJob(EvalArgs);
+
+impl BackendJob for ModelEvalJob {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let args = self.0;
+        let model_name = args.model.clone().expect("checked in run");
+        let files = model_files_dir(&model_name)?;
+        let processor = Processor::from_dir(&files, args.max_pixels)?;
+        // Benchmark files one by one: relative image paths resolve against each file's folder.
+        let mut seen = HashMap::new();
+        let mut records: Vec<BenchRecord> = vec![];
+        let mut skipped: Vec<Skipped> = vec![];
+        let mut prompts: Vec<Prompt> = vec![];
+        let mut prompt_of: Vec<usize> = vec![]; // prompt index -> record index
+        for path in &args.bench {
+            let (recs, skip) = eval::read_bench_file(path, args.skip_invalid, &mut seen)?;
+            skipped.extend(skip);
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            for rec in recs {
+                let msgs = bench_messages(&rec, args.mode);
+                match processor.prompt(&msgs, &bench_images(&rec, &base)) {
+                    Ok(p) => {
+                        prompts.push(p);
+                        prompt_of.push(records.len());
+                    }
+                    Err(e) if args.skip_invalid => {
+                        skipped.push(Skipped {
+                            location: format!("{} id {}", path.display(), rec.id),
+                            reason: format!("{e:#} (counted as wrong)"),
+                        });
+                    }
+                    Err(e) => bail!("{} id {}: {e:#} (--skip-invalid counts it as wrong instead)", path.display(), rec.id),
+                }
+                records.push(rec);
+            }
+        }
+        ensure!(!records.is_empty(), "the benchmark file(s) hold no record");
+        let model = load_model::<B>(&model_name, args.seed, &device)?;
+        let stop = stop_tokens(&files, &model.config.tokens.eos_token_ids)?;
+        let cfg = SamplingConfig::greedy(args.max_new_tokens);
+        let bar = ProgressBar::new(records.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} records, {msg} [{elapsed} < {eta}]").expect("style"),
+        );
+        bar.inc((records.len() - prompts.len()) as u64);
+        let (mut done, mut correct) = (0usize, 0usize);
+        let start = std::time::Instant::now();
+        let mut new_tokens = 0usize;
+        let gens = generate_batched(&model, &prompts, &cfg, &stop, &mut rng_from_seed(0), args.batch_size, |idx, gens| {
+            for (&i, g) in idx.iter().zip(gens) {
+                let text = processor.tokenizer.decode(&g.tokens, true).unwrap_or_default();
+                correct += score_record(&records[prompt_of[i]], Some(&text)).correct as usize;
+                new_tokens += g.tokens.len();
+            }
+            done += idx.len();
+            bar.inc(idx.len() as u64);
+            bar.set_message(format!(
+                "accuracy {:.1}%, {:.0} tokens/s",
+                100.0 * correct as f64 / done.max(1) as f64,
+                new_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            ));
+        })?;
+        bar.finish_and_clear();
+        let mut responses = HashMap::new();
+        std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+        let resp_path = args.out.join("responses.jsonl");
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(&resp_path).with_context(|| format!("creating {}", resp_path.display()))?,
+        );
+        for (g, &r) in gens.iter().zip(&prompt_of) {
+            let text = processor.tokenizer.decode(&g.tokens, true)?;
+            let line = serde_json::json!({"id": records[r].id, "response": text, "num_tokens": g.tokens.len(), "stopped": g.stopped});
+            serde_json::to_writer(&mut w, &line)?;
+            w.write_all(b"\n")?;
+            responses.insert(records[r].id.clone(), text);
+        }
+        w.flush()?;
+        eprintln!(
+            "generated {} responses ({new_tokens} tokens, {:.1} tokens/s, {} mode) -> {}",
+            gens.len(),
+            new_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9),
+            args.mode.as_str(),
+            resp_path.display()
+        );
+        let mut report = eval::score_responses(&records, &responses);
+        report.label = args.label.clone().unwrap_or_else(|| format!("{model_name} ({})", args.mode.as_str()));
+        report.skipped = skipped;
+        finish(&args, &report)
+    }
 }
 
 #[derive(Args, Debug, Clone)]

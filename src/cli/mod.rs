@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 pub mod demo;
 pub mod eval;
+pub mod generate;
 pub mod reward;
 pub mod score;
 pub mod synth;
@@ -21,6 +22,10 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Supervised fine-tuning from a TOML recipe (`--dry-run` prints the plan).
     Sft(crate::sft::SftArgs),
+    /// Generate answers (greedy or sampled) for one prompt or a sharegpt JSONL.
+    Generate(generate::GenerateArgs),
+    /// GRPO (RL with verifiable rewards) from a TOML recipe (`--dry-run` prints the plan).
+    Grpo(crate::grpo::GrpoArgs),
     /// Score responses with the verifiable rewards (format + accuracy) and print a summary.
     Reward(reward::RewardArgs),
     /// Score benchmark responses (accuracy per benchmark, Table 1 layout).
@@ -37,6 +42,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Score(args) => score::run(args),
         Command::Sft(args) => crate::sft::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Grpo(args) => crate::grpo::learner::run(args),
         Command::Reward(args) => reward::run(args),
         Command::Eval(args) => eval::run(args),
         Command::BenchConvert(args) => eval::run_convert(args),

@@ -20,3 +20,8 @@
 //! PPO epoch.
 
 pub mod algos;
+pub mod learner;
+pub mod recipe;
+
+pub use learner::{train_grpo, GrpoArgs, GrpoSummary};
+pub use recipe::GrpoRecipe;
