@@ -67,3 +67,18 @@ impl Processor {
         self.prompt(msgs, &conv.images[..n_img]).with_context(|| conv.origin.clone())
     }
 }
+
+/// A model ready to generate: its weights (an HF folder, or `builtin:NAME` seeded by `seed`), its
+/// processor and its stop tokens.
+pub fn load_generator<B: burn::prelude::Backend>(
+    model: &str,
+    seed: u64,
+    max_pixels: Option<usize>,
+    device: &B::Device,
+) -> Result<(crate::model::Qwen25VL<B>, Processor, Vec<u32>)> {
+    let files = crate::sft::model_files_dir(model)?;
+    let processor = Processor::from_dir(&files, max_pixels)?;
+    let weights = crate::sft::load_model::<B>(model, seed, device)?;
+    let stop = crate::generate::stop_tokens(&files, &weights.config.tokens.eos_token_ids)?;
+    Ok((weights, processor, stop))
+}

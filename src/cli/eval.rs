@@ -201,10 +201,15 @@ impl BackendJob for ModelEvalJob {
         let (mut done, mut correct) = (0usize, 0usize);
         let start = std::time::Instant::now();
         let mut new_tokens = 0usize;
+        // Decoded once, as each batch finishes (for the running accuracy and the results).
+        let mut texts: Vec<Option<Result<String>>> = (0..prompts.len()).map(|_| None).collect();
         let gens = generate_batched(&model, &prompts, &cfg, &stop, &mut rng_from_seed(0), args.batch_size, |idx, gens| {
             for (&i, g) in idx.iter().zip(gens) {
-                let text = processor.tokenizer.decode(&g.tokens, true).unwrap_or_default();
-                correct += score_record(&records[prompt_of[i]], Some(&text)).correct as usize;
+                let text = processor.tokenizer.decode(&g.tokens, true);
+                if let Ok(t) = &text {
+                    correct += score_record(&records[prompt_of[i]], Some(t)).correct as usize;
+                }
+                texts[i] = Some(text);
                 new_tokens += g.tokens.len();
             }
             done += idx.len();
@@ -222,8 +227,8 @@ impl BackendJob for ModelEvalJob {
         let mut w = std::io::BufWriter::new(
             std::fs::File::create(&resp_path).with_context(|| format!("creating {}", resp_path.display()))?,
         );
-        for (g, &r) in gens.iter().zip(&prompt_of) {
-            let text = processor.tokenizer.decode(&g.tokens, true)?;
+        for ((g, &r), text) in gens.iter().zip(&prompt_of).zip(texts) {
+            let text = text.expect("every prompt generated")?;
             let line = serde_json::json!({"id": records[r].id, "response": text, "num_tokens": g.tokens.len(), "stopped": g.stopped});
             serde_json::to_writer(&mut w, &line)?;
             w.write_all(b"\n")?;

@@ -21,9 +21,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::backend::{dispatch, BackendArgs, BackendJob};
 use crate::data::sharegpt::{read_sharegpt, split_image_tags, IMAGE_TAG};
 use crate::data::template::{ChatMessage, ContentPart};
-use crate::generate::{generate_batched, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
-use crate::inputs::Processor;
-use crate::sft::{load_model, model_files_dir};
+use crate::generate::{generate_batched, rng_from_seed, Prompt, SamplingConfig};
+use crate::inputs::load_generator;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
@@ -128,10 +127,7 @@ impl BackendJob for GenerateJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
-        let files = model_files_dir(&args.model)?;
-        let processor = Processor::from_dir(&files, args.max_pixels)?;
-        let model = load_model::<B>(&args.model, args.seed, &device)?;
-        let stop = stop_tokens(&files, &model.config.tokens.eos_token_ids)?;
+        let (model, processor, stop) = load_generator::<B>(&args.model, args.seed, args.max_pixels, &device)?;
         let cfg = args.sampling();
         let mut rng = rng_from_seed(args.seed);
 

@@ -24,8 +24,8 @@ use crate::backend::{dispatch, BackendArgs, BackendJob};
 use crate::data::sharegpt::parse_record;
 use crate::data::template::ChatMessage;
 use crate::eval::for_each_jsonl;
-use crate::generate::{generate_batched, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
-use crate::inputs::Processor;
+use crate::generate::{generate_batched, rng_from_seed, Prompt, SamplingConfig};
+use crate::inputs::{load_generator, Processor};
 use crate::model::Qwen25VL;
 use crate::synth::{self, candidate_correct, judge_prompt, parse_judge_reply, SynthConfig, SynthItem};
 
@@ -107,11 +107,9 @@ struct PrepareJob {
     out: PathBuf,
 }
 
+/// A generator or judge model from an HF folder.
 fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Qwen25VL<B>, Processor, Vec<u32>)> {
-    let processor = Processor::from_dir(dir, None)?;
-    let model = Qwen25VL::<B>::load(dir, device).with_context(|| format!("loading model {}", dir.display()))?;
-    let stop = stop_tokens(dir, &model.config.tokens.eos_token_ids)?;
-    Ok((model, processor, stop))
+    load_generator::<B>(&dir.to_string_lossy(), 0, None, device)
 }
 
 impl BackendJob for PrepareJob {
