@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 use crate::config::Qwen25VlConfig;
-use crate::nn::{int1, linear_export, linear_init, linear_load, tensor2};
+use crate::nn::{cast_like, int1, linear_export, linear_init, linear_load, tensor2};
 use crate::rope;
 use crate::text::{KvCache, TextModel};
 use crate::vision::VisionTower;
@@ -173,7 +173,9 @@ impl<B: Backend> Qwen25VL<B> {
                 vcfg.patch_dim()
             );
         }
+        // In the patch embedding's dtype, as HF does (`pixel_values.to(proj.weight.dtype)`).
         let pixels = tensor2::<B>(input.pixel_values.clone(), [rows, vcfg.patch_dim()], device);
+        let pixels = cast_like(pixels, &self.visual.patch_embed.weight.val());
         let image_embeds = self.visual.forward(pixels, &input.image_grids);
         let n_embeds = rows / vcfg.merge_unit();
         // Where each position takes its embedding from: itself, or image embedding k.
@@ -263,6 +265,8 @@ impl<B: Backend> Qwen25VL<B> {
         let embeds = self.embed(input, &device)?;
         let (positions, deltas) = self.rope_positions(input)?;
         let (cos, sin) = self.cos_sin(&positions, &device);
+        // The tables are computed in f32 and used in the compute dtype (HF: `cos.to(x.dtype)`).
+        let (cos, sin) = (cast_like(cos, &embeds), cast_like(sin, &embeds));
         let valid: Vec<Vec<bool>> = (0..input.batch_size()).map(|b| input.valid(b)).collect();
         let key_pad = Self::key_pad(&valid, &device);
         let cache = match cache {
@@ -310,6 +314,7 @@ impl<B: Backend> Qwen25VL<B> {
         let flat: Vec<i64> = tokens.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, n]), &device);
         let embeds = self.model.embed_tokens.forward(ids);
+        let (cos, sin) = (cast_like(cos, &embeds), cast_like(sin, &embeds));
         Ok(self.model.forward_embeds(embeds, cos, sin, key_pad, Some(cache)))
     }
 

@@ -2,10 +2,10 @@
 //! layers loaded from / exported to HF's `[out, in]` layout, and host <-> tensor helpers.
 
 use anyhow::Result;
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, FloatDType, TensorData};
 
 use crate::weights::{NamedTensor, WeightReader};
 
@@ -32,9 +32,13 @@ impl<B: Backend> RmsNorm<B> {
         out.push(named(name, self.weight.val()));
     }
 
+    /// As HF's `Qwen2RMSNorm`: the statistics in f32 (half inputs are upcast), the result cast
+    /// back to the input dtype before the weight multiplies it.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = upcast(x);
         let var = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = x * (var + self.eps).sqrt().recip();
+        let normed = (x * (var + self.eps).sqrt().recip()).cast(FloatDType::from(dtype));
         normed * self.weight.val().unsqueeze()
     }
 }
@@ -117,6 +121,15 @@ pub fn named<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> NamedTe
     NamedTensor { name: name.to_string(), shape, values: to_vec(t) }
 }
 
+/// SiLU, `x * sigmoid(x)`, written as `x / (1 + exp(-x))`: one `exp` per element. Burn's
+/// generic `sigmoid` (used by `activation::silu` on backends without their own, ndarray among
+/// them) computes `exp(-log(1 + exp(-x)))` and recomputes it in the backward pass: three
+/// transcendental passes forward and three more backward. The two agree to float rounding; for
+/// very negative x, `exp(-x)` overflows to inf and the result is -0, the limit.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() / x.neg().exp().add_scalar(1.0)
+}
+
 /// `rotate_half(x) = cat(-x[.., d/2..], x[.., ..d/2])` on the last dimension.
 pub fn rotate_half<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let d = x.dims()[D - 1];
@@ -128,4 +141,33 @@ pub fn rotate_half<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
 /// `x * cos + rotate_half(x) * sin`.
 pub fn apply_rotary<B: Backend, const D: usize>(x: Tensor<B, D>, cos: Tensor<B, D>, sin: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() * cos + rotate_half(x) * sin
+}
+
+/// A half-precision (bf16 / f16) tensor cast to f32; any other tensor as it is (f32 and f64
+/// stay untouched, so the f32 and f64 paths pay nothing).
+pub fn upcast<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => x.cast(FloatDType::F32),
+        _ => x,
+    }
+}
+
+/// Cast `x` to the dtype of `like` (a no-op, and no autodiff node, when they already agree).
+pub fn cast_like<B: Backend, const D: usize, const E: usize>(x: Tensor<B, D>, like: &Tensor<B, E>) -> Tensor<B, D> {
+    x.cast(FloatDType::from(like.dtype()))
+}
+
+/// Every float parameter of `module` cast to `dtype`, keeping its id. Under autodiff the cast
+/// is recorded, so a loss computed with the cast copy sends its gradients (cast back to f32)
+/// to the original parameters: this is how mixed precision keeps f32 master weights while the
+/// forward and backward run in bf16. Frozen parameters stay frozen.
+pub fn cast_float_params<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
+    struct Cast(FloatDType);
+    impl<B: Backend> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            Param::from_mapped_value(id, tensor.cast(self.0), mapper)
+        }
+    }
+    module.map(&mut Cast(dtype))
 }

@@ -4,12 +4,11 @@ use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::TextConfig;
-use crate::nn::{apply_rotary, linear_export, linear_init, linear_load, named, tensor2, RmsNorm, INIT_STD};
+use crate::nn::{apply_rotary, linear_export, linear_init, linear_load, named, silu, tensor2, RmsNorm, INIT_STD};
 use crate::weights::{NamedTensor, WeightReader};
 
 /// Keys and values of every layer for the tokens seen so far, plus what decoding needs to

@@ -10,13 +10,13 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::TensorData;
+use burn::tensor::{FloatDType, TensorData};
 
 use crate::config::VisionConfig;
-use crate::nn::{apply_rotary, int1, linear_export, linear_init, linear_load, tensor2, RmsNorm};
+use crate::nn::{apply_rotary, int1, linear_export, linear_init, linear_load, silu, tensor2, upcast, RmsNorm};
 use crate::rope;
 use crate::weights::{NamedTensor, WeightReader};
 
@@ -113,8 +113,10 @@ impl<B: Backend> VisionAttention<B> {
         let q = qkv.clone().narrow(1, 0, 1).reshape([n, h, d]);
         let k = qkv.clone().narrow(1, 1, 1).reshape([n, h, d]);
         let v = qkv.narrow(1, 2, 1).reshape([n, h, d]);
-        let q = apply_rotary(q, cos.clone(), sin.clone());
-        let k = apply_rotary(k, cos, sin);
+        // As HF's apply_rotary_pos_emb_vision: the rotation in f32, then back to the compute dtype.
+        let dtype = FloatDType::from(q.dtype());
+        let q = apply_rotary(upcast(q), cos.clone(), sin.clone()).cast(dtype);
+        let k = apply_rotary(upcast(k), cos, sin).cast(dtype);
         self.proj.forward(plan.attend(q, k, v))
     }
 }
