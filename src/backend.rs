@@ -1,30 +1,43 @@
-//! Backend selection: `--backend ndarray|wgpu|cuda` and `--device N` pick one of the backends
-//! compiled in (cargo features `ndarray` (default), `wgpu`, `cuda`), and run a job generic over
-//! Burn's `Backend` (inference) or `AutodiffBackend` (training) on it.
+//! Backend selection: `--backend ndarray|flex|wgpu|cuda` and `--device N` pick one of the
+//! backends compiled in (cargo features `ndarray` (default), `flex`, `wgpu`, `cuda`), and run a
+//! job generic over Burn's `Backend` (inference) or `AutodiffBackend` (training) on it.
+//! `--precision f32|bf16` picks the compute dtype (see [`Precision`]).
 
 use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
+use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, FloatDType};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Ndarray,
+    /// Burn's `flex` CPU backend (SIMD gemm, zero-copy views; bf16 by conversion to f32).
+    Flex,
     Wgpu,
     Cuda,
 }
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 3] = [BackendKind::Ndarray, BackendKind::Wgpu, BackendKind::Cuda];
+    pub const ALL: [BackendKind; 4] = [BackendKind::Ndarray, BackendKind::Flex, BackendKind::Wgpu, BackendKind::Cuda];
 
     pub fn is_compiled(self) -> bool {
         match self {
             BackendKind::Ndarray => true,
+            BackendKind::Flex => cfg!(feature = "flex"),
             BackendKind::Wgpu => cfg!(feature = "wgpu"),
             BackendKind::Cuda => cfg!(feature = "cuda"),
         }
+    }
+
+    /// Whether the backend computes in bf16 (CUDA natively; flex by converting to f32 and back,
+    /// which rounds like bf16 and serves to test the mixed-precision path on a CPU).
+    pub fn supports_bf16(self) -> bool {
+        matches!(self, BackendKind::Cuda | BackendKind::Flex)
     }
 
     pub fn compiled() -> Vec<BackendKind> {
@@ -36,6 +49,7 @@ impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendKind::Ndarray => "ndarray",
+            BackendKind::Flex => "flex",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cuda => "cuda",
         })
@@ -47,31 +61,97 @@ impl FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "ndarray" | "cpu" => Ok(Self::Ndarray),
+            "flex" => Ok(Self::Flex),
             "wgpu" | "vulkan" => Ok(Self::Wgpu),
             "cuda" => Ok(Self::Cuda),
-            other => bail!("unknown backend `{other}`: expected one of ndarray, wgpu, cuda"),
+            other => bail!("unknown backend `{other}`: expected one of ndarray, flex, wgpu, cuda"),
         }
     }
 }
 
-/// The backend and device a command runs on.
+/// The compute precision. Parameters (and, in training, gradients and optimizer state) are
+/// always f32: with `bf16` the forward and backward passes run on a bf16 copy of the weights
+/// ([`compute_model`]), with norms, rotary tables, the final log-softmax and the loss in f32,
+/// as transformers runs a bf16 model under mixed precision. An AdamW update of lr 1e-6 x a
+/// unit step is far below bf16's resolution (2^-8 relative), so it survives only in f32
+/// master weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bf16 compute with f32 master weights (backends cuda and flex).
+    Bf16,
+}
+
+impl Precision {
+    /// Bytes of one activation element (and of a weight in the compute copy).
+    pub fn bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 => 2,
+        }
+    }
+
+    pub fn float_dtype(self) -> FloatDType {
+        match self {
+            Precision::F32 => FloatDType::F32,
+            Precision::Bf16 => FloatDType::BF16,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Error unless the backend `B` can compute in `precision` on `device`.
+pub fn check_precision<B: Backend>(precision: Precision, device: &B::Device) -> Result<()> {
+    if precision == Precision::Bf16 && !B::supports_dtype(device, DType::BF16) {
+        bail!("precision bf16 needs a backend that computes in bf16 (cuda, or flex on the CPU); this backend does not");
+    }
+    Ok(())
+}
+
+/// The model the forward pass runs with: under `f32` the parameters themselves; under `bf16`
+/// a copy cast to bf16 that keeps the parameter ids (under autodiff the cast is recorded, so
+/// the gradients arrive, in f32, at the f32 master parameters of `model`).
+pub fn compute_model<B: Backend, M: Module<B> + Clone>(model: &M, precision: Precision) -> M {
+    match precision {
+        Precision::F32 => model.clone(),
+        Precision::Bf16 => crate::model::nn::cast_float_params(model.clone(), FloatDType::BF16),
+    }
+}
+
+/// The backend, device and precision a command runs with.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct BackendArgs {
-    /// ndarray (CPU, default), wgpu (Vulkan/Metal/DX12; software Vulkan in CI) or cuda.
+    /// ndarray (CPU, default), flex (CPU), wgpu (Vulkan/Metal/DX12; software Vulkan in CI) or cuda.
     #[arg(long, default_value = "ndarray")]
     pub backend: BackendKind,
     /// Device index (GPU backends); wgpu without it uses the default adapter.
     #[arg(long)]
     pub device: Option<usize>,
+    /// Compute precision: f32, or bf16 (f32 weights, bf16 compute; cuda and flex).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 impl Default for BackendArgs {
     fn default() -> Self {
-        Self { backend: BackendKind::Ndarray, device: None }
+        Self { backend: BackendKind::Ndarray, device: None, precision: Precision::F32 }
     }
 }
 
 pub type NdArrayBackend = burn::backend::NdArray<f32>;
+#[cfg(feature = "flex")]
+pub type FlexBackend = burn::backend::Flex<f32, i32>;
 #[cfg(feature = "wgpu")]
 pub type WgpuBackend = burn::backend::Wgpu<f32, i32>;
 #[cfg(feature = "cuda")]
@@ -109,6 +189,8 @@ fn wgpu_device(index: Option<usize>) -> burn::backend::wgpu::WgpuDevice {
 pub fn dispatch<J: BackendJob>(args: BackendArgs, job: J) -> Result<J::Output> {
     match args.backend {
         BackendKind::Ndarray => job.run::<NdArrayBackend>(Default::default()),
+        #[cfg(feature = "flex")]
+        BackendKind::Flex => job.run::<FlexBackend>(Default::default()),
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => job.run::<WgpuBackend>(wgpu_device(args.device)),
         #[cfg(feature = "cuda")]
@@ -123,6 +205,8 @@ pub fn dispatch_autodiff<J: AutodiffJob>(args: BackendArgs, job: J) -> Result<J:
     use burn::backend::Autodiff;
     match args.backend {
         BackendKind::Ndarray => job.run::<Autodiff<NdArrayBackend>>(Default::default()),
+        #[cfg(feature = "flex")]
+        BackendKind::Flex => job.run::<Autodiff<FlexBackend>>(Default::default()),
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => job.run::<Autodiff<WgpuBackend>>(wgpu_device(args.device)),
         #[cfg(feature = "cuda")]
@@ -150,7 +234,7 @@ mod tests {
             }
         }
         for kind in BackendKind::ALL {
-            let r = dispatch(BackendArgs { backend: kind, device: None }, Nop);
+            let r = dispatch(BackendArgs { backend: kind, ..Default::default() }, Nop);
             if !kind.is_compiled() {
                 let msg = r.unwrap_err().to_string();
                 assert!(msg.contains("not compiled"), "{msg}");

@@ -200,7 +200,8 @@ fn next_tokens<B: Backend>(
     cfg: &SamplingConfig,
     rng: &mut ChaCha8Rng,
 ) -> Vec<u32> {
-    let logits = model.logits(hidden);
+    // Sampling works on f32 logits whatever the compute dtype.
+    let logits = crate::model::nn::upcast(model.logits(hidden));
     let [rows, v] = logits.dims();
     let banned: Vec<usize> = [model.config.tokens.image_token_id, model.config.tokens.video_token_id]
         .into_iter()

@@ -56,34 +56,12 @@ impl ModelSource {
     }
 }
 
-/// Numeric precision of the weights during training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Everything in f32.
-    #[default]
-    F32,
-    /// bf16 weights and activations with an f32 master copy of the trainable weights and f32
-    /// optimizer state (only with the cuda backend).
-    Bf16,
-}
+pub use crate::backend::Precision;
 
-impl Precision {
-    /// Bytes of one weight / activation element.
-    pub fn bytes(self) -> u64 {
-        match self {
-            Precision::F32 => 4,
-            Precision::Bf16 => 2,
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        })
+/// `precision = "bf16"` needs a backend that computes in bf16.
+pub fn check_precision_backend(precision: Precision, backend: BackendKind, errors: &mut Vec<String>) {
+    if precision == Precision::Bf16 && !backend.supports_bf16() {
+        errors.push(format!("precision = \"bf16\" needs backend = \"cuda\" (or \"flex\" on the CPU), got backend = \"{backend}\""));
     }
 }
 
@@ -463,9 +441,7 @@ impl SftRecipe {
     pub fn errors(&self) -> Vec<String> {
         let mut errors = Vec::new();
         check_model(&self.model, "model", &mut errors);
-        if self.precision == Precision::Bf16 && self.backend != BackendKind::Cuda {
-            errors.push(format!("precision = \"bf16\" needs backend = \"cuda\", got backend = \"{}\"", self.backend));
-        }
+        check_precision_backend(self.precision, self.backend, &mut errors);
         if self.data.is_empty() {
             errors.push("data: at least one [[data]] source is required".into());
         }

@@ -17,7 +17,7 @@ use burn::tensor::TensorData;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::backend::{dispatch_autodiff, AutodiffJob, BackendArgs};
+use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob, BackendArgs};
 use crate::data::encode::{truncate, Encoded, TrainOn};
 use crate::data::sharegpt::{read_sharegpt_with_media_dir, Conversation};
 use crate::data::template::ChatMessage;
@@ -223,6 +223,8 @@ pub fn gather_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32], temper
     if n == 0 {
         return Tensor::zeros([0], &device);
     }
+    // The log-softmax in f32 whatever the compute dtype (a bf16 head's logits are upcast).
+    let logits = crate::model::nn::upcast(logits);
     let logits = if temperature == 1.0 { logits } else { logits.div_scalar(temperature) };
     let logp = log_softmax(logits, 1);
     let ids: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
@@ -291,7 +293,7 @@ pub fn run(args: SftArgs) -> Result<()> {
         println!("{plan}");
         return Ok(());
     }
-    let backend = BackendArgs { backend: recipe.backend, device: recipe.device };
+    let backend = BackendArgs { backend: recipe.backend, device: recipe.device, precision: recipe.precision };
     let summary = dispatch_autodiff(backend, SftJob { recipe, plan, resume: args.resume })?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -319,6 +321,7 @@ fn read_sources(sources: &[crate::recipe::DataSource]) -> Result<Vec<Vec<Convers
 
 pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume: bool, device: &B::Device) -> Result<SftSummary> {
     let files = model_files_dir(&recipe.model)?;
+    check_precision::<B>(recipe.precision, device)?;
     let processor = Processor::from_dir(&files, recipe.max_pixels)?;
     let train_on = match recipe.train_on {
         crate::recipe::TrainOn::AllAssistant => TrainOn::AllAssistant,
@@ -366,7 +369,7 @@ pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume:
 
     let mut metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"), resume_from.as_ref().map(|_| state.step))?;
     let eval_before = if !eval_convs.is_empty() && state.step == 0 {
-        let r = evaluate(&model.valid(), &processor, &eval_convs, train_on, &files)?;
+        let r = evaluate(&compute_model(&model.valid(), recipe.precision), &processor, &eval_convs, train_on, &files)?;
         eprintln!("eval before training: loss {:.4}, exact match {:.1}% of {}", r.loss, r.exact_match * 100.0, r.n);
         metrics.write(&json!({"step": 0, "eval_loss": r.loss, "eval_exact_match": r.exact_match}))?;
         Some(r)
@@ -408,7 +411,10 @@ pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume:
         let mut loss_sum = 0.0;
         let t0 = Instant::now();
         for (k, mb) in micro.iter().enumerate() {
-            let loss = token_nll_sum(&model, mb)?.div_scalar(denom as f64);
+            // f32: the parameters themselves; bf16: a recorded bf16 cast of them (f32 master
+            // weights: the gradients come back in f32 to `model`'s parameters).
+            let compute = compute_model(&model, recipe.precision);
+            let loss = token_nll_sum(&compute, mb)?.div_scalar(denom as f64);
             let value: f64 = loss.clone().into_scalar().elem::<f64>();
             check_finite(value, state.step, &format!("epoch {}, batch {}", state.epoch, state.batch_in_epoch + k))?;
             loss_sum += value;
@@ -439,7 +445,7 @@ pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume:
         bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
         bar.inc(1);
         if recipe.eval_every > 0 && state.step % recipe.eval_every == 0 && !eval_convs.is_empty() && state.step < total_steps {
-            let r = evaluate(&model.valid(), &processor, &eval_convs, train_on, &files)?;
+            let r = evaluate(&compute_model(&model.valid(), recipe.precision), &processor, &eval_convs, train_on, &files)?;
             bar.println(format!("step {}: eval loss {:.4}, exact match {:.1}%", state.step, r.loss, r.exact_match * 100.0));
             metrics.write(&json!({"step": state.step, "eval_loss": r.loss, "eval_exact_match": r.exact_match}))?;
         }
@@ -459,7 +465,7 @@ pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume:
     inner.save(&out_dir, export_dtype, 4 << 30)?;
     copy_aux_files(&files, &out_dir)?;
     let eval_after = if !eval_convs.is_empty() {
-        let r = evaluate(&inner, &processor, &eval_convs, train_on, &files)?;
+        let r = evaluate(&compute_model(&inner, recipe.precision), &processor, &eval_convs, train_on, &files)?;
         eprintln!("eval after training: loss {:.4}, exact match {:.1}% of {}", r.loss, r.exact_match * 100.0, r.n);
         metrics.write(&json!({"step": state.step, "eval_loss": r.loss, "eval_exact_match": r.exact_match}))?;
         Some(r)

@@ -35,7 +35,7 @@ use crate::eval::score::score_record;
 use crate::eval::{BenchRecord, Skipped};
 use crate::generate::{generate_batched, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
 use crate::inputs::Processor;
-use crate::sft::{load_model, model_files_dir};
+use crate::sft::model_files_dir;
 
 use crate::eval::convert::{self, BenchFormat, ConvertOptions};
 use crate::eval::{self, Mode};
@@ -190,7 +190,7 @@ impl BackendJob for ModelEvalJob {
             }
         }
         ensure!(!records.is_empty(), "the benchmark file(s) hold no record");
-        let model = load_model::<B>(&model_name, args.seed, &device)?;
+        let model = crate::inputs::load_inference_model::<B>(&model_name, args.seed, args.backend.precision, &device)?;
         let stop = stop_tokens(&files, &model.config.tokens.eos_token_ids)?;
         let cfg = SamplingConfig::greedy(args.max_new_tokens);
         let bar = ProgressBar::new(records.len() as u64);
@@ -270,10 +270,24 @@ pub struct BenchConvertArgs {
     /// Skip (and count) records that cannot be converted instead of failing.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// Where images embedded in parquet files are written (default: `<out stem>-images/` next
+    /// to the output file).
+    #[arg(long)]
+    pub media_dir: Option<PathBuf>,
 }
 
 pub fn run_convert(args: BenchConvertArgs) -> Result<()> {
-    let opts = ConvertOptions { all_languages: args.all_languages, split: args.split.clone(), skip_invalid: args.skip_invalid };
+    let media_dir = args.media_dir.clone().unwrap_or_else(|| {
+        let stem = args.out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "bench".into());
+        args.out.with_file_name(format!("{stem}-images"))
+    });
+    let media_dir = if media_dir.is_absolute() { media_dir } else { std::env::current_dir()?.join(media_dir) };
+    let opts = ConvertOptions {
+        all_languages: args.all_languages,
+        split: args.split.clone(),
+        skip_invalid: args.skip_invalid,
+        media_dir: Some(media_dir),
+    };
     let conv = convert::convert(args.format, &args.input, &opts)?;
     ensure!(!conv.records.is_empty(), "no record converted from {}", args.input.display());
     convert::write_records(&args.out, &conv.records)?;

@@ -127,7 +127,7 @@ impl BackendJob for GenerateJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
-        let (model, processor, stop) = load_generator::<B>(&args.model, args.seed, args.max_pixels, &device)?;
+        let (model, processor, stop) = load_generator::<B>(&args.model, args.seed, args.max_pixels, args.backend.precision, &device)?;
         let cfg = args.sampling();
         let mut rng = rng_from_seed(args.seed);
 

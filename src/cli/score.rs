@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::backend::{dispatch, BackendArgs, BackendJob};
+use crate::backend::{check_precision, compute_model, dispatch, BackendArgs, BackendJob};
 use crate::data::encode::{Encoded, TrainOn};
 use crate::data::sharegpt::read_sharegpt;
 use crate::inputs::Processor;
@@ -62,8 +62,10 @@ impl BackendJob for ScoreJob {
         let args = self.0;
         let processor = Processor::from_dir(&args.model, args.max_pixels)?;
         let records = read_sharegpt(&args.data)?;
+        check_precision::<B>(args.backend.precision, &device)?;
         let model = Qwen25VL::<B>::load(&args.model, &device)
             .with_context(|| format!("loading model from {}", args.model.display()))?;
+        let model = compute_model(&model, args.backend.precision);
         let file = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
         let mut out = std::io::BufWriter::new(file);
         let bar = ProgressBar::new(records.len() as u64);

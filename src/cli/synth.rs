@@ -20,7 +20,7 @@ use burn::prelude::*;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::backend::{dispatch, BackendArgs, BackendJob};
+use crate::backend::{dispatch, BackendArgs, BackendJob, Precision};
 use crate::data::sharegpt::parse_record;
 use crate::data::template::ChatMessage;
 use crate::eval::for_each_jsonl;
@@ -108,8 +108,8 @@ struct PrepareJob {
 }
 
 /// A generator or judge model from an HF folder.
-fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Qwen25VL<B>, Processor, Vec<u32>)> {
-    load_generator::<B>(&dir.to_string_lossy(), 0, None, device)
+fn load<B: Backend>(dir: &Path, precision: Precision, device: &B::Device) -> Result<(Qwen25VL<B>, Processor, Vec<u32>)> {
+    load_generator::<B>(&dir.to_string_lossy(), 0, None, precision, device)
 }
 
 impl BackendJob for PrepareJob {
@@ -134,7 +134,7 @@ impl BackendJob for PrepareJob {
         let mut cache: HashMap<PathBuf, (Qwen25VL<B>, Processor, Vec<u32>)> = HashMap::new();
 
         if let Some(dir) = &args.generate_with {
-            let (model, processor, stop) = load::<B>(dir, &device)?;
+            let (model, processor, stop) = load::<B>(dir, args.backend.precision, &device)?;
             let mut prompts: Vec<Prompt> = vec![];
             for (v, loc) in &records {
                 let item = SynthItem::from_value(v)?;
@@ -158,7 +158,7 @@ impl BackendJob for PrepareJob {
 
         if let Some(dir) = &args.judge_model {
             if !cache.contains_key(dir) {
-                let loaded = load::<B>(dir, &device)?;
+                let loaded = load::<B>(dir, args.backend.precision, &device)?;
                 cache.insert(dir.clone(), loaded);
             }
             let (model, processor, stop) = &cache[dir];

@@ -35,7 +35,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use crate::backend::{dispatch_autodiff, AutodiffJob, BackendArgs};
+use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob, BackendArgs};
 use crate::data::encode::Encoded;
 use crate::data::sharegpt::{split_image_tags, IMAGE_TAG};
 use crate::data::template::ChatMessage;
@@ -364,7 +364,7 @@ pub fn run(args: GrpoArgs) -> Result<()> {
     if args.dry_run {
         return Ok(());
     }
-    let backend = BackendArgs { backend: recipe.backend, device: recipe.device };
+    let backend = BackendArgs { backend: recipe.backend, device: recipe.device, precision: recipe.precision };
     let summary = dispatch_autodiff(backend, GrpoJob { recipe, resume: args.resume })?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -387,6 +387,7 @@ impl AutodiffJob for GrpoJob {
 
 pub fn train_grpo<B: AutodiffBackend>(recipe: &GrpoRecipe, resume: bool, device: &B::Device) -> Result<GrpoSummary> {
     let files = model_files_dir(&recipe.model)?;
+    check_precision::<B>(recipe.precision, device)?;
     let processor = Processor::from_dir(&files, recipe.max_pixels)?;
     let out_dir = recipe.output_dir.clone();
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -425,8 +426,12 @@ pub fn train_grpo<B: AutodiffBackend>(recipe: &GrpoRecipe, resume: bool, device:
         None => load_model(&recipe.model, recipe.seed, device)?,
     };
     let mut model = apply_freeze(assign_stable_param_ids(policy), &recipe.freeze);
-    let reference: Option<Qwen25VL<B::InnerBackend>> =
-        if alg.kl_coef > 0.0 { Some(load_model(&recipe.model, recipe.seed, device)?) } else { None };
+    // The frozen reference, kept in the compute dtype (bf16: half the memory).
+    let reference: Option<Qwen25VL<B::InnerBackend>> = if alg.kl_coef > 0.0 {
+        Some(compute_model(&load_model(&recipe.model, recipe.seed, device)?, recipe.precision))
+    } else {
+        None
+    };
     let stop = stop_tokens(&files, &model.config.tokens.eos_token_ids)?;
     let (trainable, frozen) = count_params(&model);
     let mut optim = adamw(&recipe.optimizer).init::<B, Qwen25VL<B>>();
@@ -457,7 +462,7 @@ pub fn train_grpo<B: AutodiffBackend>(recipe: &GrpoRecipe, resume: bool, device:
     };
 
     let eval_before = if !eval_records.is_empty() && resume_from.is_none() {
-        let r = validate(&model.valid(), recipe, &processor, &eval_records, &eval_prompts, &stop)?;
+        let r = validate(&compute_model(&model.valid(), recipe.precision), recipe, &processor, &eval_records, &eval_prompts, &stop)?;
         eprintln!("validation before: reward {:.3}, accuracy {:.1}%, format {:.1}% ({} prompts)", r.reward, 100.0 * r.accuracy, 100.0 * r.format, r.n);
         Some(r)
     } else {
@@ -517,7 +522,7 @@ pub fn train_grpo<B: AutodiffBackend>(recipe: &GrpoRecipe, resume: bool, device:
             max_new_tokens: recipe.max_response_len,
         };
         let t_roll = Instant::now();
-        let inner = model.valid();
+        let inner = compute_model(&model.valid(), recipe.precision);
         let gens: Vec<Generation> = generate_batched(
             &inner,
             &expanded,
@@ -587,10 +592,11 @@ pub fn train_grpo<B: AutodiffBackend>(recipe: &GrpoRecipe, resume: bool, device:
                     let mb: MicroBatch = collate(&refs, pad_id);
                     let micro_lens: Vec<usize> = micro.iter().map(|&i| lens[i]).collect();
                     let micro_tokens: usize = micro_lens.iter().sum();
-                    let (logits, targets) = target_logits(&model, &mb)?;
+                    let compute = compute_model(&model, recipe.precision);
+                    let (logits, targets) = target_logits(&compute, &mb)?;
                     if epoch == 0 {
                         // Entropy of the sampling distribution (metric only, detached).
-                        let lp = log_softmax(logits.clone().detach().div_scalar(temperature), 1);
+                        let lp = log_softmax(crate::model::nn::upcast(logits.clone().detach()).div_scalar(temperature), 1);
                         let ent = (lp.clone().exp() * lp).sum_dim(1).neg().sum().into_scalar().elem::<f64>();
                         ent_sum += ent;
                         ent_tok += micro_tokens;
@@ -689,7 +695,7 @@ pub fn train_grpo<B: AutodiffBackend>(recipe: &GrpoRecipe, resume: bool, device:
         ));
         bar.inc(1);
         if recipe.eval_every > 0 && state.step % recipe.eval_every == 0 && state.step < total_steps && !eval_records.is_empty() {
-            let r = validate(&model.valid(), recipe, &processor, &eval_records, &eval_prompts, &stop)?;
+            let r = validate(&compute_model(&model.valid(), recipe.precision), recipe, &processor, &eval_records, &eval_prompts, &stop)?;
             bar.println(format!("step {}: validation reward {:.3}, accuracy {:.1}%", state.step, r.reward, 100.0 * r.accuracy));
             metrics.write(&json!({"step": state.step, "val_reward": r.reward, "val_accuracy": r.accuracy, "val_format": r.format}))?;
         }
@@ -708,7 +714,7 @@ pub fn train_grpo<B: AutodiffBackend>(recipe: &GrpoRecipe, resume: bool, device:
     inner.save(&out_dir, dtype, 4 << 30)?;
     crate::model::copy_aux_files(&files, &out_dir)?;
     let eval_after = if !eval_records.is_empty() {
-        let r = validate(&inner, recipe, &processor, &eval_records, &eval_prompts, &stop)?;
+        let r = validate(&compute_model(&inner, recipe.precision), recipe, &processor, &eval_records, &eval_prompts, &stop)?;
         eprintln!("validation after: reward {:.3}, accuracy {:.1}%, format {:.1}% ({} prompts)", r.reward, 100.0 * r.accuracy, 100.0 * r.format, r.n);
         Some(r)
     } else {

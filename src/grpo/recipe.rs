@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
 use crate::grpo::algos::{KlKind, LossAgg};
-use crate::recipe::{check_model, load_toml, FreezeConfig, OptimizerConfig, Precision, ScheduleConfig, ScheduleKind};
+use crate::recipe::{check_model, check_precision_backend, load_toml, FreezeConfig, OptimizerConfig, Precision, ScheduleConfig, ScheduleKind};
 use crate::rewards::{FormatKind, RewardConfig};
 
 /// How prompts are sampled.
@@ -250,9 +250,7 @@ impl GrpoRecipe {
     pub fn errors(&self) -> Vec<String> {
         let mut e = Vec::new();
         check_model(&self.model, "model", &mut e);
-        if self.precision == Precision::Bf16 && self.backend != BackendKind::Cuda {
-            e.push(format!("precision = \"bf16\" needs backend = \"cuda\", got backend = \"{}\"", self.backend));
-        }
+        check_precision_backend(self.precision, self.backend, &mut e);
         if !self.prompt_template.contains("{problem}") {
             e.push(format!("prompt_template must contain {{problem}}, got {:?}", self.prompt_template));
         }
