@@ -163,3 +163,48 @@ fn bench_convert_cli_writes_jsonl() {
     let (rs, _) = infimed::eval::read_bench_files(&[out], false).unwrap();
     assert_eq!(rs.len(), 3);
 }
+
+#[test]
+fn mmmu_parquet_as_published_with_embedded_images() {
+    let media = tempfile::tempdir().unwrap();
+    let opts = ConvertOptions { media_dir: Some(media.path().to_path_buf()), ..Default::default() };
+    let c = convert(BenchFormat::Mmmu, &fixture("mmmu_parquet"), &opts).unwrap();
+    assert_eq!(c.filtered, 1); // validation_Art_1
+    let rs = run(BenchFormat::Mmmu, "mmmu_parquet", opts);
+    assert_eq!(types(&rs), vec![AnswerType::Mcq, AnswerType::Closed]);
+    assert_eq!(rs[0].id, "mmmu/validation_Clinical_Medicine_1");
+    assert_eq!(rs[0].options.as_ref().unwrap()["B"], "Crohn's disease");
+    assert_eq!((rs[0].images.len(), rs[1].images.len()), (1, 2));
+    // The embedded PNGs are written out and decode; the extension comes from the stored path
+    // (x.jpeg), else from the bytes (png).
+    for img in rs.iter().flat_map(|r| &r.images) {
+        assert!(img.starts_with(media.path().to_str().unwrap()), "{img}");
+        let bytes = std::fs::read(img).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{img}");
+    }
+    assert!(rs[1].images[0].ends_with(".png") && rs[1].images[1].ends_with(".jpeg"), "{:?}", rs[1].images);
+}
+
+#[test]
+fn vqa_rad_hugging_face_parquet() {
+    let media = tempfile::tempdir().unwrap();
+    let opts = ConvertOptions { media_dir: Some(media.path().to_path_buf()), ..Default::default() };
+    let rs = run(BenchFormat::VqaRad, "vqa-rad/hf/test-00000-of-00001.parquet", opts);
+    assert_eq!(types(&rs), vec![AnswerType::YesNo, AnswerType::Open]);
+    assert_eq!(rs[1].answer, "left lung");
+    assert!(std::path::Path::new(&rs[0].images[0]).exists());
+    // Without a folder for the embedded images: a clear error naming the file and row.
+    let e = convert(BenchFormat::VqaRad, &fixture("vqa-rad/hf/test-00000-of-00001.parquet"), &ConvertOptions::default())
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("test-00000-of-00001.parquet row 1") && e.contains("--media-dir"), "{e}");
+}
+
+#[test]
+fn corrupt_parquet_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("validation-00000-of-00001.parquet");
+    std::fs::write(&f, b"PAR1 not really").unwrap();
+    let e = format!("{:#}", convert(BenchFormat::Mmmu, &f, &ConvertOptions::default()).unwrap_err());
+    assert!(e.contains("validation-00000-of-00001.parquet") && e.contains("parquet"), "{e}");
+}

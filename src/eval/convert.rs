@@ -49,13 +49,19 @@
 //! * `mmmu` — MMMU Health & Medicine (`MMMU/MMMU`, subjects Basic_Medical_Science,
 //!   Clinical_Medicine, Diagnostics_and_Laboratory_Medicine, Pharmacy, Public_Health; the
 //!   validation split is the one with public answers). MMMU ships parquet only, with the images
-//!   embedded; we read rows exported from it: a JSON array or JSONL (or a folder of them) of
-//!   `{"id": "validation_Clinical_Medicine_1", "question", "options": "['..', '..']" (the
+//!   embedded: `--input` is the downloaded repository folder (`<Subject>/validation-*.parquet`),
+//!   one parquet file, or rows exported from it as a JSON array or JSONL (or a folder of them),
+//!   each `{"id": "validation_Clinical_Medicine_1", "question", "options": "['..', '..']" (the
 //!   published Python-list string) or a JSON list, "answer", "question_type": "multiple-choice" |
-//!   "open", "image_1".."image_7": PATH | {"path": PATH} | null}`. Rows of other subjects (by the
-//!   id) are filtered out. multiple-choice -> `mcq` (options A, B, ...), open -> `closed`. The
-//!   `<image 1>` tags stay in the question text. A parquet reader is not included (see the README
-//!   for the export one-liner).
+//!   "open", "image_1".."image_7": PATH | {"path": PATH} | {"bytes", "path"} (parquet) | null}`.
+//!   Embedded images are written under `media_dir`. Rows of other subjects (by the id) are
+//!   filtered out. multiple-choice -> `mcq` (options A, B, ...), open -> `closed`. The
+//!   `<image 1>` tags stay in the question text.
+//!
+//! Every reader that takes JSON rows (all but the CSV and pickle layouts) also takes parquet
+//! files of the same columns, as the Hugging Face Hub republishes these benchmarks (e.g.
+//! `flaviagiammarino/vqa-rad` and `flaviagiammarino/path-vqa`: `image` {bytes, path},
+//! `question`, `answer`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -149,6 +155,9 @@ pub struct ConvertOptions {
     pub split: Option<String>,
     /// Skip (and count) records that cannot be converted instead of failing.
     pub skip_invalid: bool,
+    /// Where images embedded in parquet rows are written (`bench-convert` uses
+    /// `<out folder>/<out stem>-images/`).
+    pub media_dir: Option<PathBuf>,
 }
 
 /// The result of a conversion.
@@ -229,6 +238,19 @@ fn parent_of(p: &Path) -> PathBuf {
 
 fn read_text(path: &Path) -> Result<String> {
     fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The rows of a JSON array file, a JSONL file or a parquet file (`.parquet`: images embedded as
+/// `{bytes, path}` structs are written under `opts.media_dir`, see [`super::parquet`]).
+fn read_rows(path: &Path, opts: &ConvertOptions) -> Result<Vec<(String, Value)>> {
+    if is_parquet(path) {
+        return super::parquet::parquet_rows(path, opts.media_dir.as_deref());
+    }
+    read_json_rows(path)
+}
+
+fn is_parquet(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
 }
 
 /// A JSON array file, or JSONL (one object per line). Each value comes with its location
@@ -338,7 +360,7 @@ fn slake(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     let file = if input.is_dir() { input.join("test.json") } else { input.to_path_buf() };
     let root = canon(&parent_of(&file))?;
     let mut conv = Conversion::default();
-    each_row(read_json_rows(&file)?, opts, &mut conv, |o, i| {
+    each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| {
         let lang = get_str(o, &["q_lang"]).unwrap_or_else(|| "en".into()).to_lowercase();
         if lang != "en" && !opts.all_languages {
             return Ok(None);
@@ -396,7 +418,7 @@ fn vqa_rad(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         }
     };
     let mut conv = Conversion::default();
-    each_row(read_json_rows(&file)?, opts, &mut conv, |o, i| {
+    each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| {
         if let Some(phrase) = get_str(o, &["phrase_type"]) {
             let is_test = phrase.to_lowercase().starts_with("test");
             let keep = match split.as_str() {
@@ -464,7 +486,7 @@ fn path_vqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     let mut conv = Conversion::default();
     if !is_pickle {
         let root = canon(&parent_of(&file))?;
-        each_row(read_json_rows(&file)?, opts, &mut conv, |o, i| Ok(Some(qa_row(BenchFormat::PathVqa, o, i, &root)?)))?;
+        each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| Ok(Some(qa_row(BenchFormat::PathVqa, o, i, &root)?)))?;
         return Ok(conv);
     }
     let bytes = fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -601,7 +623,7 @@ fn omnimedvqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     };
     let mut conv = Conversion::default();
     for file in files {
-        each_row(read_json_rows(&file)?, opts, &mut conv, |o, i| {
+        each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| {
             let gt = need_str(o, "gt_answer")?;
             let mut options = BTreeMap::new();
             for l in ['A', 'B', 'C', 'D', 'E', 'F'] {
@@ -661,7 +683,7 @@ fn medxpertqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         .find(|d| d.is_dir())
         .unwrap_or_else(|| parent_of(&abs).join("images"));
     let mut conv = Conversion::default();
-    each_row(read_json_rows(&file)?, opts, &mut conv, |o, i| {
+    each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| {
         let opts_v = o.get("options").and_then(Value::as_object).context("missing `options` object")?;
         let options: BTreeMap<String, String> = opts_v
             .iter()
@@ -751,23 +773,18 @@ fn mmmu(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     let files: Vec<PathBuf> = if input.is_dir() {
         let mut v = Vec::new();
         collect_files(input, &mut v)?;
-        v.retain(|p| p.extension().is_some_and(|e| e == "json" || e == "jsonl"));
+        v.retain(|p| p.extension().is_some_and(|e| e == "json" || e == "jsonl" || e == "parquet"));
         v.sort();
-        ensure!(!v.is_empty(), "{} has no .json/.jsonl files (MMMU parquet must be exported first)", input.display());
+        ensure!(!v.is_empty(), "{} has no .parquet/.json/.jsonl files", input.display());
         v
     } else {
-        ensure!(
-            !input.extension().is_some_and(|e| e == "parquet"),
-            "{}: parquet is not read directly; export the rows to JSONL first (see the README)",
-            input.display()
-        );
         vec![input.to_path_buf()]
     };
     let split = opts.split.clone().unwrap_or_else(|| "validation".into());
     let mut conv = Conversion::default();
     for file in files {
         let root = canon(&parent_of(&file))?;
-        each_row(read_json_rows(&file)?, opts, &mut conv, |o, _| {
+        each_row(read_rows(&file, opts)?, opts, &mut conv, |o, _| {
             let id = need_str(o, "id")?;
             let subject = MMMU_HM_SUBJECTS.iter().find(|s| {
                 id.strip_prefix(&format!("{split}_"))
