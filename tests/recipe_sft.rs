@@ -60,8 +60,8 @@ fn demo_recipe_parses() {
     assert_eq!(r.eval_data.len(), 1);
     assert_eq!(r.eval_data[0].path, PathBuf::from("runs/demo/data/val.jsonl"));
     assert_eq!(r.cutoff_len, 256);
-    assert_eq!(r.per_device_batch, 4);
-    assert_eq!(r.epochs, 4.0);
+    assert_eq!(r.per_device_batch, 16);
+    assert_eq!(r.epochs, 16.0);
     // As the paper: vision tower and projector frozen, language model trained.
     assert!(r.freeze.vision_tower && r.freeze.projector && !r.freeze.language_model);
     assert!(!r.group_by_length);
@@ -330,7 +330,7 @@ fn paper_plan_3b() {
 fn demo_plan_and_max_steps() {
     let recipe = SftRecipe::from_file(repo("recipes/demo-sft.toml"), &["max_steps=5".into()]).unwrap();
     let plan = build_plan(&recipe, &Qwen25VlConfig::qwen2_5_vl_3b(), &[100]).unwrap();
-    assert_eq!(plan.steps_per_epoch, 25); // ceil(100 / 4)
+    assert_eq!(plan.steps_per_epoch, 7); // ceil(100 / 16)
     assert_eq!(plan.total_steps, 5);
     assert!(plan.capped_by_max_steps);
     assert_eq!(plan.warmup_steps, 1); // ceil(5 * 0.05)

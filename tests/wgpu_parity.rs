@@ -67,7 +67,7 @@ fn sft_steps_on_wgpu_match_ndarray() {
             .args(["sft", "--recipe", "recipes/demo-sft.toml"])
             .args(["--set", &format!("model={}", model_dir("tiny-gqa2").display())])
             .args(["--set", &format!("data.0.path={}", data.join("train.jsonl").display())])
-            .args(["--set", "eval_data=[]", "--set", "max_steps=3", "--set", "save_every=0"])
+            .args(["--set", "eval_data=[]", "--set", "max_steps=3", "--set", "save_every=0", "--set", "per_device_batch=4"])
             .args(["--set", &format!("backend={backend}"), "--set", &format!("output_dir={}", out.display())])
             .output()
             .unwrap();
