@@ -128,6 +128,7 @@ pub fn generate<B: Backend>(
     let refs: Vec<&Prompt> = prompts.iter().collect();
     let input = left_padded_batch(&refs, pad_id);
     let seq = input.seq_len();
+    let head = model.head_matrix();
     let mut cache = model.new_cache();
     let hidden = model.forward_hidden(&input, Some(&mut cache))?;
     let [b, _, c] = hidden.dims();
@@ -137,7 +138,7 @@ pub fn generate<B: Backend>(
     // Batch row -> prompt index, for the rows still running.
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..cfg.max_new_tokens {
-        let next = next_tokens(model, last, cfg, rng);
+        let next = next_tokens(model, &head, last, cfg, rng);
         let mut keep = Vec::with_capacity(active.len());
         for (row, &p) in active.iter().enumerate() {
             out[p].tokens.push(next[row]);
@@ -196,12 +197,13 @@ pub fn generate_batched<B: Backend>(
 /// random or young one may, and GRPO trains on its own samples).
 fn next_tokens<B: Backend>(
     model: &Qwen25VL<B>,
+    head: &Tensor<B, 2>,
     hidden: Tensor<B, 2>,
     cfg: &SamplingConfig,
     rng: &mut ChaCha8Rng,
 ) -> Vec<u32> {
     // Sampling works on f32 logits whatever the compute dtype.
-    let logits = crate::model::nn::upcast(model.logits(hidden));
+    let logits = crate::model::nn::upcast(hidden.matmul(head.clone()));
     let [rows, v] = logits.dims();
     let banned: Vec<usize> = [model.config.tokens.image_token_id, model.config.tokens.video_token_id]
         .into_iter()

@@ -6,6 +6,7 @@
 
 pub use infimed_model as model;
 
+pub mod alloc;
 pub mod backend;
 pub mod cli;
 pub mod data;

@@ -131,7 +131,7 @@ impl<B: Backend> Qwen25VL<B> {
     /// Logits of the head for hidden states `[.., C]`.
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => crate::nn::linear_rows(head, hidden),
             None => {
                 let w = self.model.embed_tokens.weight.val(); // [V, C]
                 let [v, c] = w.dims();
@@ -140,6 +140,21 @@ impl<B: Backend> Qwen25VL<B> {
                 let mut out_dims = dims;
                 out_dims[D - 1] = v;
                 hidden.reshape([n, c]).matmul(w.transpose()).reshape(out_dims)
+            }
+        }
+    }
+
+    /// The head as a `[C, V]` matrix laid out row-major, for computing logits of a few rows
+    /// again and again (decoding): `hidden.matmul(head)` = [`Self::logits`]. A tied head is the
+    /// embedding transposed; a matmul against that transposed view makes the CPU backends copy
+    /// the whole embedding (`V x C`) into row-major order on every call, so this copies it once.
+    pub fn head_matrix(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => {
+                let w = self.model.embed_tokens.weight.val(); // [V, C]
+                let [v, c] = w.dims();
+                w.transpose().reshape([v * c]).reshape([c, v])
             }
         }
     }

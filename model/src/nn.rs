@@ -55,6 +55,24 @@ pub fn linear_init<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B
     lin
 }
 
+/// `lin` applied over the last dimension of `x` as one matrix multiply: the leading dimensions
+/// are flattened into rows first (`[.., d_in]` -> `[n, d_in]`), as PyTorch's `F.linear` does.
+/// burn's `Linear` on a 3-D input is a batched matmul against the broadcast weight: one gemm per
+/// leading index (ndarray packs the weight again for each, so a decode step of 16 rows is 16
+/// one-row products) and, in the backward pass, one weight-sized gradient per leading index
+/// that is summed afterwards.
+pub fn linear_rows<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    if D <= 2 {
+        return lin.forward(x);
+    }
+    let dims = x.dims();
+    let n: usize = dims[..D - 1].iter().product();
+    let y = lin.forward(x.reshape([n, dims[D - 1]]));
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
+}
+
 /// Load `{prefix}.weight` (HF `[out, in]`) and optionally `{prefix}.bias` into a Burn linear
 /// layer (`[in, out]`).
 pub fn linear_load<B: Backend>(

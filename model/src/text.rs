@@ -8,7 +8,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::TextConfig;
-use crate::nn::{apply_rotary, linear_export, linear_init, linear_load, named, silu, tensor2, RmsNorm, INIT_STD};
+use crate::nn::{apply_rotary, linear_export, linear_rows, linear_init, linear_load, named, silu, tensor2, RmsNorm, INIT_STD};
 use crate::weights::{NamedTensor, WeightReader};
 
 /// Keys and values of every layer for the tokens seen so far, plus what decoding needs to
@@ -84,9 +84,9 @@ impl<B: Backend> TextAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let q = linear_rows(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
+        let k = linear_rows(&self.k_proj, x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let v = linear_rows(&self.v_proj, x).reshape([b, t, kvh, d]).swap_dims(1, 2);
         let q = apply_rotary(q, cos.clone(), sin.clone());
         let k = apply_rotary(k, cos, sin);
         let (k, v) = match cache {
@@ -102,17 +102,28 @@ impl<B: Backend> TextAttention<B> {
         };
         let tk = k.dims()[2];
         let n_rep = h / kvh;
-        let repeat = |x: Tensor<B, 4>| {
-            if n_rep == 1 {
-                x
-            } else {
-                x.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, tk, d]).reshape([b, h, tk, d])
-            }
+        let out = if t == 1 {
+            // One new token per row (decoding): it sees every cached key, so there is no causal
+            // mask, and the `n_rep` query heads that share a key/value head attend as `n_rep`
+            // rows of one group (`[b, kvh, n_rep, d]` against `[b, kvh, tk, d]`): the cache is
+            // read once per group instead of being copied `n_rep` times.
+            let q = q.reshape([b, kvh, n_rep, d]);
+            let mask = key_pad.map(|m| m.expand([b, kvh, n_rep, tk]));
+            let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
+            attention(q, k, v, mask, None, opts).reshape([b, h, 1, d])
+        } else {
+            let repeat = |x: Tensor<B, 4>| {
+                if n_rep == 1 {
+                    x
+                } else {
+                    x.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, tk, d]).reshape([b, h, tk, d])
+                }
+            };
+            let mask = key_pad.map(|m| m.expand([b, h, t, tk]));
+            let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+            attention(q, repeat(k), repeat(v), mask, None, opts)
         };
-        let mask = key_pad.map(|m| m.expand([b, h, t, tk]));
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-        let out = attention(q, repeat(k), repeat(v), mask, None, opts);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+        linear_rows(&self.o_proj, out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 
@@ -125,7 +136,7 @@ pub struct TextMlp<B: Backend> {
 
 impl<B: Backend> TextMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        linear_rows(&self.down_proj, silu(linear_rows(&self.gate_proj, x.clone())) * linear_rows(&self.up_proj, x))
     }
 }
 
