@@ -56,10 +56,14 @@ struct Args {
     rows: Vec<String>,
     repeat: usize,
     json: Option<std::path::PathBuf>,
+    /// Gradient checkpointing for the SFT step (burn's balanced checkpointing).
+    checkpointing: bool,
+    /// Override the SFT step's `batch x tokens` (e.g. `1x2048`).
+    sft: Option<(usize, usize)>,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { shape: "small".into(), backend: BackendKind::Ndarray, precision: Precision::F32, rows: vec![], repeat: 5, json: None };
+    let mut a = Args { shape: "small".into(), backend: BackendKind::Ndarray, precision: Precision::F32, rows: vec![], repeat: 5, json: None, checkpointing: false, sft: None };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         let mut val = || it.next().with_context(|| format!("{x} needs a value"));
@@ -70,6 +74,12 @@ fn parse_args() -> Result<Args> {
             "--rows" => a.rows = val()?.split(',').map(str::to_string).collect(),
             "--repeat" => a.repeat = val()?.parse()?,
             "--json" => a.json = Some(val()?.into()),
+            "--checkpointing" => a.checkpointing = true,
+            "--sft" => {
+                let v = val()?;
+                let (b, t) = v.split_once('x').with_context(|| format!("--sft wants BxT, got {v}"))?;
+                a.sft = Some((b.parse()?, t.parse()?));
+            }
             "--bench" => {} // added by `cargo bench`
             other => bail!("unknown argument {other}"),
         }
@@ -200,19 +210,24 @@ impl AutodiffJob for Compare {
 }
 
 fn main() -> Result<()> {
+    infimed::alloc::reuse_freed_memory();
     let args = parse_args()?;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("benches/shapes/{}.json", args.shape));
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let cfg = Qwen25VlConfig::from_json(serde_json::from_str(&text)?)?;
-    let work = workload(&args.shape)?;
+    let mut work = workload(&args.shape)?;
+    if let Some(sft) = args.sft {
+        work.sft = sft;
+    }
+    let checkpointing = args.checkpointing;
     let threads = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or_else(|| {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     });
     let (shape, backend, precision, json_out) = (args.shape.clone(), args.backend, args.precision, args.json.clone());
-    eprintln!("infimed: shape {shape}, backend {backend}, precision {precision}, {threads} threads");
-    let rows = dispatch_autodiff(BackendArgs { backend, device: None, precision }, Compare { cfg, work, args })?;
+    eprintln!("infimed: shape {shape}, backend {backend}, precision {precision}, {threads} threads, gradient checkpointing {checkpointing}");
+    let rows = dispatch_autodiff(BackendArgs { backend, device: None, precision }, checkpointing, Compare { cfg, work, args })?;
     let out = json!({"system": "infimed", "shape": shape, "backend": backend.to_string(), "precision": precision.to_string(),
-                     "threads": threads, "rows": rows});
+                     "threads": threads, "gradient_checkpointing": checkpointing, "rows": rows});
     match json_out {
         Some(p) => std::fs::write(&p, serde_json::to_string_pretty(&out)? + "\n").with_context(|| format!("writing {}", p.display()))?,
         None => println!("{}", serde_json::to_string_pretty(&out)?),

@@ -200,19 +200,33 @@ pub fn dispatch<J: BackendJob>(args: BackendArgs, job: J) -> Result<J::Output> {
     }
 }
 
-/// Run `job` on the selected backend wrapped in `Autodiff`.
-pub fn dispatch_autodiff<J: AutodiffJob>(args: BackendArgs, job: J) -> Result<J::Output> {
-    use burn::backend::Autodiff;
-    match args.backend {
-        BackendKind::Ndarray => job.run::<Autodiff<NdArrayBackend>>(Default::default()),
-        #[cfg(feature = "flex")]
-        BackendKind::Flex => job.run::<Autodiff<FlexBackend>>(Default::default()),
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => job.run::<Autodiff<WgpuBackend>>(wgpu_device(args.device)),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            job.run::<Autodiff<CudaBackend>>(burn::backend::cuda::CudaDevice::new(args.device.unwrap_or(0)))
+/// Gradient checkpointing (recipe `gradient_checkpointing = true`): burn's
+/// `Autodiff<B, BalancedCheckpointing>`, which keeps the results of compute-bound operations
+/// (matmuls, convolutions, reductions) for the backward pass and recomputes the memory-bound
+/// ones (elementwise activations, norms' pieces, rotary, masks, layout changes) from them when
+/// the backward pass needs them, instead of keeping every intermediate alive from the forward
+/// pass to the backward pass. Same gradients; less activation memory; some recomputation.
+pub type CheckpointedAutodiff<B> = burn::backend::Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+
+/// Run `job` on the selected backend wrapped in `Autodiff` (with `gradient_checkpointing`:
+/// [`CheckpointedAutodiff`]).
+pub fn dispatch_autodiff<J: AutodiffJob>(args: BackendArgs, gradient_checkpointing: bool, job: J) -> Result<J::Output> {
+    fn on<B: Backend, J: AutodiffJob>(job: J, device: B::Device, checkpointing: bool) -> Result<J::Output> {
+        if checkpointing {
+            job.run::<CheckpointedAutodiff<B>>(device)
+        } else {
+            job.run::<burn::backend::Autodiff<B>>(device)
         }
+    }
+    let ck = gradient_checkpointing;
+    match args.backend {
+        BackendKind::Ndarray => on::<NdArrayBackend, J>(job, Default::default(), ck),
+        #[cfg(feature = "flex")]
+        BackendKind::Flex => on::<FlexBackend, J>(job, Default::default(), ck),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => on::<WgpuBackend, J>(job, wgpu_device(args.device), ck),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => on::<CudaBackend, J>(job, burn::backend::cuda::CudaDevice::new(args.device.unwrap_or(0)), ck),
         #[allow(unreachable_patterns)]
         other => Err(not_compiled(other)),
     }

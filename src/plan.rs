@@ -383,6 +383,7 @@ pub struct SftPlan {
     pub model: String,
     pub backend: BackendKind,
     pub precision: Precision,
+    pub gradient_checkpointing: bool,
     pub sources: Vec<SourcePlan>,
     /// Examples per epoch (sum of `selected`).
     pub total_samples: usize,
@@ -496,6 +497,7 @@ pub fn build_plan(recipe: &SftRecipe, model_cfg: &Qwen25VlConfig, available_coun
         model: recipe.model.clone(),
         backend: recipe.backend,
         precision: recipe.precision,
+        gradient_checkpointing: recipe.gradient_checkpointing,
         sources,
         total_samples,
         per_device_batch: recipe.per_device_batch,
@@ -641,7 +643,15 @@ impl fmt::Display for SftPlan {
         )?;
         writeln!(f)?;
         let m = &self.memory;
-        writeln!(f, "  memory (estimate, one device; activations at cutoff_len, no checkpointing)")?;
+        writeln!(
+            f,
+            "  memory (estimate, one device; activations at cutoff_len, {})",
+            if self.gradient_checkpointing {
+                "counted without gradient checkpointing: recomputing elementwise results lowers it (BENCHMARKS.md)"
+            } else {
+                "no gradient checkpointing"
+            }
+        )?;
         writeln!(f, "    weights           {:>12}", gib(m.weights))?;
         writeln!(f, "    gradients         {:>12}", gib(m.gradients))?;
         writeln!(f, "    optimizer state   {:>12}", gib(m.optimizer_state))?;

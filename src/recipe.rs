@@ -349,6 +349,11 @@ pub struct SftRecipe {
     pub device: Option<usize>,
     #[serde(default)]
     pub precision: Precision,
+    /// Recompute memory-bound intermediates in the backward pass instead of keeping them
+    /// (burn's balanced checkpointing, [`crate::backend::CheckpointedAutodiff`]): less
+    /// activation memory for long sequences, same gradients, some extra compute.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 
     /// Training sources, mixed per [`DataSource::mix`].
     pub data: Vec<DataSource>,

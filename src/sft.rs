@@ -294,7 +294,7 @@ pub fn run(args: SftArgs) -> Result<()> {
         return Ok(());
     }
     let backend = BackendArgs { backend: recipe.backend, device: recipe.device, precision: recipe.precision };
-    let summary = dispatch_autodiff(backend, SftJob { recipe, plan, resume: args.resume })?;
+    let summary = dispatch_autodiff(backend, recipe.gradient_checkpointing, SftJob { recipe, plan, resume: args.resume })?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -329,6 +329,8 @@ pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume:
     };
     let out_dir = recipe.output_dir.clone();
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    std::fs::write(out_dir.join("recipe.toml"), recipe.to_toml_string()?)
+        .with_context(|| format!("writing {}", out_dir.join("recipe.toml").display()))?;
 
     // Data: read, encode (labels, truncation), report skips.
     let sources = read_sources(&recipe.data)?;
@@ -363,8 +365,12 @@ pub fn train_sft<B: AutodiffBackend>(recipe: &SftRecipe, plan: &SftPlan, resume:
     }
     let total_steps = plan.total_steps;
     eprintln!(
-        "sft: {} samples/epoch, {} optimizer steps, {trainable} trainable / {frozen} frozen parameters",
-        plan.total_samples, total_steps
+        "sft: {} samples/epoch, {} optimizer steps, {trainable} trainable / {frozen} frozen parameters; {} ({}, gradient checkpointing {})",
+        plan.total_samples,
+        total_steps,
+        B::name(device),
+        recipe.precision,
+        if recipe.gradient_checkpointing { "on" } else { "off" }
     );
 
     let mut metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"), resume_from.as_ref().map(|_| state.step))?;

@@ -365,7 +365,7 @@ pub fn run(args: GrpoArgs) -> Result<()> {
         return Ok(());
     }
     let backend = BackendArgs { backend: recipe.backend, device: recipe.device, precision: recipe.precision };
-    let summary = dispatch_autodiff(backend, GrpoJob { recipe, resume: args.resume })?;
+    let summary = dispatch_autodiff(backend, recipe.gradient_checkpointing, GrpoJob { recipe, resume: args.resume })?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -443,9 +443,12 @@ pub fn train_grpo<B: AutodiffBackend>(recipe: &GrpoRecipe, resume: bool, device:
         eprintln!("resuming from {} (step {})", ck.display(), state.step);
     }
     eprintln!(
-        "grpo: {} prompts, {total_steps} steps x {} prompts x {g} responses, {total_updates} updates; {trainable} trainable / {frozen} frozen parameters",
+        "grpo: {} prompts, {total_steps} steps x {} prompts x {g} responses, {total_updates} updates; {trainable} trainable / {frozen} frozen parameters; {} ({}, gradient checkpointing {})",
         records.len(),
-        recipe.rollout.prompts_per_step
+        recipe.rollout.prompts_per_step,
+        B::name(device),
+        recipe.precision,
+        if recipe.gradient_checkpointing { "on" } else { "off" }
     );
     let mut metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"), resume_from.as_ref().map(|_| state.step))?;
     let mut completions = if recipe.log_completions_every > 0 {

@@ -128,6 +128,11 @@ pub struct GrpoRecipe {
     pub device: Option<usize>,
     #[serde(default)]
     pub precision: Precision,
+    /// Recompute memory-bound intermediates in the backward pass instead of keeping them
+    /// (burn's balanced checkpointing, [`crate::backend::CheckpointedAutodiff`]): less
+    /// activation memory for long sequences, same gradients, some extra compute.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// EasyR1 JSONL: `{"problem": "...<image>...", "answer": ..., "images": [...], "task"?: ...}`.
     pub data: PathBuf,
     /// Validation prompts in the same form (greedy, before/after and every `eval_every` steps).
