@@ -2,6 +2,13 @@ use clap::Parser;
 
 fn main() {
     infimed::alloc::reuse_freed_memory();
+    // Die quietly on a closed stdout (`infimed ... | head`) as Unix tools do, instead of
+    // panicking in println! (Rust ignores SIGPIPE by default).
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = infimed::cli::Cli::parse();
     infimed::cli::init_tracing();
     if let Err(err) = infimed::cli::run(cli) {
