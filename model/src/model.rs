@@ -130,33 +130,29 @@ impl<B: Backend> Qwen25VL<B> {
 
     /// Logits of the head for hidden states `[.., C]`.
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        crate::nn::over_rows(hidden, |rows| rows.matmul(self.head_weight()))
+    }
+
+    /// The head as a `[C, V]` matrix (Qwen's `lm_head` has no bias): the untied `lm_head`'s
+    /// weight, or a transposed view of the tied embedding.
+    fn head_weight(&self) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(head) => crate::nn::linear_rows(head, hidden),
-            None => {
-                let w = self.model.embed_tokens.weight.val(); // [V, C]
-                let [v, c] = w.dims();
-                let dims = hidden.dims();
-                let n: usize = dims[..D - 1].iter().product();
-                let mut out_dims = dims;
-                out_dims[D - 1] = v;
-                hidden.reshape([n, c]).matmul(w.transpose()).reshape(out_dims)
-            }
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.weight.val().transpose(),
         }
     }
 
-    /// The head as a `[C, V]` matrix laid out row-major, for computing logits of a few rows
-    /// again and again (decoding): `hidden.matmul(head)` = [`Self::logits`]. A tied head is the
-    /// embedding transposed; a matmul against that transposed view makes the CPU backends copy
-    /// the whole embedding (`V x C`) into row-major order on every call, so this copies it once.
+    /// [`Self::head_weight`] laid out row-major, for computing logits of a few rows again and
+    /// again (decoding): `hidden.matmul(head)` = [`Self::logits`]. A matmul against the tied
+    /// head's transposed view makes the CPU backends copy the whole embedding (`V x C`) into
+    /// row-major order on every call; this copies it once (the untied weight is used as it is).
     pub fn head_matrix(&self) -> Tensor<B, 2> {
-        match &self.lm_head {
-            Some(head) => head.weight.val(),
-            None => {
-                let w = self.model.embed_tokens.weight.val(); // [V, C]
-                let [v, c] = w.dims();
-                w.transpose().reshape([v * c]).reshape([c, v])
-            }
+        let w = self.head_weight();
+        if self.lm_head.is_some() {
+            return w;
         }
+        let [c, v] = w.dims();
+        w.reshape([c * v]).reshape([c, v])
     }
 
     /// Input embeddings `[B, T, C]` with the vision tower's output placed at the image pad tokens.

@@ -62,12 +62,15 @@ pub fn linear_init<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B
 /// one-row products) and, in the backward pass, one weight-sized gradient per leading index
 /// that is summed afterwards.
 pub fn linear_rows<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    if D <= 2 {
-        return lin.forward(x);
-    }
+    over_rows(x, |rows| lin.forward(rows))
+}
+
+/// `f` applied to `x` viewed as rows: `[.., n_in]` is flattened to `[rows, n_in]`, `f` maps it
+/// to `[rows, n_out]`, and the result gets `x`'s leading dimensions back (`[.., n_out]`).
+pub fn over_rows<B: Backend, const D: usize>(x: Tensor<B, D>, f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, D> {
     let dims = x.dims();
     let n: usize = dims[..D - 1].iter().product();
-    let y = lin.forward(x.reshape([n, dims[D - 1]]));
+    let y = f(x.reshape([n, dims[D - 1]]));
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)
