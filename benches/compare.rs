@@ -20,16 +20,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
+use infimed::model::TrainBackend;
 use infimed::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob, BackendArgs, BackendKind, Precision};
-use infimed::data::encode::Encoded;
 use infimed::generate::{generate, rng_from_seed, Prompt, SamplingConfig};
 use infimed::model::{ModelInput, Qwen25VL, Qwen25VlConfig};
-use infimed::recipe::OptimizerConfig;
-use infimed::sft::{collate, token_nll_sum};
-use infimed::train::{adamw, clip_grad_norm};
+use infimed::backend::GradientCheckpointing;
+use infimed::bench::SftStepper;
+use infimed::learn::freeze::FreezeConfig;
+use infimed::model::AttentionImpl;
 use serde_json::{json, Value};
 
 struct Workload {
@@ -92,7 +91,7 @@ fn parse_args() -> Result<Args> {
 
 /// Reset the resident-set high-water mark (Linux), so each row reports its own peak.
 fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    infimed::bench::reset_peak();
 }
 
 /// Resident-set high-water mark in MiB (Linux).
@@ -108,10 +107,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Deterministic token ids below `vocab - 16` (clear of the special ids at the top).
-fn ids(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7919 + seed * 104_729 + 13) % (vocab - 16)) as u32).collect()
-}
+use infimed::bench::bench_ids as ids;
 
 struct Compare {
     cfg: Qwen25VlConfig,
@@ -121,7 +117,7 @@ struct Compare {
 
 impl AutodiffJob for Compare {
     type Output = Vec<Value>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Vec<Value>> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Vec<Value>> {
         let Compare { cfg, work, args } = self;
         check_precision::<B>(args.precision, &device)?;
         B::seed(&device, 0);
@@ -169,28 +165,12 @@ impl AutodiffJob for Compare {
             })?;
         }
         if args.rows.iter().any(|r| r == "sft") {
+            // The same step `infimed bench sft` times: the learner's accumulate -> clip -> AdamW.
             let (b, t) = work.sft;
-            let samples: Vec<Encoded> = (0..b)
-                .map(|s| {
-                    let input_ids = ids(t, s, vocab);
-                    let labels = input_ids.iter().enumerate().map(|(i, &x)| (i >= t / 2).then_some(x)).collect();
-                    Encoded { input_ids, labels, ..Default::default() }
-                })
-                .collect();
-            let refs: Vec<&Encoded> = samples.iter().collect();
-            let mb = collate(&refs, 0);
-            let ocfg = OptimizerConfig::with_lr(1e-5);
-            let mut optim = adamw(&ocfg).init::<B, Qwen25VL<B>>();
-            let mut model = Some(master.clone());
-            time("SFT step", "tokens/s", (b * t) as f64, &mut || {
-                let m = model.take().expect("model");
-                let compute = compute_model(&m, args.precision);
-                let loss = token_nll_sum(&compute, &mb)?.div_scalar(mb.target_tokens as f64);
-                let mut grads = GradientsParams::from_grads(loss.backward(), &m);
-                clip_grad_norm(&m, &mut grads, 1.0);
-                model = Some(optim.step(1e-5, m, grads));
-                Ok(())
-            })?;
+            let batch = infimed::bench::sft_batch(vocab, b, t, false);
+            let ck = if args.checkpointing { GradientCheckpointing::Balanced } else { GradientCheckpointing::Off };
+            let mut stepper = SftStepper::<B>::new(&cfg, &FreezeConfig::default(), batch, args.precision, ck, AttentionImpl::default(), &device);
+            time("SFT step", "tokens/s", (b * t) as f64, &mut || stepper.step().map(|_| ()))?;
         }
         if args.rows.iter().any(|r| r == "gen") {
             for &b in &work.gen_batches {
@@ -225,7 +205,7 @@ fn main() -> Result<()> {
     });
     let (shape, backend, precision, json_out) = (args.shape.clone(), args.backend, args.precision, args.json.clone());
     eprintln!("infimed: shape {shape}, backend {backend}, precision {precision}, {threads} threads, gradient checkpointing {checkpointing}");
-    let rows = dispatch_autodiff(BackendArgs { backend, device: None, precision }, checkpointing, Compare { cfg, work, args })?;
+    let rows = dispatch_autodiff(BackendArgs { backend, device: None, precision }, if checkpointing { infimed::backend::GradientCheckpointing::Balanced } else { infimed::backend::GradientCheckpointing::Off }, Compare { cfg, work, args })?;
     let out = json!({"system": "infimed", "shape": shape, "backend": backend.to_string(), "precision": precision.to_string(),
                      "threads": threads, "gradient_checkpointing": checkpointing, "rows": rows});
     match json_out {

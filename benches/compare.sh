@@ -21,7 +21,7 @@ export RAYON_NUM_THREADS=$threads
 if [[ -n "${INFIMED_BENCH:-}" ]]; then
   "$INFIMED_BENCH" --shape "$shape" --backend "$backend" --precision "$precision" --json "$out/infimed-$shape.json"
 else
-  cargo bench --features wgpu,cuda,flex --bench compare -- --shape "$shape" --backend "$backend" --precision "$precision" \
+  cargo bench --bench compare -- --shape "$shape" --backend "$backend" --precision "$precision" \
     --json "$out/infimed-$shape.json"
 fi
 device=cpu

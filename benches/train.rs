@@ -19,9 +19,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use infimed::data::encode::Encoded;
 use infimed::generate::{generate, rng_from_seed, Prompt, SamplingConfig};
 use infimed::model::{Qwen25VL, Qwen25VlConfig};
-use infimed::recipe::OptimizerConfig;
-use infimed::sft::{collate, token_nll_sum};
-use infimed::train::{adamw, clip_grad_norm};
+use infimed::learn::optim::OptimizerConfig;
+use infimed::learn::batch::collate;
+use infimed::learn::logprobs::token_nll_sum;
+use infimed::learn::optim::{adamw, clip_grad_norm};
 
 type B = NdArray<f32>;
 type AD = Autodiff<B>;
@@ -96,7 +97,7 @@ fn bench(c: &mut Criterion) {
     // A whole GRPO step of the demo model.
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    infimed::demo::write_demo_data(&data, &infimed::demo::DemoDataConfig { seed: 0, train: 64, val: 8, image_size: 56 }).unwrap();
+    infimed::demo::write_demo_data(&data, &infimed::demo::DemoDataConfig { seed: 0, train: 64, val: 8, image_size: 56, image_pool: None }).unwrap();
     let text = format!(
         "model = \"builtin:demo-tiny\"\ndata = \"{}\"\nmax_prompt_len = 256\nmax_response_len = 8\nmax_steps = 1\noutput_dir = \"{}\"\n\
          [optimizer]\nlr = 1e-4\n[rollout]\nprompts_per_step = 8\nn = 4\n[ppo]\nmini_batch = 4\nmicro_batch = 16\n\

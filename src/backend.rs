@@ -3,12 +3,13 @@
 //! job generic over Burn's `Backend` (inference) or `AutodiffBackend` (training) on it.
 //! `--precision f32|bf16` picks the compute dtype (see [`Precision`]).
 
+use crate::model::{ModelBackend, TrainBackend};
 use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use burn::module::Module;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType};
 use serde::{Deserialize, Serialize};
 
@@ -160,13 +161,13 @@ pub type CudaBackend = burn::backend::Cuda<f32, i32>;
 /// A job that runs on any backend (inference).
 pub trait BackendJob {
     type Output;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: ModelBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 /// A job that needs gradients (training).
 pub trait AutodiffJob {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 fn not_compiled(kind: BackendKind) -> anyhow::Error {
@@ -208,17 +209,18 @@ pub fn dispatch<J: BackendJob>(args: BackendArgs, job: J) -> Result<J::Output> {
 /// pass to the backward pass. Same gradients; less activation memory; some recomputation.
 pub type CheckpointedAutodiff<B> = burn::backend::Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
 
-/// Run `job` on the selected backend wrapped in `Autodiff` (with `gradient_checkpointing`:
-/// [`CheckpointedAutodiff`]).
-pub fn dispatch_autodiff<J: AutodiffJob>(args: BackendArgs, gradient_checkpointing: bool, job: J) -> Result<J::Output> {
-    fn on<B: Backend, J: AutodiffJob>(job: J, device: B::Device, checkpointing: bool) -> Result<J::Output> {
+/// Run `job` on the selected backend wrapped in `Autodiff` (with balanced gradient
+/// checkpointing: [`CheckpointedAutodiff`]; per-layer checkpointing is the learner's, on plain
+/// `Autodiff`).
+pub fn dispatch_autodiff<J: AutodiffJob>(args: BackendArgs, gradient_checkpointing: GradientCheckpointing, job: J) -> Result<J::Output> {
+    fn on<B: ModelBackend, J: AutodiffJob>(job: J, device: B::Device, checkpointing: bool) -> Result<J::Output> {
         if checkpointing {
             job.run::<CheckpointedAutodiff<B>>(device)
         } else {
             job.run::<burn::backend::Autodiff<B>>(device)
         }
     }
-    let ck = gradient_checkpointing;
+    let ck = gradient_checkpointing == GradientCheckpointing::Balanced;
     match args.backend {
         BackendKind::Ndarray => on::<NdArrayBackend, J>(job, Default::default(), ck),
         #[cfg(feature = "flex")]
@@ -229,6 +231,78 @@ pub fn dispatch_autodiff<J: AutodiffJob>(args: BackendArgs, gradient_checkpointi
         BackendKind::Cuda => on::<CudaBackend, J>(job, burn::backend::cuda::CudaDevice::new(args.device.unwrap_or(0)), ck),
         #[allow(unreachable_patterns)]
         other => Err(not_compiled(other)),
+    }
+}
+
+/// `gradient_checkpointing`: what the backward pass recomputes instead of keeping.
+///
+/// - `"off"` (or `false`): every intermediate of the forward pass is kept for the backward;
+/// - `"balanced"` (or `true`): burn's balanced checkpointing: results of matmuls and reductions
+///   are kept, elementwise intermediates recomputed from them
+///   ([`CheckpointedAutodiff`]);
+/// - `"layer"`: HF's per-layer checkpointing: the forward pass keeps only each decoder layer's
+///   input; the backward pass reruns one layer at a time ([`crate::learn::layerwise`]), so the
+///   activations held are `layers x B x T x C` plus one layer's working set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GradientCheckpointing {
+    #[default]
+    Off,
+    Balanced,
+    Layer,
+}
+
+impl GradientCheckpointing {
+    pub fn is_on(self) -> bool {
+        self != GradientCheckpointing::Off
+    }
+}
+
+impl std::fmt::Display for GradientCheckpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GradientCheckpointing::Off => "off",
+            GradientCheckpointing::Balanced => "balanced",
+            GradientCheckpointing::Layer => "layer",
+        })
+    }
+}
+
+impl std::str::FromStr for GradientCheckpointing {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" | "false" | "none" => Ok(Self::Off),
+            "balanced" | "true" => Ok(Self::Balanced),
+            "layer" => Ok(Self::Layer),
+            other => anyhow::bail!("gradient_checkpointing must be \"off\", \"balanced\" or \"layer\" (or false / true), got \"{other}\""),
+        }
+    }
+}
+
+/// Written back as recipes spell it: `false`, `true` (balanced), `"layer"`.
+impl serde::Serialize for GradientCheckpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            GradientCheckpointing::Off => s.serialize_bool(false),
+            GradientCheckpointing::Balanced => s.serialize_bool(true),
+            GradientCheckpointing::Layer => s.serialize_str("layer"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GradientCheckpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(false) => Ok(Self::Off),
+            Raw::Bool(true) => Ok(Self::Balanced),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -243,7 +317,7 @@ mod tests {
         struct Nop;
         impl BackendJob for Nop {
             type Output = ();
-            fn run<B: Backend>(self, _: B::Device) -> Result<()> {
+            fn run<B: ModelBackend>(self, _: B::Device) -> Result<()> {
                 Ok(())
             }
         }

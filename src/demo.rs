@@ -74,11 +74,15 @@ pub struct DemoDataConfig {
     pub val: usize,
     /// Image side in pixels (default 56); a positive multiple of 28 so the Qwen processor never resizes.
     pub image_size: u32,
+    /// At most this many distinct records (and images): record `i` repeats record `i % pool`
+    /// (its question, answer and image file). For data sets at paper scale (188K records) whose
+    /// images are shared between records. `None`: every record is its own.
+    pub image_pool: Option<usize>,
 }
 
 impl Default for DemoDataConfig {
     fn default() -> Self {
-        Self { seed: 0, train: 1200, val: 200, image_size: 56 }
+        Self { seed: 0, train: 1200, val: 200, image_size: 56, image_pool: None }
     }
 }
 
@@ -380,11 +384,17 @@ fn schedule(seed: u64, split: u64, n: usize) -> Vec<Slot> {
 
 /// Builds the records of both splits (train first), without images.
 pub fn demo_records(cfg: &DemoDataConfig) -> Vec<DemoRecord> {
-    let mut out = Vec::with_capacity(cfg.train + cfg.val);
+    let mut out: Vec<DemoRecord> = Vec::with_capacity(cfg.train + cfg.val);
     for (split, n) in [(0u64, cfg.train), (1u64, cfg.val)] {
         for slot in schedule(cfg.seed, split, n) {
             let index = out.len();
-            out.push(make_record(cfg, index, slot));
+            match cfg.image_pool {
+                Some(pool) if index >= pool => {
+                    let rec = out[index % pool].clone();
+                    out.push(rec);
+                }
+                _ => out.push(make_record(cfg, index, slot)),
+            }
         }
     }
     out
@@ -648,13 +658,15 @@ fn split_summary(records: &[DemoRecord]) -> SplitSummary {
 /// names are overwritten, nothing else is removed). See the module docs for the layout.
 pub fn write_demo_data(out_dir: &Path, cfg: &DemoDataConfig) -> Result<DemoDataSummary> {
     ensure!(cfg.image_size >= 28 && cfg.image_size % 28 == 0, "image_size must be a positive multiple of 28, got {}", cfg.image_size);
-    ensure!(cfg.train + cfg.val <= 100_000, "at most 100000 records (5-digit image names), got {}", cfg.train + cfg.val);
+    let distinct = cfg.image_pool.map_or(cfg.train + cfg.val, |p| p.min(cfg.train + cfg.val));
+    ensure!(cfg.image_pool != Some(0), "image_pool must be at least 1");
+    ensure!(distinct <= 100_000, "at most 100000 distinct records (5-digit image names), got {distinct} (use an image pool)");
     let img_dir = out_dir.join("images");
     fs::create_dir_all(&img_dir).with_context(|| format!("creating {}", img_dir.display()))?;
 
     let mut records = demo_records(cfg);
     let mut images = 0;
-    for rec in &mut records {
+    for rec in records.iter_mut().take(distinct) {
         let Some(rel) = &rec.image else { continue };
         let sides: Vec<f64> = rec.lesions.iter().map(|l| l.0).collect();
         let (pixels, centres) = render_scan(cfg.seed, rec.index, cfg.image_size, &sides);

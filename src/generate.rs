@@ -13,6 +13,7 @@ use burn::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::model::ModelBackend;
 use crate::model::nn::to_vec;
 use crate::model::{ModelInput, Qwen25VL};
 
@@ -110,7 +111,7 @@ pub fn left_padded_batch(prompts: &[&Prompt], pad_id: u32) -> ModelInput {
 }
 
 /// Generate for every prompt in one batch. `rng` drives sampling (unused when greedy).
-pub fn generate<B: Backend>(
+pub fn generate<B: ModelBackend>(
     model: &Qwen25VL<B>,
     prompts: &[Prompt],
     cfg: &SamplingConfig,
@@ -163,7 +164,7 @@ pub fn generate<B: Backend>(
 /// Generate for many prompts, `batch_size` at a time. Prompts are grouped by length (sorted,
 /// then cut into batches) so that left padding stays small; the results come back in input order.
 /// `on_batch(indices, generations)` is called after each batch with the input indices it held.
-pub fn generate_batched<B: Backend>(
+pub fn generate_batched<B: ModelBackend>(
     model: &Qwen25VL<B>,
     prompts: &[Prompt],
     cfg: &SamplingConfig,
@@ -195,7 +196,7 @@ pub fn generate_batched<B: Backend>(
 /// The image and video placeholder tokens are never emitted: a response holding one would claim
 /// an image slot that has no pixels (HF's generate can emit them; a trained model never does, a
 /// random or young one may, and GRPO trains on its own samples).
-fn next_tokens<B: Backend>(
+fn next_tokens<B: ModelBackend>(
     model: &Qwen25VL<B>,
     head: &Tensor<B, 2>,
     hidden: Tensor<B, 2>,

@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::backend::{check_precision, compute_model, Precision};
-
 use crate::data::encode::{encode_conversation, encode_prompt, Encoded, TrainOn};
 use crate::data::image::ImageProcessorConfig;
 use crate::data::sharegpt::Conversation;
@@ -68,33 +66,4 @@ impl Processor {
         );
         self.prompt(msgs, &conv.images[..n_img]).with_context(|| conv.origin.clone())
     }
-}
-
-/// A model for inference in the compute precision: its weights (an HF folder, or
-/// `builtin:NAME` seeded by `seed`), cast to bf16 under `Precision::Bf16` (an error on a
-/// backend without bf16).
-pub fn load_inference_model<B: burn::prelude::Backend>(
-    model: &str,
-    seed: u64,
-    precision: Precision,
-    device: &B::Device,
-) -> Result<crate::model::Qwen25VL<B>> {
-    check_precision::<B>(precision, device)?;
-    Ok(compute_model(&crate::sft::load_model::<B>(model, seed, device)?, precision))
-}
-
-/// A model ready to generate: its weights (see [`load_inference_model`]), its processor and
-/// its stop tokens.
-pub fn load_generator<B: burn::prelude::Backend>(
-    model: &str,
-    seed: u64,
-    max_pixels: Option<usize>,
-    precision: Precision,
-    device: &B::Device,
-) -> Result<(crate::model::Qwen25VL<B>, Processor, Vec<u32>)> {
-    let files = crate::sft::model_files_dir(model)?;
-    let processor = Processor::from_dir(&files, max_pixels)?;
-    let weights = load_inference_model::<B>(model, seed, precision, device)?;
-    let stop = crate::generate::stop_tokens(&files, &weights.config.tokens.eos_token_ids)?;
-    Ok((weights, processor, stop))
 }

@@ -18,7 +18,7 @@ fn demo_model_dir() -> PathBuf {
 }
 
 fn small_cfg(seed: u64) -> DemoDataConfig {
-    DemoDataConfig { seed, train: 120, val: 40, image_size: 56 }
+    DemoDataConfig { seed, train: 120, val: 40, image_size: 56, image_pool: None }
 }
 
 fn read_jsonl(path: &Path) -> Vec<Value> {
@@ -228,7 +228,7 @@ fn demo_tiny_model_dir_loads_and_tokenises_the_demo() {
     assert_eq!(raw.get_vocab_size(true), 614);
 
     let out = tempfile::tempdir().unwrap();
-    write_demo_data(out.path(), &DemoDataConfig { seed: 5, train: 200, val: 50, image_size: 56 }).unwrap();
+    write_demo_data(out.path(), &DemoDataConfig { seed: 5, train: 200, val: 50, image_size: 56, image_pool: None }).unwrap();
     let convs = read_sharegpt(out.path().join("train.jsonl")).unwrap();
     // Per task: raw question / answer token counts (tokenizers crate) and full SFT sequence lengths.
     let mut stats: BTreeMap<DemoTask, (usize, usize, usize, usize, usize)> = BTreeMap::new(); // n, q, a, seq, max seq
@@ -269,6 +269,7 @@ fn demo_tiny_model_dir_loads_and_tokenises_the_demo() {
         attention_mask: None,
         pixel_values: enc.pixel_values.clone(),
         image_grids: enc.image_grids.clone(),
+        segments: None,
     };
     let logits = model.forward(&input).unwrap();
     assert_eq!(logits.dims(), [1, enc.len(), 640]);

@@ -9,7 +9,9 @@ use infimed::data::encode::{Encoded, TrainOn};
 use infimed::data::sharegpt::read_sharegpt;
 use infimed::inputs::Processor;
 use infimed::model::Qwen25VL;
-use infimed::sft::{builtin_dir, collate, load_model, token_nll_sum, MicroBatch};
+use infimed::learn::batch::{collate, MicroBatch};
+use infimed::learn::logprobs::token_nll_sum;
+use infimed::models::{builtin_dir, load_model};
 
 type Inner = NdArray<f64>;
 type B = Autodiff<Inner>;

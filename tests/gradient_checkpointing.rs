@@ -8,17 +8,20 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use infimed::model::TrainBackend;
 use infimed::backend::CheckpointedAutodiff;
 use infimed::data::encode::{Encoded, TrainOn};
 use infimed::data::sharegpt::read_sharegpt;
 use infimed::inputs::Processor;
 use infimed::model::Qwen25VL;
-use infimed::sft::{builtin_dir, collate, load_model, token_nll_sum};
-use infimed::train::assign_stable_param_ids;
+use infimed::learn::batch::collate;
+use infimed::learn::logprobs::token_nll_sum;
+use infimed::models::{builtin_dir, load_model};
+use infimed::learn::freeze::assign_stable_param_ids;
 
 /// Loss and every parameter's gradient (in visit order; a parameter without one contributes
 /// an empty vector) of the mean token NLL over `samples`.
-fn loss_and_grads<B: AutodiffBackend>(samples: &[&Encoded], pad: u32) -> (f32, Vec<Vec<f32>>) {
+fn loss_and_grads<B: TrainBackend>(samples: &[&Encoded], pad: u32) -> (f32, Vec<Vec<f32>>) {
     struct Collect<'a> {
         grads: &'a GradientsParams,
         out: Vec<Vec<f32>>,

@@ -69,7 +69,7 @@ fn metric_lines(out: &std::path::Path) -> Vec<serde_json::Value> {
 fn resume_continues_with_identical_results() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    write_demo_data(&data, &DemoDataConfig { seed: 1, train: 20, val: 6, image_size: 56 }).unwrap();
+    write_demo_data(&data, &DemoDataConfig { seed: 1, train: 20, val: 6, image_size: 56, image_pool: None }).unwrap();
     let device = Default::default();
 
     let a = tmp.path().join("a");
@@ -91,7 +91,7 @@ fn resume_continues_with_identical_results() {
         assert!(m["kl"].as_f64().unwrap().is_finite());
     }
     // The run did update the policy: the weights moved away from the initial ones.
-    let init = infimed::sft::load_model::<NdArray<f32>>("builtin:demo-tiny", 3, &device).unwrap();
+    let init = infimed::models::load_model::<NdArray<f32>>("builtin:demo-tiny", 3, &device).unwrap();
     let first = infimed::model::Qwen25VL::<NdArray<f32>>::load(&a.join("checkpoint-1/hf"), &device).unwrap();
     let flat = |m: &infimed::model::Qwen25VL<NdArray<f32>>| -> Vec<f32> { m.export_tensors().into_iter().flat_map(|t| t.values).collect() };
     assert_ne!(flat(&init), flat(&first));

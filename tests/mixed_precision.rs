@@ -28,9 +28,12 @@ use infimed::data::sharegpt::read_sharegpt;
 use infimed::inputs::Processor;
 use infimed::model::nn::cast_float_params;
 use infimed::model::Qwen25VL;
-use infimed::recipe::OptimizerConfig;
-use infimed::sft::{builtin_dir, collate, load_model, token_nll_sum, MicroBatch};
-use infimed::train::{adamw, assign_stable_param_ids};
+use infimed::learn::optim::OptimizerConfig;
+use infimed::learn::batch::{collate, MicroBatch};
+use infimed::learn::logprobs::token_nll_sum;
+use infimed::models::{builtin_dir, load_model};
+use infimed::learn::freeze::assign_stable_param_ids;
+use infimed::learn::optim::adamw;
 
 type B = Autodiff<Flex>;
 
@@ -213,7 +216,7 @@ fn bf16_on_ndarray_is_a_clear_error() {
 fn demo_sft_in_bf16_reaches_the_f32_loss_within_2_percent() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    infimed::demo::write_demo_data(&data, &infimed::demo::DemoDataConfig { seed: 0, train: 240, val: 8, image_size: 56 }).unwrap();
+    infimed::demo::write_demo_data(&data, &infimed::demo::DemoDataConfig { seed: 0, train: 240, val: 8, image_size: 56, image_pool: None }).unwrap();
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/demo-sft.toml");
     let mut last = vec![];
     for (backend, precision) in [("ndarray", "f32"), ("flex", "bf16")] {

@@ -19,7 +19,7 @@ fn input_of(s: &serde_json::Value) -> ModelInput {
         Some(f) => read_tensor(f, "pixel_values").0,
         None => vec![],
     };
-    ModelInput { input_ids: vec![u32s(&s["input_ids"])], attention_mask: None, pixel_values, image_grids: grids }
+    ModelInput { input_ids: vec![u32s(&s["input_ids"])], attention_mask: None, pixel_values, image_grids: grids, segments: None }
 }
 
 fn logprobs(model: &Qwen25VL<B>, input: &ModelInput, target_start: usize, targets: &[u32]) -> Vec<f32> {

@@ -3,11 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use infimed::model::Qwen25VlConfig;
-use infimed::plan::{build_plan, count_records, mix_counts, mixed_order, param_counts, selected_records};
-use infimed::recipe::{
+use infimed::sft::plan::{build_plan, count_records, mix_counts, mixed_order, param_counts, selected_records};
+use infimed::sft::recipe::{
     BackendKind, DataSource, Mix, ModelSource, Precision, ScheduleConfig, ScheduleKind, SftRecipe, TrainOn,
 };
-use infimed::schedule::{lr_at, warmup_steps};
+use infimed::learn::schedule::{lr_at, warmup_steps};
 use proptest::prelude::*;
 
 fn repo(rel: &str) -> PathBuf {
@@ -111,7 +111,7 @@ fn defaults() {
     assert_eq!(r.train_on, TrainOn::AllAssistant);
     assert_eq!(r.max_steps, None);
     assert!(!r.skip_invalid);
-    assert_eq!(r.data[0].format, infimed::recipe::DataFormat::Sharegpt);
+    assert_eq!(r.data[0].format, infimed::sft::recipe::DataFormat::Sharegpt);
     // The resolved recipe round-trips through TOML.
     let text = r.to_toml_string().unwrap();
     assert_eq!(SftRecipe::from_str_with(&text, "saved", &[]).unwrap(), r);
@@ -298,14 +298,25 @@ fn paper_plan_3b() {
     assert_eq!(plan.frozen_params, 668_684_288);
     assert_eq!(plan.frozen.vision_tower, 631_975_680);
     assert_eq!(plan.frozen.projector, 36_708_608);
-    assert_eq!(plan.memory.weights, 2 * 3_754_622_976);
-    assert_eq!(plan.memory.gradients, 2 * 3_085_938_688);
-    assert_eq!(plan.memory.optimizer_state, 8 * 3_085_938_688);
-    assert_eq!(plan.memory.master_weights, 4 * 3_085_938_688);
-    // 36 layers x 4 x 4096 x (11*2048 + 3*256 + 4*11008) x 2 bytes, + attention 36 x 2 x 4 x 16 x 4096^2 x 4,
-    // + logits 2 x 4 x 4096 x 151936 x 4 (vision frozen: no vision activations).
-    assert_eq!(plan.memory.attention_matrices, 309_237_645_312);
-    assert_eq!(plan.memory.activations, 79_423_340_544 + 309_237_645_312 + 19_914_555_392);
+    // Memory, as the learner allocates it (bf16 compute, f32 master weights, per-layer
+    // checkpointing, the memory-efficient attention and the chunked head).
+    let (pp, n) = (3_754_622_976u64, 3_085_938_688u64);
+    let m = &plan.memory;
+    assert_eq!(m.master_weights, 4 * pp);
+    assert_eq!(m.compute_weights, 2 * pp);
+    assert_eq!(m.gradients, 4 * n);
+    assert_eq!(m.accumulation, 0);
+    assert_eq!(m.optimizer_state, 8 * n);
+    assert_eq!(m.optimizer_transient, 3 * 4 * 151_936 * 2048);
+    // Saved layer inputs 36 x 4 x 4096 x 2048 x 2 bytes, one layer's working set twice
+    // 2 x 4 x 4096 x (10*2048 + 4*256 + 6*11008) x 2, embeddings and final norm 3 x 4 x 4096 x 2048 x 2.
+    let (bs, e) = (4 * 4096u64, 2u64);
+    assert_eq!(m.activations, 36 * bs * 2048 * e + 2 * bs * (10 * 2048 + 4 * 256 + 6 * 11008) * e + 3 * bs * 2048 * e);
+    assert_eq!(m.attention_working_set, 4 * 4 * 16 * 128 * 128 * 4 + 4 * bs * 2048);
+    assert_eq!(m.logits, 4 * 1024 * 151_936 * 4);
+    assert!(m.total() <= 80 << 30, "3B recipe at 4 x 4,096 tokens: {} bytes > 80 GiB", m.total());
+    // What the materialising attention would add: 36 layers x 6 x 4 x 16 x 4096^2 x 4 bytes.
+    assert_eq!(m.reference_attention, 36 * 6 * 4 * 16 * 4096 * 4096 * 4);
 
     // The paper's global batch on one device: 8 x accumulation -> 5,875 steps per epoch.
     let r8 = SftRecipe::from_file(repo("recipes/infimed-sft-3b.toml"), &["grad_accum=8".into()]).unwrap();
@@ -335,7 +346,7 @@ fn demo_plan_and_max_steps() {
     assert!(plan.capped_by_max_steps);
     assert_eq!(plan.warmup_steps, 1); // ceil(5 * 0.05)
     assert_eq!(plan.trainable_params, plan.params.language_model());
-    assert_eq!(plan.memory.master_weights, 0);
+    assert_eq!(plan.memory.compute_weights, 0); // f32 computes on the master weights
     // Wrong number of counts, empty mix.
     assert!(build_plan(&recipe, &Qwen25VlConfig::qwen2_5_vl_3b(), &[1, 2]).is_err());
     assert!(build_plan(&recipe, &Qwen25VlConfig::qwen2_5_vl_3b(), &[0]).is_err());

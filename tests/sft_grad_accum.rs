@@ -8,9 +8,12 @@ use infimed::data::encode::{Encoded, TrainOn};
 use infimed::data::sharegpt::read_sharegpt;
 use infimed::inputs::Processor;
 use infimed::model::Qwen25VL;
-use infimed::recipe::OptimizerConfig;
-use infimed::sft::{builtin_dir, collate, load_model, token_nll_sum};
-use infimed::train::{adamw, assign_stable_param_ids, clip_grad_norm};
+use infimed::learn::optim::OptimizerConfig;
+use infimed::learn::batch::collate;
+use infimed::learn::logprobs::token_nll_sum;
+use infimed::models::{builtin_dir, load_model};
+use infimed::learn::freeze::assign_stable_param_ids;
+use infimed::learn::optim::{adamw, clip_grad_norm};
 
 type B = Autodiff<NdArray<f32>>;
 

@@ -80,7 +80,7 @@ fn killed_during_checkpoint_then_resumed_equals_uninterrupted() {
     // tensor of the export is bit-identical to the initial (seed 42) model; the LM's changed.
     use burn::backend::NdArray;
     let device = Default::default();
-    let init = infimed::sft::load_model::<NdArray<f32>>("builtin:demo-tiny", 42, &device).unwrap().export_tensors();
+    let init = infimed::models::load_model::<NdArray<f32>>("builtin:demo-tiny", 42, &device).unwrap().export_tensors();
     let trained = infimed::model::Qwen25VL::<NdArray<f32>>::load(&a, &device).unwrap().export_tensors();
     assert_eq!(init.len(), trained.len());
     let (mut visual, mut lm_changed, mut lm) = (0, 0, 0);

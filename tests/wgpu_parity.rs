@@ -4,14 +4,14 @@
 
 mod common;
 
-use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use common::*;
+use infimed::model::ModelBackend;
 use infimed::backend::{NdArrayBackend, WgpuBackend};
 use infimed::model::nn::to_vec;
 use infimed::model::{ModelInput, Qwen25VL};
 
-fn all_logprobs<B: Backend>(device: &B::Device, ckpt: &str) -> Vec<Vec<f32>> {
+fn all_logprobs<B: ModelBackend>(device: &B::Device, ckpt: &str) -> Vec<Vec<f32>> {
     let model = Qwen25VL::<B>::load(&model_dir(ckpt), device).unwrap();
     sample_names()
         .iter()
@@ -22,6 +22,7 @@ fn all_logprobs<B: Backend>(device: &B::Device, ckpt: &str) -> Vec<Vec<f32>> {
                 attention_mask: None,
                 pixel_values: s["pixel_values_file"].as_str().map(|f| read_tensor(f, "pixel_values").0).unwrap_or_default(),
                 image_grids: grids(&s["image_grid_thw"]),
+                segments: None,
             };
             let logits = model.forward(&input).unwrap();
             let [_, t, v] = logits.dims();

@@ -4,7 +4,9 @@
 //! What it computes is HF transformers' `Qwen2_5_VLForConditionalGeneration`; see
 //! `shared/reference/qwen2_5_vl.md` for the formulas. No training code lives here.
 
+pub mod attention;
 pub mod config;
+pub mod head;
 pub mod model;
 pub mod nn;
 pub mod rope;
@@ -12,7 +14,8 @@ pub mod text;
 pub mod vision;
 pub mod weights;
 
+pub use attention::{AttentionImpl, AttentionMask, ModelBackend, Tiles, TrainBackend};
 pub use config::{Qwen25VlConfig, TextConfig, TokenIds, VisionConfig};
-pub use model::{copy_aux_files, ModelInput, Qwen25VL};
+pub use model::{copy_aux_files, LayerInputs, ModelInput, Qwen25VL};
 pub use text::KvCache;
 pub use weights::{SaveDtype, WeightReader};

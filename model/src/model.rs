@@ -9,12 +9,13 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use crate::attention::{AttentionImpl, AttentionMask, LayerAttention, ModelBackend};
 use crate::config::Qwen25VlConfig;
 use crate::nn::{cast_like, int1, linear_export, linear_init, linear_load, tensor2};
 use crate::rope;
 use crate::text::{KvCache, TextModel};
 use crate::vision::VisionTower;
-use crate::weights::{save_safetensors, NamedTensor, SaveDtype, WeightReader};
+use crate::weights::{save_exports, ExportTensor, NamedTensor, SaveDtype, WeightReader};
 
 /// A batch of token sequences (all of the same, padded length) and the images they refer to.
 #[derive(Debug, Clone, Default)]
@@ -27,6 +28,10 @@ pub struct ModelInput {
     pub pixel_values: Vec<f32>,
     /// `[t, h, w]` of every image, in the order the image pad runs appear (row by row).
     pub image_grids: Vec<[usize; 3]>,
+    /// Packed rows (training): `[batch][seq]`, the sample each token belongs to (0, 1, ... in
+    /// order; -1 for padding). Attention is block-diagonal, M-RoPE positions restart per sample.
+    /// `None`: one sample per row, padding from `attention_mask`.
+    pub segments: Option<Vec<Vec<i32>>>,
 }
 
 impl ModelInput {
@@ -43,11 +48,37 @@ impl ModelInput {
     }
 
     fn valid(&self, b: usize) -> Vec<bool> {
+        if let Some(s) = &self.segments {
+            return s[b].iter().map(|&x| x >= 0).collect();
+        }
         match &self.attention_mask {
             Some(m) => m[b].clone(),
             None => vec![true; self.input_ids[b].len()],
         }
     }
+
+    /// Tokens that are not padding.
+    pub fn real_tokens(&self) -> usize {
+        (0..self.batch_size()).map(|b| self.valid(b).iter().filter(|&&v| v).count()).sum()
+    }
+
+    /// Per row and position: the sample id (one sample per unpacked row), -1 for padding.
+    pub fn segment_ids(&self) -> Vec<Vec<i32>> {
+        match &self.segments {
+            Some(s) => s.clone(),
+            None => (0..self.batch_size()).map(|b| self.valid(b).iter().map(|&v| if v { 0 } else { -1 }).collect()).collect(),
+        }
+    }
+}
+
+/// What every decoder layer of one forward pass takes besides its input (see
+/// [`Qwen25VL::layer_inputs`]).
+#[derive(Debug, Clone)]
+pub struct LayerInputs<B: Backend> {
+    /// `[B, 1, T, head_dim]` M-RoPE tables.
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+    pub attn: LayerAttention<B>,
 }
 
 #[derive(Module, Debug)]
@@ -58,6 +89,9 @@ pub struct Qwen25VL<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     #[module(skip)]
     pub config: Qwen25VlConfig,
+    /// Which attention the forward passes run (memory-efficient by default).
+    #[module(skip)]
+    pub attention: AttentionImpl,
 }
 
 impl<B: Backend> Qwen25VL<B> {
@@ -70,6 +104,7 @@ impl<B: Backend> Qwen25VL<B> {
             model: TextModel::init(t, device),
             lm_head: (!t.tie_word_embeddings).then(|| linear_init(t.hidden_size, t.vocab_size, false, device)),
             config: config.clone(),
+            attention: AttentionImpl::default(),
         }
     }
 
@@ -95,11 +130,12 @@ impl<B: Backend> Qwen25VL<B> {
             Some(linear_load(&mut r, "lm_head", t.hidden_size, t.vocab_size, false, device)?)
         };
         r.finish()?;
-        Ok(Self { visual, model, lm_head, config })
+        Ok(Self { visual, model, lm_head, config, attention: AttentionImpl::default() })
     }
 
-    /// Every tensor under its HF name (original scheme) and `[out, in]` layout.
-    pub fn export_tensors(&self) -> Vec<NamedTensor> {
+    /// Every tensor under its HF name (original scheme) and `[out, in]` layout, read from the
+    /// device one at a time when asked for (see [`ExportTensor`]).
+    pub fn exports(&self) -> Vec<ExportTensor> {
         let mut out = Vec::new();
         self.visual.export(&mut out);
         self.model.export(&mut out);
@@ -109,12 +145,16 @@ impl<B: Backend> Qwen25VL<B> {
         out
     }
 
+    /// Every tensor under its HF name (original scheme) and `[out, in]` layout, as host values.
+    pub fn export_tensors(&self) -> Vec<NamedTensor> {
+        self.exports().into_iter().map(ExportTensor::materialize).collect()
+    }
+
     /// Write `config.json` and safetensors (sharded past `max_shard_bytes`) into `dir`.
     /// Tokenizer, template and processor files are the caller's to copy (see `copy_aux_files`).
     pub fn save(&self, dir: &Path, dtype: SaveDtype, max_shard_bytes: usize) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tensors = self.export_tensors();
-        save_safetensors(dir, &tensors, dtype, max_shard_bytes)?;
+        save_exports(dir, &self.exports(), dtype, max_shard_bytes)?;
         let mut cfg = self.config.to_hf_json();
         if let Some(obj) = cfg.as_object_mut() {
             let key = if obj.contains_key("dtype") && !obj.contains_key("torch_dtype") { "dtype" } else { "torch_dtype" };
@@ -135,7 +175,7 @@ impl<B: Backend> Qwen25VL<B> {
 
     /// The head as a `[C, V]` matrix (Qwen's `lm_head` has no bias): the untied `lm_head`'s
     /// weight, or a transposed view of the tied embedding.
-    fn head_weight(&self) -> Tensor<B, 2> {
+    pub fn head_weight(&self) -> Tensor<B, 2> {
         match &self.lm_head {
             Some(head) => head.weight.val(),
             None => self.model.embed_tokens.weight.val().transpose(),
@@ -153,6 +193,28 @@ impl<B: Backend> Qwen25VL<B> {
         }
         let [c, v] = w.dims();
         w.reshape([c * v]).reshape([c, v])
+    }
+
+    /// The same model running `attention` (e.g. [`AttentionImpl::Reference`] in tests).
+    pub fn with_attention(mut self, attention: AttentionImpl) -> Self {
+        self.attention = attention;
+        self
+    }
+
+    /// A new empty cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.config.text.num_hidden_layers)
+    }
+}
+
+impl<B: ModelBackend> Qwen25VL<B> {
+    /// `log_softmax(logits / temperature)` at `targets` for final hidden states `rows [N, C]`
+    /// (one target per row): `[N]`, f32. The logits are computed a chunk of rows at a time and
+    /// never all at once, forward and backward ([`crate::head`]).
+    pub fn target_logprobs(&self, rows: Tensor<B, 2>, targets: Vec<u32>, temperature: f64) -> Tensor<B, 1> {
+        let w = self.head_matrix();
+        let t = std::sync::Arc::new(crate::head::HeadTargets { targets, temperature, chunk: crate::head::HEAD_CHUNK });
+        crate::head::target_logprobs(rows, w, &t)
     }
 
     /// Input embeddings `[B, T, C]` with the vision tower's output placed at the image pad tokens.
@@ -187,7 +249,7 @@ impl<B: Backend> Qwen25VL<B> {
         // In the patch embedding's dtype, as HF does (`pixel_values.to(proj.weight.dtype)`).
         let pixels = tensor2::<B>(input.pixel_values.clone(), [rows, vcfg.patch_dim()], device);
         let pixels = cast_like(pixels, &self.visual.patch_embed.weight.val());
-        let image_embeds = self.visual.forward(pixels, &input.image_grids);
+        let image_embeds = self.visual.forward_with(pixels, &input.image_grids, self.attention);
         let n_embeds = rows / vcfg.merge_unit();
         // Where each position takes its embedding from: itself, or image embedding k.
         let mut map = Vec::with_capacity(b * t);
@@ -215,6 +277,27 @@ impl<B: Backend> Qwen25VL<B> {
         let mut grids = input.image_grids.iter();
         let mut positions = Vec::with_capacity(input.batch_size());
         let mut deltas = Vec::with_capacity(input.batch_size());
+        if let Some(segments) = &input.segments {
+            for (b, (row, seg)) in input.input_ids.iter().zip(segments).enumerate() {
+                let n_img_tokens = row.iter().zip(seg).filter(|(&x, &s)| s >= 0 && Some(x) == image_token).count();
+                let mut row_grids = Vec::new();
+                let mut have = 0;
+                while have < n_img_tokens {
+                    let Some(g) = grids.next() else {
+                        bail!("row {b} holds {n_img_tokens} image tokens but the image grids run out after {have}");
+                    };
+                    have += g[0] * g[1] * g[2] / unit;
+                    row_grids.push(*g);
+                }
+                let p = rope::rope_index_packed(row, seg, image_token, &row_grids, merge).with_context(|| format!("positions of packed row {b}"))?;
+                positions.push(p);
+                deltas.push(0);
+            }
+            if grids.next().is_some() {
+                bail!("more images than image token runs in the batch");
+            }
+            return Ok((positions, deltas));
+        }
         for (b, row) in input.input_ids.iter().enumerate() {
             let valid = input.valid(b);
             let n_img_tokens = row.iter().zip(&valid).filter(|(&x, &v)| v && Some(x) == image_token).count();
@@ -260,38 +343,41 @@ impl<B: Backend> Qwen25VL<B> {
         )
     }
 
-    fn key_pad(valid: &[Vec<bool>], device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
-        if valid.iter().all(|r| r.iter().all(|&v| v)) {
-            return None;
-        }
-        let (b, n) = (valid.len(), valid[0].len());
-        let pad: Vec<bool> = valid.iter().flat_map(|r| r.iter().map(|&v| !v)).collect();
-        Some(Tensor::from_data(TensorData::new(pad, [b, 1, 1, n]), device))
-    }
-
     /// Final hidden states `[B, T, C]` (after the last norm). With a cache, this is the prefill:
     /// the cache must be empty and is filled with the keys and values of every position.
     pub fn forward_hidden(&self, input: &ModelInput, cache: Option<&mut KvCache<B>>) -> Result<Tensor<B, 3>> {
         let device = self.devices().into_iter().next().context("model has no parameters")?;
         let embeds = self.embed(input, &device)?;
-        let (positions, deltas) = self.rope_positions(input)?;
-        let (cos, sin) = self.cos_sin(&positions, &device);
-        // The tables are computed in f32 and used in the compute dtype (HF: `cos.to(x.dtype)`).
-        let (cos, sin) = (cast_like(cos, &embeds), cast_like(sin, &embeds));
-        let valid: Vec<Vec<bool>> = (0..input.batch_size()).map(|b| input.valid(b)).collect();
-        let key_pad = Self::key_pad(&valid, &device);
+        let (layer_inputs, deltas) = self.layer_inputs(input, embeds.dtype(), &device)?;
         let cache = match cache {
             Some(c) => {
                 if !c.is_empty() {
                     bail!("forward_hidden with a cache is a prefill: the cache must be empty");
                 }
+                if input.segments.is_some() {
+                    bail!("packed rows are for training: a prefill takes one sample per row");
+                }
                 c.rope_deltas = deltas;
-                c.key_valid = valid;
+                c.key_valid = (0..input.batch_size()).map(|b| input.valid(b)).collect();
                 Some(c)
             }
             None => None,
         };
-        Ok(self.model.forward_embeds(embeds, cos, sin, key_pad, cache))
+        let LayerInputs { cos, sin, attn } = layer_inputs;
+        Ok(self.model.forward_embeds(embeds, cos, sin, &attn, cache))
+    }
+
+    /// What every decoder layer takes besides its input, for a batch: the M-RoPE tables (in the
+    /// compute dtype `dtype`) and the attention (mask and plan); with each row's `rope_delta`.
+    pub fn layer_inputs(&self, input: &ModelInput, dtype: burn::tensor::DType, device: &B::Device) -> Result<(LayerInputs<B>, Vec<i64>)> {
+        let (positions, deltas) = self.rope_positions(input)?;
+        let (cos, sin) = self.cos_sin(&positions, device);
+        // The tables are computed in f32 and used in the compute dtype (HF: `cos.to(x.dtype)`).
+        let dtype = burn::tensor::FloatDType::from(dtype);
+        let (cos, sin) = (cos.cast(dtype), sin.cast(dtype));
+        let mask = AttentionMask { key_segments: input.segment_ids(), causal: true };
+        let attn = LayerAttention::new(self.attention, &mask, input.seq_len(), device);
+        Ok((LayerInputs { cos, sin, attn }, deltas))
     }
 
     /// Logits `[B, T, V]` of every position.
@@ -321,17 +407,12 @@ impl<B: Backend> Qwen25VL<B> {
         for v in cache.key_valid.iter_mut() {
             v.extend(std::iter::repeat_n(true, n));
         }
-        let key_pad = Self::key_pad(&cache.key_valid, &device);
+        let attn = LayerAttention::new(self.attention, &AttentionMask::from_valid(&cache.key_valid, true), n, &device);
         let flat: Vec<i64> = tokens.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, n]), &device);
         let embeds = self.model.embed_tokens.forward(ids);
         let (cos, sin) = (cast_like(cos, &embeds), cast_like(sin, &embeds));
-        Ok(self.model.forward_embeds(embeds, cos, sin, key_pad, Some(cache)))
-    }
-
-    /// A new empty cache for this model.
-    pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(self.config.text.num_hidden_layers)
+        Ok(self.model.forward_embeds(embeds, cos, sin, &attn, Some(cache)))
     }
 }
 

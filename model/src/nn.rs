@@ -7,7 +7,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType, TensorData};
 
-use crate::weights::{NamedTensor, WeightReader};
+use crate::weights::{ExportTensor, NamedTensor, WeightReader};
 
 /// Standard deviation of the random init (HF `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
@@ -28,8 +28,8 @@ impl<B: Backend> RmsNorm<B> {
         Ok(Self { weight: Param::from_tensor(tensor1(r.take(name, &[dim])?, device)), eps })
     }
 
-    pub fn export(&self, name: &str, out: &mut Vec<NamedTensor>) {
-        out.push(named(name, self.weight.val()));
+    pub fn export(&self, name: &str, out: &mut Vec<ExportTensor>) {
+        out.push(ExportTensor::of(name, self.weight.val()));
     }
 
     /// As HF's `Qwen2RMSNorm`: the statistics in f32 (half inputs are upcast), the result cast
@@ -86,8 +86,8 @@ pub fn linear_load<B: Backend>(
     bias: bool,
     device: &B::Device,
 ) -> Result<Linear<B>> {
-    let w = r.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
-    let weight = Param::from_tensor(tensor2(transpose(&w, d_out, d_in), [d_in, d_out], device));
+    let w = r.take_transposed(&format!("{prefix}.weight"), d_out, d_in)?;
+    let weight = Param::from_tensor(tensor2(w, [d_in, d_out], device));
     let bias = if bias {
         Some(Param::from_tensor(tensor1(r.take(&format!("{prefix}.bias"), &[d_out])?, device)))
     } else {
@@ -97,22 +97,27 @@ pub fn linear_load<B: Backend>(
 }
 
 /// Export a Burn linear layer under HF names and layout.
-pub fn linear_export<B: Backend>(lin: &Linear<B>, prefix: &str, out: &mut Vec<NamedTensor>) {
+pub fn linear_export<B: Backend>(lin: &Linear<B>, prefix: &str, out: &mut Vec<ExportTensor>) {
     let w = lin.weight.val();
     let [d_in, d_out] = w.dims();
-    let values = to_vec(w);
-    out.push(NamedTensor { name: format!("{prefix}.weight"), shape: vec![d_out, d_in], values: transpose(&values, d_in, d_out) });
+    out.push(ExportTensor::new(format!("{prefix}.weight"), vec![d_out, d_in], move || transpose(&to_vec(w.clone()), d_in, d_out)));
     if let Some(b) = &lin.bias {
-        out.push(named(&format!("{prefix}.bias"), b.val()));
+        out.push(ExportTensor::of(&format!("{prefix}.bias"), b.val()));
     }
 }
 
-/// Row-major transpose of a `rows x cols` matrix.
+/// Row-major transpose of a `rows x cols` matrix (blocked, so that both sides are read and
+/// written a cache line at a time).
 pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 32;
     let mut out = vec![0f32; v.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = v[r * cols + c];
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = v[r * cols + c];
+                }
+            }
         }
     }
     out
@@ -140,6 +145,14 @@ pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 pub fn named<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> NamedTensor {
     let shape = t.dims().to_vec();
     NamedTensor { name: name.to_string(), shape, values: to_vec(t) }
+}
+
+impl ExportTensor {
+    /// A tensor exported as it is (row-major), read from the device when written.
+    pub fn of<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Self {
+        let shape = t.dims().to_vec();
+        ExportTensor::new(name.to_string(), shape, move || to_vec(t.clone()))
+    }
 }
 
 /// SiLU, `x * sigmoid(x)`, written as `x / (1 + exp(-x))`: one `exp` per element. Burn's

@@ -202,6 +202,52 @@ pub fn rope_index_padded(
     Ok((out, max + 1 - ids.len() as i64))
 }
 
+/// Positions of a packed batch row (several samples one after another, then padding):
+/// `segments[j]` is the sample of token `j` (-1: padding). Each sample's tokens get
+/// `rope_index` of that sample alone, as if it were its own row (positions restart at 0); its
+/// images are the next grids in order. Padding gets 1.
+pub fn rope_index_packed(
+    ids: &[u32],
+    segments: &[i32],
+    image_token_id: Option<u32>,
+    grids: &[[usize; 3]],
+    merge: usize,
+) -> Result<[Vec<i64>; 3]> {
+    let unit = merge * merge;
+    let mut out: [Vec<i64>; 3] = [vec![1; ids.len()], vec![1; ids.len()], vec![1; ids.len()]];
+    let mut grids = grids.iter();
+    let mut start = 0;
+    while start < ids.len() {
+        let seg = segments[start];
+        let mut end = start + 1;
+        while end < ids.len() && segments[end] == seg {
+            end += 1;
+        }
+        if seg >= 0 {
+            let span = &ids[start..end];
+            let n_img = span.iter().filter(|&&x| Some(x) == image_token_id).count();
+            let mut mine = vec![];
+            let mut have = 0;
+            while have < n_img {
+                let Some(g) = grids.next() else {
+                    bail!("packed sample at token {start} holds {n_img} image tokens but the image grids run out after {have}");
+                };
+                have += g[0] * g[1] * g[2] / unit;
+                mine.push(*g);
+            }
+            let (p, _) = rope_index(span, image_token_id, &mine, merge)?;
+            for r in 0..3 {
+                out[r][start..end].copy_from_slice(&p[r]);
+            }
+        }
+        start = end;
+    }
+    if grids.next().is_some() {
+        bail!("more images than image token runs in the packed row");
+    }
+    Ok(out)
+}
+
 /// cos/sin tables `[n, head_dim]` of M-RoPE for `n` positions given as three rows (t, h, w).
 /// Dimension `d` uses frequency `d % (head_dim/2)` and the row of the section it falls in.
 pub fn mrope_cos_sin(pos: [&[i64]; 3], head_dim: usize, theta: f64, section: [usize; 3]) -> (Vec<f32>, Vec<f32>) {
@@ -279,6 +325,24 @@ mod tests {
     fn rope_index_rejects_count_mismatch() {
         assert!(rope_index(&[9, 9, 9], Some(9), &[[1, 4, 6]], 2).is_err());
         assert!(rope_index(&[1, 2], Some(9), &[[1, 2, 2]], 2).is_err());
+    }
+
+    #[test]
+    fn packed_samples_restart_positions() {
+        let p = 9u32;
+        let a = [1u32, 2, 3, p, p, p, p, p, p, 4, 5, 6];
+        let b = [7u32, 8];
+        let mut ids = a.to_vec();
+        ids.extend_from_slice(&b);
+        ids.extend_from_slice(&[0, 0]);
+        let mut seg = vec![0; a.len()];
+        seg.extend([1, 1, -1, -1]);
+        let pos = rope_index_packed(&ids, &seg, Some(p), &[[1, 4, 6]], 2).unwrap();
+        let (pa, _) = rope_index(&a, Some(p), &[[1, 4, 6]], 2).unwrap();
+        for r in 0..3 {
+            assert_eq!(&pos[r][..a.len()], &pa[r][..]);
+            assert_eq!(&pos[r][a.len()..], &[0, 1, 1, 1]);
+        }
     }
 
     #[test]

@@ -4,12 +4,10 @@ use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
 use burn::prelude::*;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-
+use crate::attention::{LayerAttention, ModelBackend};
 use crate::config::TextConfig;
-use crate::nn::{apply_rotary, linear_export, linear_rows, linear_init, linear_load, named, silu, tensor2, RmsNorm, INIT_STD};
-use crate::weights::{NamedTensor, WeightReader};
+use crate::nn::{apply_rotary, linear_export, linear_rows, linear_init, linear_load, silu, tensor2, RmsNorm, INIT_STD};
+use crate::weights::{ExportTensor, WeightReader};
 
 /// Keys and values of every layer for the tokens seen so far, plus what decoding needs to
 /// continue: the per-row `rope_delta` and which cached positions are real (left padding).
@@ -71,15 +69,15 @@ pub struct TextAttention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> TextAttention<B> {
-    /// x: `[B, T, C]`; cos/sin: `[B, 1, T, head_dim]`; key_pad: `[B, 1, 1, Tk]` true for padding
-    /// keys (None: no padding). Causal, aligned so the last query sees every key.
+impl<B: ModelBackend> TextAttention<B> {
+    /// x: `[B, T, C]`; cos/sin: `[B, 1, T, head_dim]`; `attn`: which keys each query sees (see
+    /// [`LayerAttention`]); with a cache, the new keys and values are appended to it first.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: Tensor<B, 4>,
         sin: Tensor<B, 4>,
-        key_pad: Option<Tensor<B, 4, Bool>>,
+        attn: &LayerAttention<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
@@ -100,29 +98,8 @@ impl<B: Backend> TextAttention<B> {
             }
             None => (k, v),
         };
-        let tk = k.dims()[2];
-        let n_rep = h / kvh;
-        let out = if t == 1 {
-            // One new token per row (decoding): it sees every cached key, so there is no causal
-            // mask, and the `n_rep` query heads that share a key/value head attend as `n_rep`
-            // rows of one group (`[b, kvh, n_rep, d]` against `[b, kvh, tk, d]`): the cache is
-            // read once per group instead of being copied `n_rep` times.
-            let q = q.reshape([b, kvh, n_rep, d]);
-            let mask = key_pad.map(|m| m.expand([b, kvh, n_rep, tk]));
-            let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
-            attention(q, k, v, mask, None, opts).reshape([b, h, 1, d])
-        } else {
-            let repeat = |x: Tensor<B, 4>| {
-                if n_rep == 1 {
-                    x
-                } else {
-                    x.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, tk, d]).reshape([b, h, tk, d])
-                }
-            };
-            let mask = key_pad.map(|m| m.expand([b, h, t, tk]));
-            let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-            attention(q, repeat(k), repeat(v), mask, None, opts)
-        };
+        // GQA: the key/value heads are never repeated (the attention groups the query heads).
+        let out = attn.attend(q, k, v);
         linear_rows(&self.o_proj, out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
@@ -148,16 +125,16 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: TextMlp<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: ModelBackend> DecoderLayer<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: Tensor<B, 4>,
         sin: Tensor<B, 4>,
-        key_pad: Option<Tensor<B, 4, Bool>>,
+        attn: &LayerAttention<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, key_pad, cache);
+        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, attn, cache);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }
@@ -238,8 +215,8 @@ impl<B: Backend> TextModel<B> {
         })
     }
 
-    pub fn export(&self, out: &mut Vec<NamedTensor>) {
-        out.push(named("model.embed_tokens.weight", self.embed_tokens.weight.val()));
+    pub fn export(&self, out: &mut Vec<ExportTensor>) {
+        out.push(ExportTensor::of("model.embed_tokens.weight", self.embed_tokens.weight.val()));
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             l.input_layernorm.export(&format!("{p}.input_layernorm.weight"), out);
@@ -255,19 +232,22 @@ impl<B: Backend> TextModel<B> {
         self.norm.export("model.norm.weight", out);
     }
 
+}
+
+impl<B: ModelBackend> TextModel<B> {
     /// Decoder layers and final norm over input embeddings `[B, T, C]`.
     pub fn forward_embeds(
         &self,
         x: Tensor<B, 3>,
         cos: Tensor<B, 4>,
         sin: Tensor<B, 4>,
-        key_pad: Option<Tensor<B, 4, Bool>>,
+        attn: &LayerAttention<B>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, cos.clone(), sin.clone(), key_pad.clone(), slot);
+            x = layer.forward(x, cos.clone(), sin.clone(), attn, slot);
         }
         self.norm.forward(x)
     }

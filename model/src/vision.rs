@@ -3,30 +3,32 @@
 //!
 //! Attention runs within segments (windows or whole frames) and never builds an N x N mask
 //! over all patches: segments are gathered into a `[segments, heads, L, head_dim]` batch padded
-//! to the longest segment, with a key mask for the padding, so memory grows with
-//! `segments x L^2` (linear in the number of windows), not with N^2.
+//! to the longest segment, padding keys unseen, and attended with the memory-efficient attention
+//! (`crate::attention`): windowed blocks hold `segments x L^2` scores (linear in the number of
+//! windows), full-attention blocks one tile per head at a time.
 
 use anyhow::Result;
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{FloatDType, TensorData};
+use burn::tensor::FloatDType;
 
+use crate::attention::{AttentionImpl, AttentionMask, LayerAttention, ModelBackend};
 use crate::config::VisionConfig;
 use crate::nn::{apply_rotary, int1, linear_export, linear_init, linear_load, silu, tensor2, upcast, RmsNorm};
 use crate::rope;
-use crate::weights::{NamedTensor, WeightReader};
+use crate::weights::{ExportTensor, WeightReader};
 
 /// How the tokens of one forward pass split into attention segments.
 pub struct SegmentPlan<B: Backend> {
     n_tokens: usize,
     n_seg: usize,
     max_len: usize,
-    /// `Some` when segments differ in length: gather / scatter indices and the key mask.
+    /// `Some` when segments differ in length: gather / scatter indices.
     ragged: Option<Ragged<B>>,
+    /// Non-causal attention within each segment row, padding keys (ragged segments) unseen.
+    attn: LayerAttention<B>,
 }
 
 struct Ragged<B: Backend> {
@@ -34,43 +36,41 @@ struct Ragged<B: Backend> {
     gather: Tensor<B, 1, Int>,
     /// `[n_tokens]`: padded slot of each token.
     scatter: Tensor<B, 1, Int>,
-    /// `[n_seg, 1, 1, max_len]`: true where the key is padding.
-    key_pad: Tensor<B, 4, Bool>,
 }
 
-impl<B: Backend> SegmentPlan<B> {
+impl<B: ModelBackend> SegmentPlan<B> {
     /// From cumulative boundaries `cu = [0, a, b, ..., N]`.
-    pub fn new(cu: &[usize], device: &B::Device) -> Self {
+    pub fn new(cu: &[usize], imp: AttentionImpl, device: &B::Device) -> Self {
         let lens: Vec<usize> = cu.windows(2).map(|w| w[1] - w[0]).filter(|&l| l > 0).collect();
         let n_tokens = *cu.last().unwrap_or(&0);
         let n_seg = lens.len();
         let max_len = lens.iter().copied().max().unwrap_or(0);
+        let valid: Vec<Vec<bool>> = lens.iter().map(|&l| (0..max_len).map(|j| j < l).collect()).collect();
+        let attn = LayerAttention::new(imp, &AttentionMask::from_valid(&valid, false), max_len, device);
         if lens.iter().all(|&l| l == max_len) {
-            return Self { n_tokens, n_seg, max_len, ragged: None };
+            return Self { n_tokens, n_seg, max_len, ragged: None, attn };
         }
         let mut gather = vec![0usize; n_seg * max_len];
         let mut scatter = Vec::with_capacity(n_tokens);
-        let mut pad = vec![true; n_seg * max_len];
         let mut start = 0;
         for (s, &l) in lens.iter().enumerate() {
             for j in 0..l {
                 gather[s * max_len + j] = start + j;
                 scatter.push(s * max_len + j);
-                pad[s * max_len + j] = false;
             }
             start += l;
         }
-        let key_pad = Tensor::<B, 4, Bool>::from_data(TensorData::new(pad, [n_seg, 1, 1, max_len]), device);
-        Self {
-            n_tokens,
-            n_seg,
-            max_len,
-            ragged: Some(Ragged { gather: int1(&gather, device), scatter: int1(&scatter, device), key_pad }),
-        }
+        let ragged = Some(Ragged { gather: int1(&gather, device), scatter: int1(&scatter, device) });
+        Self { n_tokens, n_seg, max_len, ragged, attn }
     }
 
-    /// Attention scores one head materialises: segments x (longest segment)^2.
+    /// Attention scores one head computes (flash: the visited tiles).
     pub fn score_elements(&self) -> usize {
+        self.attn.score_elements()
+    }
+
+    /// Segments x (longest segment)^2: what a dense attention over the padded segments holds.
+    pub fn dense_score_elements(&self) -> usize {
         self.n_seg * self.max_len * self.max_len
     }
 
@@ -79,17 +79,15 @@ impl<B: Backend> SegmentPlan<B> {
         let [n, h, d] = q.dims();
         debug_assert_eq!(n, self.n_tokens);
         let (s, l) = (self.n_seg, self.max_len);
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         match &self.ragged {
             None => {
                 let split = |x: Tensor<B, 3>| x.reshape([s, l, h, d]).swap_dims(1, 2);
-                let out = attention(split(q), split(k), split(v), None, None, opts);
+                let out = self.attn.attend(split(q), split(k), split(v));
                 out.swap_dims(1, 2).reshape([n, h * d])
             }
             Some(r) => {
                 let split = |x: Tensor<B, 3>| x.select(0, r.gather.clone()).reshape([s, l, h, d]).swap_dims(1, 2);
-                let mask = r.key_pad.clone().expand([s, h, l, l]);
-                let out = attention(split(q), split(k), split(v), Some(mask), None, opts);
+                let out = self.attn.attend(split(q), split(k), split(v));
                 out.swap_dims(1, 2).reshape([s * l, h * d]).select(0, r.scatter.clone())
             }
         }
@@ -103,7 +101,7 @@ pub struct VisionAttention<B: Backend> {
     pub num_heads: usize,
 }
 
-impl<B: Backend> VisionAttention<B> {
+impl<B: ModelBackend> VisionAttention<B> {
     /// x: `[N, C]`; cos/sin: `[N, 1, head_dim]`.
     pub fn forward(&self, x: Tensor<B, 2>, cos: Tensor<B, 3>, sin: Tensor<B, 3>, plan: &SegmentPlan<B>) -> Tensor<B, 2> {
         let [n, c] = x.dims();
@@ -142,7 +140,7 @@ pub struct VisionBlock<B: Backend> {
     pub mlp: VisionMlp<B>,
 }
 
-impl<B: Backend> VisionBlock<B> {
+impl<B: ModelBackend> VisionBlock<B> {
     pub fn forward(&self, x: Tensor<B, 2>, cos: Tensor<B, 3>, sin: Tensor<B, 3>, plan: &SegmentPlan<B>) -> Tensor<B, 2> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x), cos, sin, plan);
         x.clone() + self.mlp.forward(self.norm2.forward(x))
@@ -215,18 +213,13 @@ impl<B: Backend> VisionTower<B> {
         let eps = cfg.rms_norm_eps;
         let mi = cfg.intermediate_size;
         // Conv3d weight [C, in, t, p, p] is the linear map [C, patch_dim] in the processor's order.
-        let pe = r.take(
+        let pe = r.take_transposed_as(
             "visual.patch_embed.proj.weight",
             &[c, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
+            c,
+            cfg.patch_dim(),
         )?;
-        let patch_embed = Linear {
-            weight: burn::module::Param::from_tensor(tensor2(
-                crate::nn::transpose(&pe, c, cfg.patch_dim()),
-                [cfg.patch_dim(), c],
-                device,
-            )),
-            bias: None,
-        };
+        let patch_embed = Linear { weight: burn::module::Param::from_tensor(tensor2(pe, [cfg.patch_dim(), c], device)), bias: None };
         let mut blocks = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
             let p = format!("visual.blocks.{i}");
@@ -254,15 +247,16 @@ impl<B: Backend> VisionTower<B> {
         Ok(Self { patch_embed, blocks, merger, config: cfg.clone() })
     }
 
-    pub fn export(&self, out: &mut Vec<NamedTensor>) {
+    pub fn export(&self, out: &mut Vec<ExportTensor>) {
         let cfg = &self.config;
         let c = cfg.hidden_size;
-        let w = crate::nn::to_vec(self.patch_embed.weight.val());
-        out.push(NamedTensor {
-            name: "visual.patch_embed.proj.weight".into(),
-            shape: vec![c, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
-            values: crate::nn::transpose(&w, cfg.patch_dim(), c),
-        });
+        let w = self.patch_embed.weight.val();
+        let pd = cfg.patch_dim();
+        out.push(ExportTensor::new(
+            "visual.patch_embed.proj.weight".into(),
+            vec![c, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
+            move || crate::nn::transpose(&crate::nn::to_vec(w.clone()), pd, c),
+        ));
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("visual.blocks.{i}");
             b.norm1.export(&format!("{p}.norm1.weight"), out);
@@ -278,10 +272,18 @@ impl<B: Backend> VisionTower<B> {
         linear_export(&self.merger.mlp2, "visual.merger.mlp.2", out);
     }
 
+}
+
+impl<B: ModelBackend> VisionTower<B> {
     /// pixel_values: `[N, patch_dim]` rows in the processor's merge-unit order, images
     /// concatenated; grids: `[t, h, w]` per image. Returns `[N / merge^2, out_hidden]` in raster
     /// (merged-unit) order, the order of the image pad tokens.
     pub fn forward(&self, pixel_values: Tensor<B, 2>, grids: &[[usize; 3]]) -> Tensor<B, 2> {
+        self.forward_with(pixel_values, grids, AttentionImpl::default())
+    }
+
+    /// [`Self::forward`] with the given attention.
+    pub fn forward_with(&self, pixel_values: Tensor<B, 2>, grids: &[[usize; 3]], imp: AttentionImpl) -> Tensor<B, 2> {
         let cfg = &self.config;
         let device = pixel_values.device();
         let [n, _] = pixel_values.dims();
@@ -305,8 +307,8 @@ impl<B: Backend> VisionTower<B> {
         let cos = tensor2::<B>(cos, [n, head_dim], &device).reshape([n, 1, head_dim]);
         let sin = tensor2::<B>(sin, [n, head_dim], &device).reshape([n, 1, head_dim]);
 
-        let window_plan = SegmentPlan::new(&cu_window, &device);
-        let full_plan = SegmentPlan::new(&rope::full_cu_seqlens(grids), &device);
+        let window_plan = SegmentPlan::new(&cu_window, imp, &device);
+        let full_plan = SegmentPlan::new(&rope::full_cu_seqlens(grids), imp, &device);
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
             let plan = if cfg.fullatt_block_indexes.contains(&i) { &full_plan } else { &window_plan };

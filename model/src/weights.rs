@@ -137,6 +137,21 @@ impl WeightReader {
 
     /// Take tensor `name` (canonical), checking its shape; returns the values as f32.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.take_as(name, shape, None)
+    }
+
+    /// Take the `[rows, cols]` matrix `name` (HF's `[out, in]`) transposed to `[cols, rows]`
+    /// (Burn's `[in, out]`), in one pass over the file's bytes.
+    pub fn take_transposed(&mut self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        self.take_as(name, &[rows, cols], Some((rows, cols)))
+    }
+
+    /// [`Self::take_transposed`] for a tensor of `shape` read as a `rows x cols` matrix.
+    pub fn take_transposed_as(&mut self, name: &str, shape: &[usize], rows: usize, cols: usize) -> Result<Vec<f32>> {
+        self.take_as(name, shape, Some((rows, cols)))
+    }
+
+    fn take_as(&mut self, name: &str, shape: &[usize], transposed: Option<(usize, usize)>) -> Result<Vec<f32>> {
         let Some(e) = self.entries.get(name) else {
             bail!(
                 "missing tensor `{name}` (expected shape {shape:?}) in checkpoint {}",
@@ -151,9 +166,12 @@ impl WeightReader {
             );
         }
         let (path, map, data_start) = &self.shards[e.shard];
-        let bytes = &map[data_start + e.start..data_start + e.end];
+        let (lo, hi) = (data_start + e.start, data_start + e.end);
         let n: usize = shape.iter().product();
-        let out = decode(bytes, e.dtype, n).with_context(|| format!("tensor `{name}` in {}", path.display()))?;
+        let out = decode(&map[lo..hi], e.dtype, n, transposed).with_context(|| format!("tensor `{name}` in {}", path.display()))?;
+        // The file's pages are not needed again: drop them from this process's memory (a
+        // file-backed mapping; the kernel rereads them if ever touched again).
+        release(map, lo, hi);
         self.taken.insert(name.to_string());
         Ok(out)
     }
@@ -177,7 +195,20 @@ impl WeightReader {
     }
 }
 
-fn decode(bytes: &[u8], dtype: Dtype, n: usize) -> Result<Vec<f32>> {
+/// Tell the kernel that bytes `lo..hi` of `map` will not be read again.
+fn release(map: &Mmap, lo: usize, hi: usize) {
+    let page = 4096;
+    let (a, b) = (lo.div_ceil(page) * page, hi / page * page);
+    if b > a {
+        // SAFETY: the mapping is private and read-only; dropping its pages only makes a later read
+        // fetch them again from the file, which nothing here modifies.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
+    }
+}
+
+/// Decode `n` little-endian values of `dtype` to f32, optionally as the transpose of a
+/// `rows x cols` matrix, on every core for large tensors.
+fn decode(bytes: &[u8], dtype: Dtype, n: usize, transposed: Option<(usize, usize)>) -> Result<Vec<f32>> {
     let width = match dtype {
         Dtype::F32 => 4,
         Dtype::BF16 | Dtype::F16 => 2,
@@ -187,22 +218,52 @@ fn decode(bytes: &[u8], dtype: Dtype, n: usize) -> Result<Vec<f32>> {
     if bytes.len() != n * width {
         bail!("holds {} bytes, {n} values of {dtype:?} need {}", bytes.len(), n * width);
     }
-    Ok(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        _ => unreachable!(),
-    })
+    let value = move |i: usize| -> f32 {
+        let c = &bytes[i * width..(i + 1) * width];
+        match dtype {
+            Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            Dtype::BF16 => half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+            Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+            _ => f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32,
+        }
+    };
+    let mut out = vec![0f32; n];
+    // Output rows per thread: the output is `[cols, rows]` when transposed, else `[n / 1]`.
+    let (out_rows, out_cols) = match transposed {
+        Some((rows, cols)) => (cols, rows),
+        None => (n.div_ceil(4096).max(1), 4096.min(n.max(1))),
+    };
+    let threads = if n >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
+    let per = out_rows.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (k, chunk) in out.chunks_mut(per * out_cols).enumerate() {
+            s.spawn(move || {
+                let first = k * per;
+                match transposed {
+                    Some((rows, cols)) => {
+                        // out[c][r] = in[r][c] for the output rows c of this chunk, in tiles.
+                        const T: usize = 32;
+                        let n_c = chunk.len() / rows;
+                        for r0 in (0..rows).step_by(T) {
+                            for c in 0..n_c {
+                                let cc = first + c;
+                                for r in r0..(r0 + T).min(rows) {
+                                    chunk[c * rows + r] = value(r * cols + cc);
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        let start = first * out_cols;
+                        for (j, o) in chunk.iter_mut().enumerate() {
+                            *o = value(start + j);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(out)
 }
 
 /// On-disk dtype of a saved checkpoint.
@@ -252,6 +313,99 @@ pub struct NamedTensor {
     pub name: String,
     pub shape: Vec<usize>,
     pub values: Vec<f32>,
+}
+
+/// One tensor of a model to export: its HF name and shape, and how to get its row-major f32
+/// values (read from the device, transposed to HF's layout) when they are written. A model is
+/// saved a tensor at a time: never more than one tensor's host copy at once.
+pub struct ExportTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    values: Box<dyn Fn() -> Vec<f32>>,
+}
+
+impl ExportTensor {
+    pub fn new(name: String, shape: Vec<usize>, values: impl Fn() -> Vec<f32> + 'static) -> Self {
+        Self { name, shape, values: Box::new(values) }
+    }
+
+    pub fn values(&self) -> Vec<f32> {
+        (self.values)()
+    }
+
+    pub fn materialize(self) -> NamedTensor {
+        let values = self.values();
+        NamedTensor { name: self.name, shape: self.shape, values }
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Write a model's tensors as HF safetensors into `dir` (see [`save_safetensors`] for the
+/// layout), one tensor at a time: each header is written first from the names and shapes, then
+/// every tensor's bytes are computed, written and dropped.
+pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let elem = match dtype {
+        SaveDtype::F32 => 4,
+        _ => 2,
+    };
+    let mut shards: Vec<Vec<&ExportTensor>> = vec![vec![]];
+    let mut size = 0usize;
+    for t in tensors {
+        let bytes = t.len() * elem;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().unwrap().push(t);
+        size += bytes;
+    }
+    let n = shards.len();
+    let (mut weight_map, mut written, mut total) = (serde_json::Map::new(), Vec::new(), 0usize);
+    for (i, shard) in shards.iter().enumerate() {
+        let file_name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+        // The header: names, dtypes, shapes and offsets, in the order the data follows.
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut offset = 0usize;
+        for t in shard {
+            let bytes = t.len() * elem;
+            header.insert(t.name.clone(), json!({"dtype": format!("{:?}", dtype.dtype()), "shape": t.shape, "data_offsets": [offset, offset + bytes]}));
+            offset += bytes;
+        }
+        let mut head = serde_json::to_vec(&header)?;
+        head.resize(head.len().div_ceil(8) * 8, b' ');
+        let path = dir.join(&file_name);
+        let tmp = dir.join(format!(".{file_name}.tmp"));
+        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for t in shard {
+            let values = t.values();
+            if values.len() != t.len() {
+                bail!("tensor `{}`: {} values for shape {:?}", t.name, values.len(), t.shape);
+            }
+            w.write_all(&dtype.encode(&values)).with_context(|| format!("writing {}", tmp.display()))?;
+            weight_map.insert(t.name.clone(), json!(file_name));
+        }
+        w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?.sync_all().ok();
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        total += offset;
+        written.push(path);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if n > 1 {
+        let v = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(&index, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", index.display()))?;
+    } else if index.exists() {
+        std::fs::remove_file(&index).ok();
+    }
+    Ok(written)
 }
 
 /// Write tensors as HF safetensors into `dir`: one `model.safetensors`, or shards

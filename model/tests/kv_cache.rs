@@ -74,6 +74,7 @@ fn check(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, steps: usize, window: usize,
         attention_mask: Some(mask.clone()),
         pixel_values: pixels.clone(),
         image_grids: grids.clone(),
+        segments: None,
     };
     let mut cache = model.new_cache();
     let hidden = model.forward_hidden(&input, Some(&mut cache)).unwrap();
@@ -96,7 +97,7 @@ fn check(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, steps: usize, window: usize,
     let full_mask: Vec<Vec<bool>> =
         (0..b).map(|r| [mask[r].clone(), vec![true; steps]].concat()).collect();
     let full = model
-        .forward(&ModelInput { input_ids: full_ids, attention_mask: Some(full_mask), pixel_values: pixels, image_grids: grids })
+        .forward(&ModelInput { input_ids: full_ids, attention_mask: Some(full_mask), pixel_values: pixels, image_grids: grids, segments: None })
         .unwrap();
     for (s, inc) in step_logits.iter().enumerate() {
         let pos = max_len - 1 + s;

@@ -14,7 +14,7 @@ fn window_attention_memory_is_linear_in_windows() {
     let grid = [1usize, 72, 100];
     let n = 72 * 100;
     let (_, cu) = rope::window_index(&[grid], 2, 4);
-    let plan = SegmentPlan::<B>::new(&cu, &Default::default());
+    let plan = SegmentPlan::<B>::new(&cu, infimed_model::AttentionImpl::default(), &Default::default());
     let windows = cu.len() - 1;
     assert_eq!(windows, 9 * 13);
     // Scores per head: segments x L^2 with L = 64 patches per window.

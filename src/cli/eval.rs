@@ -24,10 +24,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use burn::prelude::*;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::model::ModelBackend;
 use crate::backend::{dispatch, BackendArgs, BackendJob};
 use crate::data::template::{ChatMessage, ContentPart};
 use crate::eval::report::EvalReport;
@@ -35,7 +35,7 @@ use crate::eval::score::score_record;
 use crate::eval::{BenchRecord, Skipped};
 use crate::generate::{generate_batched, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
 use crate::inputs::Processor;
-use crate::sft::model_files_dir;
+use crate::models::model_files_dir;
 
 use crate::eval::convert::{self, BenchFormat, ConvertOptions};
 use crate::eval::{self, Mode};
@@ -156,7 +156,7 @@ struct ModelEvalJob(EvalArgs);
 
 impl BackendJob for ModelEvalJob {
     type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
         let model_name = args.model.clone().expect("checked in run");
         let files = model_files_dir(&model_name)?;
@@ -190,7 +190,7 @@ impl BackendJob for ModelEvalJob {
             }
         }
         ensure!(!records.is_empty(), "the benchmark file(s) hold no record");
-        let model = crate::inputs::load_inference_model::<B>(&model_name, args.seed, args.backend.precision, &device)?;
+        let model = crate::models::load_inference_model::<B>(&model_name, args.seed, args.backend.precision, &device)?;
         let stop = stop_tokens(&files, &model.config.tokens.eos_token_ids)?;
         let cfg = SamplingConfig::greedy(args.max_new_tokens);
         let bar = ProgressBar::new(records.len() as u64);

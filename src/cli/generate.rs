@@ -15,14 +15,14 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
-use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::model::ModelBackend;
 use crate::backend::{dispatch, BackendArgs, BackendJob};
 use crate::data::sharegpt::{read_sharegpt, split_image_tags, IMAGE_TAG};
 use crate::data::template::{ChatMessage, ContentPart};
 use crate::generate::{generate_batched, rng_from_seed, Prompt, SamplingConfig};
-use crate::inputs::load_generator;
+use crate::models::load_generator;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
@@ -125,7 +125,7 @@ struct GenerateJob(GenerateArgs);
 
 impl BackendJob for GenerateJob {
     type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
         let (model, processor, stop) = load_generator::<B>(&args.model, args.seed, args.max_pixels, args.backend.precision, &device)?;
         let cfg = args.sampling();

@@ -36,6 +36,8 @@ pub enum Command {
     SynthReflective(synth::SynthArgs),
     /// Write the bundled demo's synthetic data set (seeded scans + medical QA).
     DemoData(demo::DemoDataArgs),
+    /// Measure this machine: an SFT step on random weights of a model shape (one JSON line).
+    Bench(crate::bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -49,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchConvert(args) => eval::run_convert(args),
         Command::SynthReflective(args) => synth::run(args),
         Command::DemoData(args) => demo::run(args),
+        Command::Bench(args) => crate::bench::run(args),
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::Value;
 
-use crate::rewards::{self, FormatKind, RewardConfig, Task};
+use crate::rewards::{self, answer_text, FormatKind, RewardConfig, Task};
 
 #[derive(Args, Debug, Clone)]
 pub struct RewardArgs {
@@ -125,18 +125,6 @@ pub fn resolve_config(args: &RewardArgs) -> Result<RewardConfig> {
     }
     cfg.validate()?;
     Ok(cfg)
-}
-
-/// A record's `answer` as text: strings as they are, numbers as JSON writes them, arrays and objects
-/// as compact JSON, booleans as `true`/`false`; `null` is rejected.
-pub fn answer_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        Value::Array(_) | Value::Object(_) => Some(v.to_string()),
-    }
 }
 
 /// Score one JSONL line (already known to be non-blank) and return the record with the fields added.

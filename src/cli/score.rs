@@ -9,16 +9,17 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::model::ModelBackend;
 use crate::backend::{check_precision, compute_model, dispatch, BackendArgs, BackendJob};
 use crate::data::encode::{Encoded, TrainOn};
 use crate::data::sharegpt::read_sharegpt;
 use crate::inputs::Processor;
 use crate::model::nn::to_vec;
 use crate::model::Qwen25VL;
-use crate::sft::{collate, target_logprobs};
+use crate::learn::batch::collate;
+use crate::learn::logprobs::target_logprobs;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ScoreArgs {
@@ -58,7 +59,7 @@ struct ScoreJob(ScoreArgs);
 
 impl BackendJob for ScoreJob {
     type Output = usize;
-    fn run<B: Backend>(self, device: B::Device) -> Result<usize> {
+    fn run<B: ModelBackend>(self, device: B::Device) -> Result<usize> {
         let args = self.0;
         let processor = Processor::from_dir(&args.model, args.max_pixels)?;
         let records = read_sharegpt(&args.data)?;
@@ -85,7 +86,7 @@ impl BackendJob for ScoreJob {
 }
 
 /// Log-probs of the labelled tokens of one encoded sample.
-pub fn score_encoded<B: Backend>(model: &Qwen25VL<B>, enc: &Encoded, index: usize) -> Result<RecordScore> {
+pub fn score_encoded<B: ModelBackend>(model: &Qwen25VL<B>, enc: &Encoded, index: usize) -> Result<RecordScore> {
     // One sample: no padding, so the pad id is irrelevant.
     let (logp, target_ids) = target_logprobs(model, &collate(&[enc], 0))?;
     let logprobs: Vec<f64> = if target_ids.is_empty() { vec![] } else { to_vec(logp).iter().map(|&x| x as f64).collect() };

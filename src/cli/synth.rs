@@ -16,16 +16,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use burn::prelude::*;
 use clap::Args;
 use serde_json::{json, Value};
 
+use crate::model::ModelBackend;
 use crate::backend::{dispatch, BackendArgs, BackendJob, Precision};
 use crate::data::sharegpt::parse_record;
 use crate::data::template::ChatMessage;
 use crate::eval::for_each_jsonl;
 use crate::generate::{generate_batched, rng_from_seed, Prompt, SamplingConfig};
-use crate::inputs::{load_generator, Processor};
+use crate::inputs::Processor;
+use crate::models::load_generator;
 use crate::model::Qwen25VL;
 use crate::synth::{self, candidate_correct, judge_prompt, parse_judge_reply, SynthConfig, SynthItem};
 
@@ -108,13 +109,13 @@ struct PrepareJob {
 }
 
 /// A generator or judge model from an HF folder.
-fn load<B: Backend>(dir: &Path, precision: Precision, device: &B::Device) -> Result<(Qwen25VL<B>, Processor, Vec<u32>)> {
+fn load<B: ModelBackend>(dir: &Path, precision: Precision, device: &B::Device) -> Result<(Qwen25VL<B>, Processor, Vec<u32>)> {
     load_generator::<B>(&dir.to_string_lossy(), 0, None, precision, device)
 }
 
 impl BackendJob for PrepareJob {
     type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend>(self, device: B::Device) -> Result<()> {
         let args = self.args;
         let base = args.candidates.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut records: Vec<(Value, String)> = vec![];

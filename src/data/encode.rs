@@ -19,8 +19,9 @@ use super::tokenizer::{SpecialTokens, TextTokenizer};
 /// Label value of ignored positions in PyTorch conventions.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Which assistant turns are trained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which assistant turns are trained (recipe key `train_on`: `all_assistant`, `last_assistant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TrainOn {
     /// Every assistant turn (LLaMA-Factory's default).
     #[default]
@@ -207,6 +208,30 @@ pub fn encode_conversation(
     conv: &Conversation,
     train_on: TrainOn,
 ) -> Result<Encoded> {
+    encode_with(tok, template, processor, conv, train_on, |paths| process_images(processor, paths))
+}
+
+/// [`encode_conversation`] without the pixels: the same token ids, labels and image grids
+/// (each image's size read from its file header), `pixel_values` empty. What planning and
+/// batching need, at a fraction of the cost.
+pub fn encode_conversation_shape(
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    processor: &ImageProcessorConfig,
+    conv: &Conversation,
+    train_on: TrainOn,
+) -> Result<Encoded> {
+    encode_with(tok, template, processor, conv, train_on, |paths| paths.iter().map(|p| processor.shape_of_path(p)).collect())
+}
+
+fn encode_with(
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    processor: &ImageProcessorConfig,
+    conv: &Conversation,
+    train_on: TrainOn,
+    images: impl FnOnce(&[PathBuf]) -> Result<Vec<ProcessedImage>>,
+) -> Result<Encoded> {
     (|| {
         let segments = conversation_segments(template, &conv.messages, train_on)?;
         ensure!(
@@ -215,7 +240,7 @@ pub fn encode_conversation(
             conv.num_image_parts(),
             conv.images.len()
         );
-        let images = process_images(processor, &conv.images)?;
+        let images = images(&conv.images)?;
         let (ids, labels) = tokenize_segments(tok, &segments)?;
         attach_images(ids, labels, images, tok.special(), processor.merge_size)
     })()

@@ -303,6 +303,29 @@ impl ImageProcessorConfig {
         Ok(ProcessedImage { pixel_values: out, rows, cols, grid_thw: [1, gh, gw] })
     }
 
+    /// What [`Self::process`] makes of an image of `width x height` pixels, without its pixels:
+    /// the grid and the patch matrix's shape (`pixel_values` empty). The sizes follow the same
+    /// arithmetic (optional pre-resize, then `smart_resize`).
+    pub fn shape_of(&self, width: usize, height: usize) -> Result<ProcessedImage> {
+        self.validate()?;
+        ensure!(width > 0 && height > 0, "empty image ({width}x{height})");
+        let (w0, h0) = match self.preresize {
+            Some(pre) => preresize_size(width, height, pre.max_pixels, pre.min_pixels),
+            None => (width, height),
+        };
+        let (h, w) = self.target_size(h0, w0)?;
+        let f = self.factor();
+        ensure!(h % f == 0 && w % f == 0, "image size {w}x{h} is not a multiple of {f} (do_resize is false)");
+        let (gh, gw) = (h / self.patch_size, w / self.patch_size);
+        Ok(ProcessedImage { pixel_values: vec![], rows: gh * gw, cols: self.patch_dim(), grid_thw: [1, gh, gw] })
+    }
+
+    /// [`Self::shape_of`] an image file, from its header (the pixels are not decoded).
+    pub fn shape_of_path(&self, path: &Path) -> Result<ProcessedImage> {
+        let (w, h) = image_size(path)?;
+        self.shape_of(w, h).with_context(|| format!("image {}", path.display()))
+    }
+
     /// Loads and processes an image file.
     pub fn process_path(&self, path: &Path) -> Result<ProcessedImage> {
         let img = load_image(path)?;
@@ -350,6 +373,40 @@ pub fn smart_resize(
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot open image {}", path.display()))?;
     decode_image(&bytes).with_context(|| format!("cannot decode image {}", path.display()))
+}
+
+/// `(width, height)` of an image file from its header, without decoding the pixels.
+pub fn image_size(path: &Path) -> Result<(usize, usize)> {
+    let reader = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let (w, h) = reader.into_dimensions().with_context(|| format!("cannot decode image {}", path.display()))?;
+    Ok((w as usize, h as usize))
+}
+
+/// The size [`llamafactory_preresize`] gives an image of `width x height` pixels.
+pub fn preresize_size(width: usize, height: usize, max_pixels: usize, min_pixels: usize) -> (usize, usize) {
+    let (mut w, mut h) = (width as u32, height as u32);
+    let area = |w: u32, h: u32| w as f64 * h as f64;
+    if area(w, h) > max_pixels as f64 {
+        let f = (max_pixels as f64 / area(w, h)).sqrt();
+        (w, h) = ((w as f64 * f) as u32, (h as f64 * f) as u32);
+    }
+    if area(w, h) < min_pixels as f64 {
+        let f = (min_pixels as f64 / area(w, h)).sqrt();
+        (w, h) = ((w as f64 * f) as u32, (h as f64 * f) as u32);
+    }
+    if w.min(h) < 28 {
+        (w, h) = (w.max(28), h.max(28));
+    }
+    if w as f64 / h as f64 > 200.0 {
+        w = h * 180;
+    }
+    if h as f64 / w as f64 > 200.0 {
+        h = w * 180;
+    }
+    (w as usize, h as usize)
 }
 
 /// Decodes an image held in memory (see [`load_image`]).

@@ -4,6 +4,7 @@
 
 pub mod encode;
 pub mod image;
+pub mod lengths;
 pub mod sharegpt;
 pub mod template;
 pub mod tokenizer;

@@ -46,6 +46,15 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
+    /// A hash of the whole tokenizer (vocabulary, merges, normalisation, special tokens): equal
+    /// for tokenizers that encode alike. Keys caches of encoded lengths.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.inner.to_string(false).unwrap_or_default().hash(&mut h);
+        h.finish()
+    }
+
     /// Loads `DIR/tokenizer.json`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         Self::from_file(dir.as_ref().join("tokenizer.json"))

@@ -66,8 +66,8 @@ pub mod parquet;
 pub mod report;
 pub mod score;
 
-pub use report::{write_report, BenchSummary, EvalReport, TypeSummary};
-pub use score::{score_record, score_responses, ScoredRecord};
+pub use report::{score_responses, write_report, BenchSummary, EvalReport, TypeSummary};
+pub use score::{score_record, ScoredRecord};
 
 /// How a benchmark answer is graded (and which prompt asks for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

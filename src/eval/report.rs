@@ -1,6 +1,6 @@
 //! Evaluation reports: `results.jsonl`, `summary.json` and `summary.md` (the paper's Table 1).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Write as _;
@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::score::ScoredRecord;
-use super::{table1_column, AnswerType, Skipped, TABLE1};
+use super::score::{score_record, ScoredRecord};
+use super::{table1_column, AnswerType, BenchRecord, Skipped, TABLE1};
 
 /// Counts of one answer type within a benchmark.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -138,6 +138,64 @@ pub fn write_report(dir: &Path, report: &EvalReport) -> Result<()> {
     let path = dir.join("summary.md");
     fs::write(&path, report.summary_markdown()).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Score `responses` (id -> response text) against `records`. Every record is scored, in order;
+/// a record without a response is wrong and counted in `missing`. Response ids that match no
+/// record are listed in [`EvalReport::unmatched_responses`] (sorted; a warning, not an error).
+/// Per benchmark: n, correct, accuracy in percent, per-type counts and the mean open F1; the
+/// average is the unweighted mean of the benchmark accuracies.
+pub fn score_responses(records: &[BenchRecord], responses: &HashMap<String, String>) -> EvalReport {
+    let results: Vec<ScoredRecord> = records.iter().map(|r| score_record(r, responses.get(&r.id).map(String::as_str))).collect();
+    let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let mut unmatched: Vec<String> = responses.keys().filter(|k| !known.contains(k.as_str())).cloned().collect();
+    unmatched.sort();
+
+    let mut by_bench: BTreeMap<String, Vec<&ScoredRecord>> = BTreeMap::new();
+    for r in &results {
+        by_bench.entry(r.benchmark.clone()).or_default().push(r);
+    }
+    let mut benchmarks: Vec<BenchSummary> = by_bench
+        .into_iter()
+        .map(|(name, rs)| {
+            let n = rs.len();
+            let correct = rs.iter().filter(|r| r.correct).count();
+            let missing = rs.iter().filter(|r| r.missing).count();
+            let mut by_type: BTreeMap<AnswerType, TypeSummary> = BTreeMap::new();
+            for r in &rs {
+                let t = by_type.entry(r.answer_type).or_default();
+                t.n += 1;
+                t.correct += usize::from(r.correct);
+            }
+            for t in by_type.values_mut() {
+                t.accuracy = percent(t.correct, t.n);
+            }
+            let f1s: Vec<f64> = rs.iter().filter_map(|r| r.f1).collect();
+            let open_f1 = (!f1s.is_empty()).then(|| 100.0 * f1s.iter().sum::<f64>() / f1s.len() as f64);
+            BenchSummary { name, n, correct, accuracy: percent(correct, n), missing, by_type, open_f1 }
+        })
+        .collect();
+    // Table 1 order first, then the other benchmarks by name.
+    benchmarks.sort_by_key(|b| (table1_column(&b.name).unwrap_or(usize::MAX), b.name.clone()));
+    let average = (!benchmarks.is_empty()).then(|| benchmarks.iter().map(|b| b.accuracy).sum::<f64>() / benchmarks.len() as f64);
+    let missing_responses = results.iter().filter(|r| r.missing).count();
+    EvalReport {
+        label: "model".to_string(),
+        results,
+        benchmarks,
+        average,
+        missing_responses,
+        unmatched_responses: unmatched,
+        skipped: Vec::new(),
+    }
+}
+
+fn percent(k: usize, n: usize) -> f64 {
+    if n == 0 {
+        0.0
+    } else {
+        100.0 * k as f64 / n as f64
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
-//! GRPO (RLVR) for the InfiMed-RL stage.
+//! GRPO (RLVR) for the InfiMed-RL stage: [`recipe`], [`plan`] (`--dry-run`), [`data`] (prompt
+//! records and their order), [`rollout`] (sampled responses, rewards, advantages), [`algos`] and the
+//! [`learner`].
 //!
 //! [`algos`] holds the core algorithms as small pure functions, one per formula, as verl keeps them in
 //! `verl/trainer/ppo/core_algos.py`: group-normalised advantages, the clipped (dual-clip) policy loss,
@@ -20,8 +22,11 @@
 //! PPO epoch.
 
 pub mod algos;
+pub mod data;
 pub mod learner;
+pub mod plan;
 pub mod recipe;
+pub mod rollout;
 
 pub use learner::{train_grpo, GrpoArgs, GrpoSummary};
 pub use recipe::GrpoRecipe;

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
 use crate::grpo::algos::{KlKind, LossAgg};
-use crate::recipe::{check_model, check_precision_backend, load_toml, FreezeConfig, OptimizerConfig, Precision, ScheduleConfig, ScheduleKind};
+use crate::learn::freeze::FreezeConfig;
+use crate::learn::optim::OptimizerConfig;
+use crate::learn::recipe::{check_model, check_precision_backend, load_toml, Precision};
+use crate::learn::schedule::{ScheduleConfig, ScheduleKind};
 use crate::rewards::{FormatKind, RewardConfig};
 
 /// How prompts are sampled.
@@ -128,11 +131,11 @@ pub struct GrpoRecipe {
     pub device: Option<usize>,
     #[serde(default)]
     pub precision: Precision,
-    /// Recompute memory-bound intermediates in the backward pass instead of keeping them
-    /// (burn's balanced checkpointing, [`crate::backend::CheckpointedAutodiff`]): less
-    /// activation memory for long sequences, same gradients, some extra compute.
+    /// What the backward pass recomputes: `false` / `"off"`, `true` / `"balanced"` (burn's
+    /// balanced checkpointing), `"layer"` (HF's per-layer checkpointing); see
+    /// [`crate::backend::GradientCheckpointing`].
     #[serde(default)]
-    pub gradient_checkpointing: bool,
+    pub gradient_checkpointing: crate::backend::GradientCheckpointing,
     /// EasyR1 JSONL: `{"problem": "...<image>...", "answer": ..., "images": [...], "task"?: ...}`.
     pub data: PathBuf,
     /// Validation prompts in the same form (greedy, before/after and every `eval_every` steps).
@@ -335,6 +338,16 @@ impl GrpoRecipe {
     /// Optimizer updates per rollout step.
     pub fn updates_per_step(&self) -> usize {
         self.rollout.prompts_per_step / self.ppo.mini_batch * self.ppo.epochs
+    }
+
+    /// How rollouts are sampled (temperature, top-p/k, up to `max_response_len` new tokens).
+    pub fn sampling(&self) -> crate::generate::SamplingConfig {
+        crate::generate::SamplingConfig {
+            temperature: self.rollout.temperature,
+            top_k: self.rollout.top_k,
+            top_p: self.rollout.top_p,
+            max_new_tokens: self.max_response_len,
+        }
     }
 
     pub fn to_toml_string(&self) -> Result<String> {

@@ -226,6 +226,18 @@ pub fn score(cfg: &RewardConfig, response: &str, answer: &str, task: Option<Task
     RewardBreakdown { format, accuracy: acc, reward, task, extracted }
 }
 
+/// A record's `answer` as text: strings as they are, numbers as JSON writes them, arrays and objects
+/// as compact JSON, booleans as `true`/`false`; `null` is rejected.
+pub fn answer_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => Some(v.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

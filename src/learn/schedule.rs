@@ -13,7 +13,55 @@
 //! (HF's `cosine_with_min_lr`). Steps past `total` keep the value at `total` (HF's cosine would
 //! rise again; it is never called there).
 
-use crate::recipe::{ScheduleConfig, ScheduleKind};
+use serde::{Deserialize, Serialize};
+
+/// Learning-rate schedule shape (see [`crate::learn::schedule::lr_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// HF `get_cosine_schedule_with_warmup` (LLaMA-Factory's default).
+    #[default]
+    Cosine,
+    /// HF `get_constant_schedule_with_warmup`.
+    Constant,
+    /// HF `get_linear_schedule_with_warmup`.
+    Linear,
+}
+
+impl std::fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ScheduleKind::Cosine => "cosine",
+            ScheduleKind::Constant => "constant",
+            ScheduleKind::Linear => "linear",
+        })
+    }
+}
+
+/// `[schedule]`: shape, linear warmup over `ceil(total_steps * warmup_ratio)` optimizer steps,
+/// and an optional floor `min_lr_ratio * lr` after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+}
+
+impl ScheduleConfig {
+    pub fn check(&self, field: &str, errors: &mut Vec<String>) {
+        if !(self.warmup_ratio.is_finite() && (0.0..=1.0).contains(&self.warmup_ratio)) {
+            errors.push(format!("{field}.warmup_ratio must be in [0, 1], got {}", self.warmup_ratio));
+        }
+        if !(self.min_lr_ratio.is_finite() && (0.0..=1.0).contains(&self.min_lr_ratio)) {
+            errors.push(format!("{field}.min_lr_ratio must be in [0, 1], got {}", self.min_lr_ratio));
+        }
+    }
+}
+
 
 /// Warmup steps as HF: `ceil(total * ratio)` in f64 (so, like HF, `ceil(100 * 0.07) = 8` because
 /// `100.0 * 0.07 = 7.000000000000001`).

@@ -22,136 +22,21 @@
 //!   [`MemoryEstimate`] for the formulas.
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use anyhow::{bail, Result};
 
 use crate::backend::BackendKind;
-use crate::model::Qwen25VlConfig;
-use crate::recipe::{DataSource, FreezeConfig, Mix, Precision, ScheduleConfig, SftRecipe};
-use crate::schedule::warmup_steps;
+use crate::backend::GradientCheckpointing;
+use crate::model::{Qwen25VlConfig, Tiles};
+pub use crate::sft::mix::{count_available, count_records, mix_counts, mixed_order, selected_records};
+use crate::data::lengths::SampleLength;
+use crate::sft::data::{padding_stats, PaddingStats, SampleId};
+use crate::sft::recipe::{FreezeConfig, Mix, Precision, ScheduleConfig, SftRecipe};
+use crate::learn::schedule::warmup_steps;
 
 /// The Qwen2.5-VL preprocessor's default `max_pixels` (used when the recipe sets none).
 pub const DEFAULT_MAX_PIXELS: usize = 12_845_056;
-
-// ---------------------------------------------------------------------------------------------
-// Records and the mix
-// ---------------------------------------------------------------------------------------------
-
-/// Number of records in a sharegpt file without parsing them: non-blank lines of a JSONL file, or
-/// the elements of a JSON array (a file whose first non-blank character is `[`).
-pub fn count_records(path: impl AsRef<Path>) -> Result<usize> {
-    let path = path.as_ref();
-    let file = std::fs::File::open(path).with_context(|| format!("dataset {}: cannot open", path.display()))?;
-    let mut reader = BufReader::new(file);
-    // Peek at the first non-blank byte.
-    let first = loop {
-        let buf = reader.fill_buf().with_context(|| format!("dataset {}: read error", path.display()))?;
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
-            Some(i) => {
-                let b = buf[i];
-                reader.consume(i);
-                break b;
-            }
-            None => {
-                let n = buf.len();
-                reader.consume(n);
-            }
-        }
-    };
-    if first == b'[' {
-        let mut text = String::new();
-        reader.read_to_string(&mut text).with_context(|| format!("dataset {}: read error", path.display()))?;
-        let items: Vec<serde::de::IgnoredAny> =
-            serde_json::from_str(&text).with_context(|| format!("dataset {}: invalid JSON array", path.display()))?;
-        return Ok(items.len());
-    }
-    let mut count = 0;
-    for line in reader.lines() {
-        let line = line.with_context(|| format!("dataset {}: read error", path.display()))?;
-        if !line.trim().is_empty() {
-            count += 1;
-        }
-    }
-    Ok(count)
-}
-
-/// [`count_records`] of every source.
-pub fn count_available(sources: &[DataSource]) -> Result<Vec<usize>> {
-    sources.iter().map(|s| count_records(&s.path)).collect()
-}
-
-/// Records each source contributes per epoch (see the module docs for the rules).
-pub fn mix_counts(sources: &[DataSource], available: &[usize]) -> Result<Vec<usize>> {
-    if sources.len() != available.len() {
-        bail!("{} data sources but {} record counts", sources.len(), available.len());
-    }
-    sources
-        .iter()
-        .zip(available)
-        .enumerate()
-        .map(|(i, (s, &avail))| {
-            let n = match s.mix() {
-                Mix::All => avail,
-                Mix::Samples(n) => n,
-                Mix::Weight(w) => {
-                    if !(w.is_finite() && w >= 0.0) {
-                        bail!("data.{i}.weight must be a finite number >= 0, got {w}");
-                    }
-                    (w * avail as f64).round() as usize
-                }
-            };
-            if n > 0 && avail == 0 {
-                bail!("data.{i} ({}): {} requested but the file has no records", s.path.display(), s.mix());
-            }
-            Ok(n)
-        })
-        .collect()
-}
-
-/// The record indices source `source` contributes per epoch: every index `count / available`
-/// times, plus a random subset (seeded by `seed` and `source`, not by the epoch) of
-/// `count % available` indices. Sorted. Empty when `available == 0`.
-pub fn selected_records(count: usize, available: usize, seed: u64, source: usize) -> Vec<usize> {
-    if available == 0 {
-        return Vec::new();
-    }
-    let (repeats, rest) = (count / available, count % available);
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..repeats {
-        out.extend(0..available);
-    }
-    if rest > 0 {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(source as u64 + 1);
-        let mut perm: Vec<usize> = (0..available).collect();
-        perm.shuffle(&mut rng);
-        out.extend_from_slice(&perm[..rest]);
-    }
-    out.sort_unstable();
-    out
-}
-
-/// The order of one epoch: `(source, record index)` pairs, every selected record of every source
-/// ([`selected_records`]) exactly as often as selected, shuffled with ChaCha8 seeded by
-/// `seed + epoch`. Deterministic: the same arguments give the same order.
-pub fn mixed_order(counts: &[usize], available: &[usize], seed: u64, epoch: usize) -> Vec<(usize, usize)> {
-    assert_eq!(counts.len(), available.len(), "mixed_order: counts and available differ in length");
-    let mut order: Vec<(usize, usize)> = Vec::with_capacity(counts.iter().sum());
-    for (s, (&c, &a)) in counts.iter().zip(available).enumerate() {
-        order.extend(selected_records(c, a, seed, s).into_iter().map(|r| (s, r)));
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
-    order.shuffle(&mut rng);
-    order
-}
 
 // ---------------------------------------------------------------------------------------------
 // Parameters
@@ -272,92 +157,129 @@ pub fn param_counts(cfg: &Qwen25VlConfig) -> ParamCounts {
 // Memory
 // ---------------------------------------------------------------------------------------------
 
-/// Device memory estimate in bytes, for one process (one device). An estimate (+-50%).
+/// Device memory estimate in bytes for one process (one device), following what the learner
+/// allocates. Terms (`P` all parameters, `N` the trainable ones, `e` bytes of the compute
+/// dtype, `b x s` the batch at `cutoff_len`, `h`/`kv`/`i` the hidden, key/value and MLP widths,
+/// `L` decoder layers, `V` the vocabulary):
 ///
-/// - `weights`: every parameter at the precision's width (f32: 4 bytes, bf16: 2).
-/// - `gradients`: trainable parameters at the same width.
-/// - `optimizer_state`: AdamW's two moments in f32: `2 * 4 * trainable`.
-/// - `master_weights`: bf16 only, an f32 copy of the trainable parameters: `4 * trainable`.
-/// - `activations`: worst case, every example at `cutoff_len` tokens, batch `b = per_device_batch`,
-///   no activation checkpointing, `e` = bytes per element of the precision. Counted only if
-///   something is trained (backpropagation runs through the whole language model even when only
-///   the projector or the vision tower trains):
-///   - per decoder layer: `b * s * (11 h + 3 kv + 4 i) * e` for the tensors kept for backward —
-///     residual input (h), RMSNorm f32 copy and output (2h), q and rotated q (2h), k/v and rotated k
-///     (3kv), GQA-repeated k/v (2h), attention output (h), post-attention residual (h), second
-///     RMSNorm (2h), SwiGLU gate/up/silu/product (4i) — plus the attention matrices, which the
-///     fallback attention materialises in f32 (scores and probabilities): `2 * b * heads * s^2 * 4`;
-///   - logits and their log-softmax in f32: `2 * b * s * vocab * 4`;
-///   - vision tower, only when it trains: with `N = min(max_pixels / patch^2, 4 * s)` patches per
-///     example (the image tokens, N/4, cannot exceed the sequence), per block
-///     `b * N * (11 hv + 4 iv) * e` plus attention `2 * b * heads_v * N * w * 4` with `w = N` in
-///     full-attention blocks and `w = 64` (an 8x8-patch window) in windowed blocks.
+/// - `master_weights`: every parameter in f32 (`4 P`; frozen ones too, as loaded);
+/// - `compute_weights`: bf16 only, the compute copy of every parameter (`2 P`; f32 computes on
+///   the master weights themselves);
+/// - `gradients`: f32 gradients of the trainable parameters (`4 N`), and as much again for the
+///   running sum when `grad_accum > 1` (`accumulation`);
+/// - `optimizer_state`: AdamW's two moments in f32 (`8 N`), plus `optimizer_transient`, the
+///   temporaries of one tensor's update (3 x the largest tensor in f32);
+/// - `activations`: what the backward pass needs, by `gradient_checkpointing`:
+///   - `off`: per layer `b s (10 h + 4 kv + 6 i) e` (norm inputs and outputs, q/k/v before and
+///     after rotary, the attention output, the MLP's gate, SiLU pieces, up and product);
+///   - `balanced`: matmul and reduction results only, per layer `b s (5 h + 3 kv + 2 i) e`;
+///   - `layer`: the input of every layer `L b s h e`, plus one layer's working set twice (its
+///     recomputed forward and its backward) `2 b s (10 h + 4 kv + 6 i) e`;
+///   - the embeddings and the final norm `3 b s h e`; the vision tower's blocks when it trains
+///     (`b n (11 hv + 4 iv) e` per block, `n` patches per sample);
+/// - `attention_working_set`: the memory-efficient attention holds tiles, not `s x s` scores:
+///   four `b x heads x q_tile x k_tile` f32 tiles (scores, probabilities and their gradients in
+///   the backward) and the f32 `dQ` accumulator `4 b s h`; the reference attention instead keeps
+///   `6 x b x heads x s^2 x 4` bytes per layer (shown as `reference attention`, not counted);
+/// - `logits`: the head runs over chunks of `HEAD_CHUNK` rows: four `chunk x V` f32 tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryEstimate {
-    pub weights: u64,
-    pub gradients: u64,
-    pub optimizer_state: u64,
     pub master_weights: u64,
+    pub compute_weights: u64,
+    pub gradients: u64,
+    pub accumulation: u64,
+    pub optimizer_state: u64,
+    pub optimizer_transient: u64,
     pub activations: u64,
-    /// The part of `activations` taken by materialised attention matrices (already included).
-    pub attention_matrices: u64,
+    pub attention_working_set: u64,
+    pub logits: u64,
+    /// What the reference (materialising) attention would keep over all layers (not in the total).
+    pub reference_attention: u64,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.weights + self.gradients + self.optimizer_state + self.master_weights + self.activations
+        self.master_weights
+            + self.compute_weights
+            + self.gradients
+            + self.accumulation
+            + self.optimizer_state
+            + self.optimizer_transient
+            + self.activations
+            + self.attention_working_set
+            + self.logits
     }
 }
 
-/// Activation bytes (see [`MemoryEstimate`]) for `batch` examples of `seq` tokens.
-pub fn activation_bytes(
-    cfg: &Qwen25VlConfig,
-    freeze: &FreezeConfig,
-    precision: Precision,
-    batch: usize,
-    seq: usize,
-    max_pixels: usize,
-) -> u64 {
-    activation_breakdown(cfg, freeze, precision, batch, seq, max_pixels).0
+/// What the activation terms depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct ActivationShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub max_pixels: usize,
+    pub precision: Precision,
+    pub checkpointing: GradientCheckpointing,
+    pub tiles: Tiles,
 }
 
-/// `(activations, of which attention matrices)` in bytes (see [`MemoryEstimate`]).
-pub fn activation_breakdown(
-    cfg: &Qwen25VlConfig,
-    freeze: &FreezeConfig,
-    precision: Precision,
-    batch: usize,
-    seq: usize,
-    max_pixels: usize,
-) -> (u64, u64) {
+/// The memory estimate (see [`MemoryEstimate`]) of training `cfg` with `freeze` and `grad_accum`.
+pub fn memory_estimate(cfg: &Qwen25VlConfig, freeze: &FreezeConfig, grad_accum: usize, a: &ActivationShape) -> MemoryEstimate {
+    let params = param_counts(cfg);
+    let (p, n) = (params.total(), params.trainable(freeze).total());
+    let largest = (cfg.text.vocab_size * cfg.text.hidden_size).max(cfg.text.hidden_size * cfg.text.intermediate_size) as u64;
+    let (activations, attention_working_set, logits, reference_attention) = activation_terms(cfg, freeze, a);
+    MemoryEstimate {
+        master_weights: 4 * p,
+        compute_weights: if a.precision == Precision::Bf16 { 2 * p } else { 0 },
+        gradients: 4 * n,
+        accumulation: if grad_accum > 1 { 4 * n } else { 0 },
+        optimizer_state: 8 * n,
+        optimizer_transient: if n > 0 { 3 * 4 * largest } else { 0 },
+        activations,
+        attention_working_set,
+        logits,
+        reference_attention,
+    }
+}
+
+/// `(activations, attention working set, logits, reference attention)` in bytes.
+pub fn activation_terms(cfg: &Qwen25VlConfig, freeze: &FreezeConfig, a: &ActivationShape) -> (u64, u64, u64, u64) {
     if freeze.vision_tower && freeze.projector && freeze.language_model {
-        return (0, 0);
+        return (0, 0, 0, 0);
     }
-    let e = precision.bytes();
-    let (b, s) = (batch as u64, seq as u64);
+    let e = a.precision.bytes();
+    let (b, s) = (a.batch as u64, a.seq as u64);
     let t = &cfg.text;
     let (h, i) = (t.hidden_size as u64, t.intermediate_size as u64);
     let kv = (t.num_key_value_heads * t.head_dim) as u64;
     let heads = t.num_attention_heads as u64;
     let layers = t.num_hidden_layers as u64;
-    let mut attention = layers * 2 * b * heads * s * s * 4;
-    let logits = 2 * b * s * t.vocab_size as u64 * 4;
-    let mut total = layers * b * s * (11 * h + 3 * kv + 4 * i) * e + attention + logits;
+    let layer_off = b * s * (10 * h + 4 * kv + 6 * i) * e;
+    let mut act = match a.checkpointing {
+        GradientCheckpointing::Off => layers * layer_off,
+        GradientCheckpointing::Balanced => layers * b * s * (5 * h + 3 * kv + 2 * i) * e,
+        GradientCheckpointing::Layer => layers * b * s * h * e + 2 * layer_off,
+    };
+    act += 3 * b * s * h * e;
+    let (tq, tk) = (a.tiles.q.min(a.seq) as u64, a.tiles.k.min(a.seq) as u64);
+    let mut working = 4 * b * heads * tq * tk * 4 + 4 * b * s * h;
+    let mut reference = layers * 6 * b * heads * s * s * 4;
+    let logits = 4 * (crate::model::head::HEAD_CHUNK as u64).min(b * s) * t.vocab_size as u64 * 4;
     if !freeze.vision_tower {
         let v = &cfg.vision;
         let patch_area = (v.patch_size * v.patch_size).max(1);
-        let n = ((max_pixels / patch_area) as u64).min(v.merge_unit() as u64 * s);
+        let np = ((a.max_pixels / patch_area) as u64).min(v.merge_unit() as u64 * s);
         let (vh, vi, vheads) = (v.hidden_size as u64, v.intermediate_size as u64, v.num_heads as u64);
-        let win_side = (v.window_size / v.patch_size.max(1)) as u64; // 112 / 14 = 8 patches
-        let win = (win_side * win_side).min(n);
+        let win_side = (v.window_size / v.patch_size.max(1)) as u64;
+        let win = (win_side * win_side).min(np);
+        act += v.depth as u64 * b * np * (11 * vh + 4 * vi) * e;
+        working = working.max(4 * b * vheads * tq.min(np) * tk.min(np) * 4 + 4 * b * np * vh);
         for blk in 0..v.depth {
-            let w = if v.fullatt_block_indexes.contains(&blk) { n } else { win };
-            let att = 2 * b * vheads * n * w * 4;
-            attention += att;
-            total += b * n * (11 * vh + 4 * vi) * e + att;
+            let w = if v.fullatt_block_indexes.contains(&blk) { np } else { win };
+            reference += 6 * b * vheads * np * w * 4;
         }
     }
-    (total, attention)
+    (act, working, logits, reference)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,14 +305,14 @@ pub struct SftPlan {
     pub model: String,
     pub backend: BackendKind,
     pub precision: Precision,
-    pub gradient_checkpointing: bool,
+    pub gradient_checkpointing: crate::backend::GradientCheckpointing,
     pub sources: Vec<SourcePlan>,
     /// Examples per epoch (sum of `selected`).
     pub total_samples: usize,
     pub per_device_batch: usize,
     pub grad_accum: usize,
     pub epochs: f64,
-    /// `ceil(total_samples / per_device_batch)`.
+    /// `ceil(rows / per_device_batch)` (a row is a sample, or with packing a packed row).
     pub micro_batches_per_epoch: usize,
     /// `ceil(micro_batches_per_epoch / grad_accum)`.
     pub steps_per_epoch: usize,
@@ -413,6 +335,9 @@ pub struct SftPlan {
     pub trainable_params: u64,
     pub frozen_params: u64,
     pub memory: MemoryEstimate,
+    pub packing: bool,
+    /// Padding with and without packing (when the records' lengths are known).
+    pub padding: Option<PaddingStats>,
 }
 
 impl SftPlan {
@@ -450,6 +375,17 @@ pub fn step_counts(
 /// Builds the plan of `recipe` for a model with config `model_cfg`, given the number of records
 /// of each `[[data]]` source (e.g. from [`count_available`]).
 pub fn build_plan(recipe: &SftRecipe, model_cfg: &Qwen25VlConfig, available_counts: &[usize]) -> Result<SftPlan> {
+    build_plan_with_lengths(recipe, model_cfg, available_counts, None)
+}
+
+/// [`build_plan`] knowing every record's length (`lengths[source][record]`): the plan then
+/// also reports padding with and without packing, and with `packing` the steps count rows.
+pub fn build_plan_with_lengths(
+    recipe: &SftRecipe,
+    model_cfg: &Qwen25VlConfig,
+    available_counts: &[usize],
+    lengths: Option<&[Vec<SampleLength>]>,
+) -> Result<SftPlan> {
     recipe.validate()?;
     let counts = mix_counts(&recipe.data, available_counts)?;
     let total_samples: usize = counts.iter().sum();
@@ -469,30 +405,29 @@ pub fn build_plan(recipe: &SftRecipe, model_cfg: &Qwen25VlConfig, available_coun
             selected,
         })
         .collect();
+    let padding = lengths.map(|l| padding_stats(recipe, &counts, available_counts, &|(s, r): SampleId| l[s][r].tokens()));
+    // Rows per epoch: samples, or with packing the packed rows (which need the lengths).
+    let rows = match (recipe.packing, &padding) {
+        (false, _) => total_samples,
+        (true, Some(p)) => p.packed_rows,
+        (true, None) => bail!("packing = true: the plan needs the records' lengths (the data files)"),
+    };
     let (micro, per_epoch, total_steps, capped) =
-        step_counts(total_samples, recipe.per_device_batch, recipe.grad_accum, recipe.epochs, recipe.max_steps);
+        step_counts(rows, recipe.per_device_batch, recipe.grad_accum, recipe.epochs, recipe.max_steps);
     let params = param_counts(model_cfg);
     let trainable = params.trainable(&recipe.freeze);
     let frozen = params.frozen(&recipe.freeze);
     let max_pixels = recipe.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS);
-    let e = recipe.precision.bytes();
     let tr = trainable.total();
-    let (activations, attention_matrices) = activation_breakdown(
-        model_cfg,
-        &recipe.freeze,
-        recipe.precision,
-        recipe.per_device_batch,
-        recipe.cutoff_len,
+    let shape = ActivationShape {
+        batch: recipe.per_device_batch,
+        seq: recipe.cutoff_len,
         max_pixels,
-    );
-    let memory = MemoryEstimate {
-        weights: params.total() * e,
-        gradients: tr * e,
-        optimizer_state: 2 * 4 * tr,
-        master_weights: if recipe.precision == Precision::Bf16 { 4 * tr } else { 0 },
-        activations,
-        attention_matrices,
+        precision: recipe.precision,
+        checkpointing: recipe.gradient_checkpointing,
+        tiles: Tiles::default(),
     };
+    let memory = memory_estimate(model_cfg, &recipe.freeze, recipe.grad_accum, &shape);
     Ok(SftPlan {
         model: recipe.model.clone(),
         backend: recipe.backend,
@@ -520,6 +455,8 @@ pub fn build_plan(recipe: &SftRecipe, model_cfg: &Qwen25VlConfig, available_coun
         trainable_params: tr,
         frozen_params: frozen.total(),
         memory,
+        packing: recipe.packing,
+        padding,
     })
 }
 
@@ -642,29 +579,44 @@ impl fmt::Display for SftPlan {
             if self.params.lm_head == 0 { "tied to embed_tokens, counted once" } else { "untied" }
         )?;
         writeln!(f)?;
+        if let Some(p) = &self.padding {
+            writeln!(
+                f,
+                "  padding    one sample per row: {:.1}% of {} slots' tokens are padding ({} micro-batches); packed: {:.1}% ({} rows, {} micro-batches){}",
+                100.0 * p.padding,
+                thousands(p.tokens as u64),
+                thousands(p.batches as u64),
+                100.0 * p.packed_padding,
+                thousands(p.packed_rows as u64),
+                thousands(p.packed_batches as u64),
+                if self.packing { "  [packing on]" } else { "" }
+            )?;
+        }
+        writeln!(f)?;
         let m = &self.memory;
         writeln!(
             f,
-            "  memory (estimate, one device; activations at cutoff_len, {})",
-            if self.gradient_checkpointing {
-                "counted without gradient checkpointing: recomputing elementwise results lowers it (BENCHMARKS.md)"
-            } else {
-                "no gradient checkpointing"
+            "  memory (estimate, one device; activations at {} x {} tokens, gradient checkpointing {}, memory-efficient attention)",
+            self.per_device_batch, self.cutoff_len, self.gradient_checkpointing
+        )?;
+        let rows = [
+            ("master weights (f32)", m.master_weights),
+            ("compute weights (bf16)", m.compute_weights),
+            ("gradients (f32)", m.gradients),
+            ("gradient accumulation", m.accumulation),
+            ("AdamW moments (f32)", m.optimizer_state),
+            ("AdamW step temporaries", m.optimizer_transient),
+            ("activations", m.activations),
+            ("attention working set", m.attention_working_set),
+            ("logits (chunked head)", m.logits),
+        ];
+        for (name, bytes) in rows {
+            if bytes > 0 || name.starts_with("activations") {
+                writeln!(f, "    {name:<24} {:>12}", gib(bytes))?;
             }
-        )?;
-        writeln!(f, "    weights           {:>12}", gib(m.weights))?;
-        writeln!(f, "    gradients         {:>12}", gib(m.gradients))?;
-        writeln!(f, "    optimizer state   {:>12}", gib(m.optimizer_state))?;
-        if m.master_weights > 0 {
-            writeln!(f, "    master weights    {:>12}", gib(m.master_weights))?;
         }
-        writeln!(
-            f,
-            "    activations       {:>12}  ({} of it attention matrices, materialised in f32)",
-            gib(m.activations),
-            gib(m.attention_matrices)
-        )?;
-        writeln!(f, "    total             {:>12}", gib(m.total()))?;
+        writeln!(f, "    {:<24} {:>12}", "total", gib(m.total()))?;
+        writeln!(f, "    (the reference attention would keep {} of scores instead of the working set)", gib(m.reference_attention))?;
         Ok(())
     }
 }

@@ -1,0 +1,108 @@
+//! Metrics: the append-only JSONL log, SVG plots, and the stop on a non-finite loss.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// Append-only metrics log (one JSON object per line).
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Opens `path`; on a fresh run it is truncated, on resume the lines past `keep_until_step`
+    /// are dropped so the log continues without duplicates.
+    pub fn open(path: &Path, keep_until_step: Option<usize>) -> Result<Self> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let kept: Vec<String> = match keep_until_step {
+            Some(s) if path.exists() => std::fs::read_to_string(path)?
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|x| x.as_u64()))
+                        .is_some_and(|st| (st as usize) <= s)
+                })
+                .map(String::from)
+                .collect(),
+            _ => vec![],
+        };
+        let mut file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        for l in kept {
+            writeln!(file, "{l}")?;
+        }
+        Ok(Self { path: path.to_path_buf(), file })
+    }
+
+    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(v)?)?;
+        self.file.flush()?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Write one SVG line plot per requested key of a metrics JSONL (x = step).
+pub fn plot_metrics(metrics: &Path, keys: &[&str], out_dir: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(metrics).with_context(|| format!("reading {}", metrics.display()))?;
+    let rows: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut written = vec![];
+    for key in keys {
+        let pts: Vec<(f64, f64)> = rows
+            .iter()
+            .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(*key)?.as_f64()?)))
+            .filter(|(_, y)| y.is_finite())
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let path = out_dir.join(format!("{}.svg", key.replace('/', "_")));
+        std::fs::write(&path, svg_line_plot(key, &pts)).with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// A small self-contained SVG line chart with axes and min/max labels.
+pub fn svg_line_plot(title: &str, pts: &[(f64, f64)]) -> String {
+    let (w, h, m) = (640.0, 360.0, 50.0);
+    let (x0, x1) = pts.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let (y0, y1) = pts.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let sx = |x: f64| m + (x - x0) / (x1 - x0).max(1e-12) * (w - 2.0 * m);
+    let sy = |y: f64| h - m - (y - y0) / (y1 - y0).max(1e-12) * (h - 2.0 * m);
+    let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{tx}" y="20" text-anchor="middle" font-size="14">{title}</text>
+<line x1="{m}" y1="{yb}" x2="{xr}" y2="{yb}" stroke="black"/><line x1="{m}" y1="{m}" x2="{m}" y2="{yb}" stroke="black"/>
+<text x="{m}" y="{lx}" text-anchor="middle">{x0}</text><text x="{xr}" y="{lx}" text-anchor="middle">{x1}</text>
+<text x="{ly}" y="{yb}" text-anchor="end">{y0:.4}</text><text x="{ly}" y="{m}" text-anchor="end">{y1:.4}</text>
+<text x="{tx}" y="{xl}" text-anchor="middle">step</text>
+<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{pts}"/>
+</svg>
+"##,
+        tx = w / 2.0,
+        yb = h - m,
+        xr = w - m,
+        lx = h - m + 16.0,
+        ly = m - 4.0,
+        xl = h - 10.0,
+        pts = path.join(" "),
+    )
+}
+
+/// Stop on a non-finite loss, naming where it happened.
+pub fn check_finite(loss: f64, step: usize, what: &str) -> Result<()> {
+    if !loss.is_finite() {
+        bail!("loss is {loss} at optimizer step {step} ({what}); stopping (try a lower lr or check the data)");
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! What both learners (SFT in [`crate::sft`], GRPO in [`crate::grpo`]) share.
+//!
+//! - [`recipe`]: TOML with unknown keys rejected, `--set` overrides, the `model` value;
+//! - [`freeze`], [`optim`], [`schedule`]: what trains, AdamW + global grad-norm clip, HF's schedules;
+//! - [`batch`], [`logprobs`]: micro-batches and the log-probabilities of their target tokens;
+//! - [`layerwise`]: per-layer activation checkpointing (the backward pass one layer at a time);
+//! - [`checkpoint`], [`metrics`]: atomic checkpoints with exact resume, metrics JSONL and plots;
+//! - [`run`]: a run's life: output folder, model + optimizer (fresh or resumed), gradient
+//!   accumulation over micro-batches, the optimizer update, the final checkpoint and HF export.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod freeze;
+pub mod layerwise;
+pub mod logprobs;
+pub mod metrics;
+pub mod optim;
+pub mod recipe;
+pub mod run;
+pub mod schedule;

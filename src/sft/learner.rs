@@ -1,0 +1,280 @@
+//! The SFT learner (`infimed sft --recipe R`), as LLaMA-Factory trains Qwen2.5-VL: labels on
+//! assistant turns (`content<|im_end|>\n`), image-safe truncation, batches in a seeded mixed
+//! order, AdamW with the recipe's values, HF's cosine schedule, global gradient-norm clipping,
+//! gradient accumulation whose loss is the mean over all target tokens of the effective batch,
+//! atomic checkpoints with exact resume, HF export.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use serde_json::json;
+
+use crate::model::{ModelBackend, TrainBackend};
+use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob, BackendArgs};
+use crate::data::encode::{Encoded, TrainOn};
+use crate::data::sharegpt::Conversation;
+use crate::data::template::ChatMessage;
+use crate::generate::{generate, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
+use crate::inputs::Processor;
+use crate::learn::batch::collate;
+use crate::learn::logprobs::{token_nll_sum, token_nll_sum_of};
+use crate::learn::metrics::{plot_metrics, MetricsLog};
+use crate::learn::run::{accumulate_gradients, prepare_output_dir, progress_bar, Trainee, TraineeSpec};
+use crate::learn::schedule::lr_at;
+use crate::model::{ModelInput, Qwen25VL, Qwen25VlConfig};
+use crate::models::model_files_dir;
+use crate::sft::data::{Loader, SftData, SkipReport};
+use crate::sft::data::{read_sources, source_lengths};
+use crate::sft::plan::{build_plan_with_lengths, count_available, SftPlan};
+use crate::sft::recipe::SftRecipe;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SftArgs {
+    /// TOML recipe (see recipes/).
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Override any recipe field: `--set optimizer.lr=1e-5 --set data.0.samples=20000`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the plan (samples, steps, parameters, memory) and exit without training.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Continue from the newest complete checkpoint in output_dir.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// What a run reports at its end.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SftSummary {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub output_dir: PathBuf,
+    pub skips: SkipReport,
+    pub eval_before: Option<EvalResult>,
+    pub eval_after: Option<EvalResult>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub exact_match: f64,
+    pub n: usize,
+}
+
+pub fn run(args: SftArgs) -> Result<()> {
+    let recipe = SftRecipe::from_file(&args.recipe, &args.set)?;
+    if args.dry_run {
+        let plan = dry_run_plan(&recipe)?;
+        println!("{plan}");
+        return Ok(());
+    }
+    let backend = BackendArgs { backend: recipe.backend, device: recipe.device, precision: recipe.precision };
+    let summary = dispatch_autodiff(backend, recipe.gradient_checkpointing, SftJob { recipe, resume: args.resume })?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// The plan `--dry-run` prints: from the records' lengths (cached next to the data files) when
+/// the files can be read, else from their record counts.
+pub fn dry_run_plan(recipe: &SftRecipe) -> Result<SftPlan> {
+    let files = model_files_dir(&recipe.model)?;
+    let cfg = Qwen25VlConfig::from_dir(&files)?;
+    let available = count_available(&recipe.data)?;
+    let processor = Processor::from_dir(&files, recipe.max_pixels)?;
+    let t0 = Instant::now();
+    let sources = read_sources(&recipe.data)?;
+    let (lengths, skips) = source_lengths(recipe, &processor, &sources, false)?;
+    eprintln!(
+        "dry run: {} records read and their lengths known in {:.1} s ({} skipped)",
+        available.iter().sum::<usize>(),
+        t0.elapsed().as_secs_f64(),
+        skips.invalid + skips.too_long_vision
+    );
+    build_plan_with_lengths(recipe, &cfg, &available, Some(&lengths))
+}
+
+pub struct SftJob {
+    pub recipe: SftRecipe,
+    pub resume: bool,
+}
+
+impl AutodiffJob for SftJob {
+    type Output = SftSummary;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<SftSummary> {
+        train_sft::<B>(&self.recipe, self.resume, &device)
+    }
+}
+
+pub fn train_sft<B: TrainBackend>(recipe: &SftRecipe, resume: bool, device: &B::Device) -> Result<SftSummary> {
+    let files = model_files_dir(&recipe.model)?;
+    check_precision::<B>(recipe.precision, device)?;
+    let processor = Processor::from_dir(&files, recipe.max_pixels)?;
+    let out_dir = &recipe.output_dir;
+    prepare_output_dir(out_dir, &recipe.to_toml_string()?)?;
+
+    // Data: every source read and its lengths known (cached; skips reported); the plan.
+    let data = Arc::new(SftData::load(recipe, &processor)?);
+    let processor = Arc::new(processor);
+    let plan = build_plan_with_lengths(recipe, &Qwen25VlConfig::from_dir(&files)?, &data.available, Some(&data.lengths))?;
+    if let Some(p) = &plan.padding {
+        eprintln!(
+            "sft: padding {:.1}% of token slots{} ({:.1}% with one sample per row, {:.1}% packed)",
+            100.0 * if recipe.packing { p.packed_padding } else { p.padding },
+            if recipe.packing { " with packing" } else { "" },
+            100.0 * p.padding,
+            100.0 * p.packed_padding
+        );
+    }
+
+    // Model (fresh or resumed), freezing, optimizer.
+    let spec = TraineeSpec {
+        model: &recipe.model,
+        seed: recipe.seed,
+        freeze: &recipe.freeze,
+        optimizer: &recipe.optimizer,
+        out_dir,
+        resume,
+    };
+    let mut run = Trainee::<B>::start(&spec, device)?;
+    let (trainable, frozen) = crate::learn::freeze::count_params(run.model());
+    let total_steps = plan.total_steps;
+    eprintln!(
+        "sft: {} samples/epoch, {} optimizer steps, {trainable} trainable / {frozen} frozen parameters; {} ({}, gradient checkpointing {})",
+        plan.total_samples,
+        total_steps,
+        B::name(device),
+        recipe.precision,
+        recipe.gradient_checkpointing
+    );
+    let mut metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"), run.resumed_from.as_ref().map(|_| run.state.step))?;
+    let validate = |model: &Qwen25VL<B::InnerBackend>| {
+        evaluate(&compute_model(model, recipe.precision), &processor, &data.eval, recipe.train_on, &files)
+    };
+    let eval_before = if !data.eval.is_empty() && run.state.step == 0 {
+        let r = validate(&run.model().valid())?;
+        eprintln!("eval before training: loss {:.4}, exact match {:.1}% of {}", r.loss, r.exact_match * 100.0, r.n);
+        metrics.write(&json!({"step": 0, "eval_loss": r.loss, "eval_exact_match": r.exact_match}))?;
+        Some(r)
+    } else {
+        None
+    };
+
+    let bar = progress_bar(total_steps, run.state.step);
+    // The remaining optimizer steps, their samples encoded ahead on the loader's threads.
+    let schedule = Arc::new(data.schedule(recipe, run.state.epoch, run.state.batch_in_epoch, total_steps - run.state.step)?);
+    let shared = (data.clone(), processor.clone(), Arc::new(recipe.clone()));
+    let mut loader = Loader::start(shared.0, shared.1, shared.2, schedule.clone(), recipe.loader_workers, recipe.prefetch_steps);
+    let mut last_loss = f64::NAN;
+    let (t_start, mut tokens_since) = (Instant::now(), 0usize);
+    for scheduled in schedule.iter() {
+        let micro = loader.next()?;
+        let step = run.state.step;
+
+        // Loss: mean negative log-likelihood over every target token of the step; one backward
+        // pass per micro-batch, gradients summed, clipped to the global norm, one AdamW update.
+        let t0 = Instant::now();
+        let lr = lr_at(&recipe.schedule, recipe.optimizer.lr, step, total_steps);
+        let denom = micro.iter().map(|m| m.target_tokens).sum::<usize>().max(1) as f64;
+        let first = scheduled.batch_end - scheduled.micro.len();
+        let what = |k: usize| format!("epoch {}, batch {}", scheduled.epoch, first + k);
+        let inputs: Vec<&ModelInput> = micro.iter().map(|m| &m.input).collect();
+        let ck = recipe.gradient_checkpointing;
+        let (loss, grads) = accumulate_gradients(run.model(), recipe.precision, ck, &inputs, step, what, |model, k, hidden| {
+            Ok(token_nll_sum_of(model, &micro[k], hidden).div_scalar(denom))
+        })?;
+        let grad_norm = run.update(grads, lr, recipe.optimizer.max_grad_norm);
+
+        // Bookkeeping, metrics, validation, checkpoints.
+        let samples: usize = micro.iter().map(|m| m.samples).sum();
+        let tokens: usize = micro.iter().map(|m| m.input.input_ids.iter().map(Vec::len).sum::<usize>()).sum();
+        let real: usize = micro.iter().map(|m| m.input.real_tokens()).sum();
+        let s = &mut run.state;
+        s.step += 1;
+        s.epoch = scheduled.epoch;
+        s.batch_in_epoch = scheduled.batch_end;
+        s.samples_seen += samples;
+        s.tokens_seen += tokens;
+        tokens_since += tokens;
+        last_loss = loss;
+        let dt = t0.elapsed().as_secs_f64();
+        if s.step % recipe.log_every.max(1) == 0 || s.step == total_steps {
+            metrics.write(&json!({
+                "step": s.step, "epoch": s.epoch as f64 + s.batch_in_epoch as f64 / scheduled.batches_in_epoch.max(1) as f64,
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": s.tokens_seen, "target_tokens": denom,
+                "padding": 1.0 - real as f64 / tokens.max(1) as f64,
+                "samples_per_s": samples as f64 / dt, "tokens_per_s": tokens as f64 / dt,
+            }))?;
+        }
+        let tps = tokens_since as f64 / t_start.elapsed().as_secs_f64();
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        bar.inc(1);
+        let step = s.step;
+        if recipe.eval_every > 0 && step % recipe.eval_every == 0 && !data.eval.is_empty() && step < total_steps {
+            let r = validate(&run.model().valid())?;
+            bar.println(format!("step {step}: eval loss {:.4}, exact match {:.1}%", r.loss, r.exact_match * 100.0));
+            metrics.write(&json!({"step": step, "eval_loss": r.loss, "eval_exact_match": r.exact_match}))?;
+        }
+        if recipe.save_every > 0 && step % recipe.save_every == 0 && step < total_steps {
+            run.save_checkpoint(out_dir, &files)?;
+        }
+    }
+    bar.finish_and_clear();
+
+    // The end: final checkpoint (for resume), HF export at output_dir, validation, plots.
+    let trained = run.finish(out_dir, &files, recipe.precision)?;
+    let eval_after = if !data.eval.is_empty() {
+        let r = validate(&trained)?;
+        eprintln!("eval after training: loss {:.4}, exact match {:.1}% of {}", r.loss, r.exact_match * 100.0, r.n);
+        metrics.write(&json!({"step": run.state.step, "eval_loss": r.loss, "eval_exact_match": r.exact_match}))?;
+        Some(r)
+    } else {
+        None
+    };
+    plot_metrics(metrics.path(), &["loss", "lr", "grad_norm", "eval_exact_match"], out_dir)?;
+    Ok(SftSummary { steps: run.state.step, final_loss: last_loss, output_dir: out_dir.clone(), skips: data.skips.clone(), eval_before, eval_after })
+}
+
+/// Validation loss (mean over target tokens) and exact-match accuracy of greedy answers to the
+/// last assistant turn (trimmed text equality).
+pub fn evaluate<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    processor: &Processor,
+    convs: &[Conversation],
+    train_on: TrainOn,
+    model_dir: &Path,
+) -> Result<EvalResult> {
+    let pad_id = processor.tokenizer.special().pad();
+    let stop = stop_tokens(model_dir, &model.config.tokens.eos_token_ids)?;
+    let (mut nll, mut tokens, mut correct) = (0.0f64, 0usize, 0usize);
+    for chunk in convs.chunks(16) {
+        let enc: Vec<Encoded> = chunk.iter().map(|c| processor.encode(c, train_on)).collect::<Result<_>>()?;
+        let refs: Vec<&Encoded> = enc.iter().collect();
+        let mb = collate(&refs, pad_id);
+        nll += token_nll_sum(model, &mb)?.into_scalar().elem::<f64>();
+        tokens += mb.target_tokens;
+        let mut prompts = vec![];
+        let mut answers = vec![];
+        for c in chunk {
+            let last = c.last_assistant().context("a validation record needs an assistant turn")?;
+            let msgs: Vec<ChatMessage> = c.messages[..last].to_vec();
+            let n_img: usize = msgs.iter().map(ChatMessage::num_images).sum();
+            let p = processor.encode_prompt(&msgs, &c.images[..n_img])?;
+            prompts.push(Prompt { input_ids: p.input_ids, pixel_values: p.pixel_values, image_grids: p.image_grids });
+            answers.push(c.messages[last].text_content().trim().to_string());
+        }
+        let max_new = answers.iter().map(|a| processor.tokenizer.encode(a).map(|t| t.len()).unwrap_or(8)).max().unwrap_or(8) + 4;
+        let outs = generate(model, &prompts, &SamplingConfig::greedy(max_new), &stop, &mut rng_from_seed(0))?;
+        for (o, a) in outs.iter().zip(&answers) {
+            let text = processor.tokenizer.decode(&o.tokens, true)?;
+            if text.trim() == a {
+                correct += 1;
+            }
+        }
+    }
+    Ok(EvalResult { loss: nll / tokens.max(1) as f64, exact_match: correct as f64 / convs.len().max(1) as f64, n: convs.len() })
+}
