@@ -41,6 +41,16 @@ impl BackendKind {
         matches!(self, BackendKind::Cuda | BackendKind::Flex)
     }
 
+    /// The CPU backend commands and recipes use unless told otherwise: flex when compiled in (it
+    /// trains and generates faster than ndarray on a CPU; BENCHMARKS.md), else ndarray.
+    pub fn cpu_default() -> BackendKind {
+        if cfg!(feature = "flex") {
+            BackendKind::Flex
+        } else {
+            BackendKind::Ndarray
+        }
+    }
+
     pub fn compiled() -> Vec<BackendKind> {
         Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
     }
@@ -61,7 +71,8 @@ impl FromStr for BackendKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
-            "ndarray" | "cpu" => Ok(Self::Ndarray),
+            "ndarray" => Ok(Self::Ndarray),
+            "cpu" => Ok(Self::cpu_default()),
             "flex" => Ok(Self::Flex),
             "wgpu" | "vulkan" => Ok(Self::Wgpu),
             "cuda" => Ok(Self::Cuda),
@@ -133,8 +144,9 @@ pub fn compute_model<B: Backend, M: Module<B> + Clone>(model: &M, precision: Pre
 /// The backend, device and precision a command runs with.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct BackendArgs {
-    /// ndarray (CPU, default), flex (CPU), wgpu (Vulkan/Metal/DX12; software Vulkan in CI) or cuda.
-    #[arg(long, default_value = "ndarray")]
+    /// flex (CPU, the default when compiled in), ndarray (CPU), wgpu (Vulkan/Metal/DX12;
+    /// software Vulkan in CI) or cuda.
+    #[arg(long, default_value_t = BackendKind::cpu_default())]
     pub backend: BackendKind,
     /// Device index (GPU backends); wgpu without it uses the default adapter.
     #[arg(long)]
@@ -146,7 +158,7 @@ pub struct BackendArgs {
 
 impl Default for BackendArgs {
     fn default() -> Self {
-        Self { backend: BackendKind::Ndarray, device: None, precision: Precision::F32 }
+        Self { backend: BackendKind::cpu_default(), device: None, precision: Precision::F32 }
     }
 }
 

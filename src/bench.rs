@@ -44,6 +44,33 @@ pub enum BenchWhat {
     Sft(SftBenchArgs),
     /// Load an HF checkpoint (and optionally save it again): wall time and peak memory.
     Load(LoadBenchArgs),
+    /// Generation with the rollout engine: prefill and decode throughput.
+    Generate(GenerateBenchArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateBenchArgs {
+    /// `small`, `3b` (benches/shapes/NAME.json) or an HF model folder (its config.json).
+    #[arg(long, default_value = "small")]
+    pub shape: String,
+    /// Prompts (each decoded `--n` times; all rows decode together).
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// New tokens per row (no stop token: every row makes exactly this many).
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Samples per prompt (sharing the prompt's prefill and cache).
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    /// 0: greedy; else sampled at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    #[command(flatten)]
+    pub backend: BackendArgs,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -98,11 +125,65 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("{}", serde_json::to_string(&line)?);
             Ok(())
         }
+        BenchWhat::Generate(a) => {
+            let line = crate::backend::dispatch(a.backend, GenerateBenchJob(a.clone()))?;
+            println!("{}", serde_json::to_string(&line)?);
+            Ok(())
+        }
         BenchWhat::Load(a) => {
             let line = crate::backend::dispatch(a.backend, LoadBenchJob(a.clone()))?;
             println!("{}", serde_json::to_string(&line)?);
             Ok(())
         }
+    }
+}
+
+struct GenerateBenchJob(GenerateBenchArgs);
+
+impl crate::backend::BackendJob for GenerateBenchJob {
+    type Output = Value;
+    fn run<B: crate::model::ModelBackend>(self, device: B::Device) -> Result<Value> {
+        use crate::engine::{generate_requests, EngineConfig, Request};
+        use crate::generate::{Prompt, SamplingConfig};
+        let a = self.0;
+        let cfg = shape_config(&a.shape)?;
+        check_precision::<B>(a.backend.precision, &device)?;
+        B::seed(&device, 0);
+        let model = crate::backend::compute_model(&Qwen25VL::<B>::init(&cfg, &device), a.backend.precision);
+        let vocab = cfg.text.vocab_size;
+        let requests: Vec<Request> = (0..a.batch)
+            .map(|i| Request { prompt: Prompt { input_ids: bench_ids(a.prompt_len, i, vocab), ..Default::default() }, n: a.n, seed: i as u64 })
+            .collect();
+        let rows = a.batch * a.n;
+        let engine = EngineConfig::rows(rows);
+        let sampling = |new: usize| SamplingConfig { temperature: a.temperature, top_k: 0, top_p: 1.0, max_new_tokens: new };
+        let time = |new: usize| -> Result<(f64, crate::engine::EngineStats)> {
+            let t0 = Instant::now();
+            let (_, stats) = generate_requests(&model, &requests, &sampling(new), &[], &engine, |_, _| {})?;
+            B::sync(&device).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            Ok((t0.elapsed().as_secs_f64(), stats))
+        };
+        time(2)?; // warm-up
+        reset_peak();
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+            v[v.len() / 2]
+        };
+        let prefill: Vec<f64> = (0..a.repeat.max(1)).map(|_| time(1).map(|t| t.0)).collect::<Result<_>>()?;
+        let full: Vec<(f64, crate::engine::EngineStats)> = (0..a.repeat.max(1)).map(|_| time(a.new_tokens)).collect::<Result<_>>()?;
+        let (tp, tf) = (median(prefill), median(full.iter().map(|x| x.0).collect()));
+        let stats = full[0].1;
+        let decoded = rows * a.new_tokens.saturating_sub(1);
+        let (_, peak) = rss_mib();
+        Ok(json!({
+            "bench": "generate", "shape": a.shape, "backend": a.backend.backend.to_string(), "precision": a.backend.precision.to_string(),
+            "batch": a.batch, "n": a.n, "rows": rows, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+            "prefill_tokens_per_s": (a.batch * a.prompt_len) as f64 / tp,
+            "new_tokens_per_s": decoded as f64 / (tf - tp).max(1e-9),
+            "total_new_tokens_per_s": (rows * a.new_tokens) as f64 / tf,
+            "seconds": tf, "peak_mib": peak,
+            "prefix_cache_mib": stats.peak_prefix_bytes as f64 / (1 << 20) as f64, "own_cache_mib": stats.peak_own_bytes as f64 / (1 << 20) as f64,
+        }))
     }
 }
 

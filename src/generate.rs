@@ -1,21 +1,18 @@
-//! Batched generation with the KV cache: the rollout engine of GRPO and the evaluator.
+//! What generation is about: prompts, sampling settings, stop tokens, what a prompt produced;
+//! the rollout engine that does it is [`crate::engine`] (KV cache written in place, continuous
+//! batching, prompts prefilled once per group, sampling on the device).
 //!
-//! Prompts are left-padded into one batch (M-RoPE positions are computed on the unpadded
-//! tokens), prefilled once, then decoded one token per step for every unfinished row; finished
-//! rows leave the batch (their cache rows are dropped), so the prompt is never re-run.
 //! Sampling follows transformers' order: temperature, top-k, top-p, then a draw from the
-//! softmax, with a seeded ChaCha RNG: the same seed gives the same tokens.
+//! softmax; each sequence has its own seeded ChaCha RNG, so the same seed gives the same tokens
+//! whatever else is in the batch. [`sample_from_logits`] is the host reference of that draw.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use burn::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::ModelBackend;
-use crate::model::nn::to_vec;
-use crate::model::{ModelInput, Qwen25VL};
+use crate::model::ModelInput;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -108,126 +105,6 @@ pub fn left_padded_batch(prompts: &[&Prompt], pad_id: u32) -> ModelInput {
         input.image_grids.extend_from_slice(&p.image_grids);
     }
     input
-}
-
-/// Generate for every prompt in one batch. `rng` drives sampling (unused when greedy).
-pub fn generate<B: ModelBackend>(
-    model: &Qwen25VL<B>,
-    prompts: &[Prompt],
-    cfg: &SamplingConfig,
-    stop: &[u32],
-    rng: &mut ChaCha8Rng,
-) -> Result<Vec<Generation>> {
-    cfg.validate()?;
-    if prompts.is_empty() {
-        return Ok(vec![]);
-    }
-    if let Some(i) = prompts.iter().position(|p| p.input_ids.is_empty()) {
-        bail!("prompt {i} is empty");
-    }
-    let pad_id = model.config.tokens.pad_token_id.unwrap_or(0);
-    let refs: Vec<&Prompt> = prompts.iter().collect();
-    let input = left_padded_batch(&refs, pad_id);
-    let seq = input.seq_len();
-    let head = model.head_matrix();
-    let mut cache = model.new_cache();
-    let hidden = model.forward_hidden(&input, Some(&mut cache))?;
-    let [b, _, c] = hidden.dims();
-    let mut last = hidden.narrow(1, seq - 1, 1).reshape([b, c]);
-
-    let mut out: Vec<Generation> = (0..prompts.len()).map(|_| Generation { tokens: vec![], stopped: false }).collect();
-    // Batch row -> prompt index, for the rows still running.
-    let mut active: Vec<usize> = (0..prompts.len()).collect();
-    for step in 0..cfg.max_new_tokens {
-        let next = next_tokens(model, &head, last, cfg, rng);
-        let mut keep = Vec::with_capacity(active.len());
-        for (row, &p) in active.iter().enumerate() {
-            out[p].tokens.push(next[row]);
-            if stop.contains(&next[row]) {
-                out[p].stopped = true;
-            } else {
-                keep.push(row);
-            }
-        }
-        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
-            break;
-        }
-        cache.retain_rows(&keep);
-        let feed: Vec<Vec<u32>> = keep.iter().map(|&r| vec![next[r]]).collect();
-        active = keep.iter().map(|&r| active[r]).collect();
-        let h = model.decode_hidden(&feed, &mut cache)?;
-        last = h.reshape([active.len(), c]);
-    }
-    Ok(out)
-}
-
-/// Generate for many prompts, `batch_size` at a time. Prompts are grouped by length (sorted,
-/// then cut into batches) so that left padding stays small; the results come back in input order.
-/// `on_batch(indices, generations)` is called after each batch with the input indices it held.
-pub fn generate_batched<B: ModelBackend>(
-    model: &Qwen25VL<B>,
-    prompts: &[Prompt],
-    cfg: &SamplingConfig,
-    stop: &[u32],
-    rng: &mut ChaCha8Rng,
-    batch_size: usize,
-    mut on_batch: impl FnMut(&[usize], &[Generation]),
-) -> Result<Vec<Generation>> {
-    if batch_size == 0 {
-        bail!("batch size must be at least 1");
-    }
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    // Stable sort: equal lengths keep their input order, so the batches are deterministic.
-    order.sort_by_key(|&i| prompts[i].input_ids.len());
-    let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
-    for chunk in order.chunks(batch_size) {
-        let batch: Vec<Prompt> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let gens = generate(model, &batch, cfg, stop, rng)?;
-        on_batch(chunk, &gens);
-        for (&i, g) in chunk.iter().zip(gens) {
-            out[i] = Some(g);
-        }
-    }
-    Ok(out.into_iter().map(|g| g.expect("every prompt generated")).collect())
-}
-
-/// Choose one token per row from final hidden states `[rows, C]`.
-///
-/// The image and video placeholder tokens are never emitted: a response holding one would claim
-/// an image slot that has no pixels (HF's generate can emit them; a trained model never does, a
-/// random or young one may, and GRPO trains on its own samples).
-fn next_tokens<B: ModelBackend>(
-    model: &Qwen25VL<B>,
-    head: &Tensor<B, 2>,
-    hidden: Tensor<B, 2>,
-    cfg: &SamplingConfig,
-    rng: &mut ChaCha8Rng,
-) -> Vec<u32> {
-    // Sampling works on f32 logits whatever the compute dtype.
-    let logits = crate::model::nn::upcast(hidden.matmul(head.clone()));
-    let [rows, v] = logits.dims();
-    let banned: Vec<usize> = [model.config.tokens.image_token_id, model.config.tokens.video_token_id]
-        .into_iter()
-        .flatten()
-        .map(|t| t as usize)
-        .filter(|&t| t < v)
-        .collect();
-    let logits = if banned.is_empty() {
-        logits
-    } else {
-        let mut row = vec![0.0f32; v];
-        for t in banned {
-            row[t] = f32::NEG_INFINITY;
-        }
-        let device = logits.device();
-        logits + Tensor::<B, 2>::from_data(TensorData::new(row, [1, v]), &device)
-    };
-    if cfg.is_greedy() {
-        let idx = logits.argmax(1).reshape([rows]);
-        return idx.into_data().iter::<i64>().map(|x| x as u32).collect();
-    }
-    let host = to_vec(logits);
-    (0..rows).map(|r| sample_from_logits(&host[r * v..(r + 1) * v], cfg, rng)).collect()
 }
 
 /// Sample one token: temperature, top-k, top-p (nucleus), then a categorical draw.

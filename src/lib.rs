@@ -12,6 +12,7 @@ pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod demo;
+pub mod engine;
 pub mod eval;
 pub mod generate;
 pub mod grpo;

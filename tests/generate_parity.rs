@@ -5,7 +5,8 @@ mod common;
 
 use burn::backend::NdArray;
 use common::*;
-use infimed::generate::{generate, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
+use infimed::generate::{rng_from_seed, stop_tokens, Prompt, SamplingConfig};
+use infimed::engine::generate;
 use infimed::model::Qwen25VL;
 
 type B = NdArray<f32>;

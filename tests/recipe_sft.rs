@@ -51,7 +51,7 @@ fn assert_err(text: &str, overrides: &[&str], needles: &[&str]) {
 fn demo_recipe_parses() {
     let r = SftRecipe::from_file(repo("recipes/demo-sft.toml"), &[]).unwrap();
     assert_eq!(r.model_source(), ModelSource::Builtin("demo-tiny".into()));
-    assert_eq!(r.backend, BackendKind::Ndarray);
+    assert_eq!(r.backend, BackendKind::Flex);
     assert_eq!(r.precision, Precision::F32);
     assert_eq!(r.data.len(), 1);
     assert_eq!(r.data[0].path, PathBuf::from("runs/demo/data/train.jsonl"));
@@ -96,7 +96,7 @@ fn paper_recipe_parses() {
 #[test]
 fn defaults() {
     let r = SftRecipe::from_str_with(MINIMAL, "minimal", &[]).unwrap();
-    assert_eq!(r.backend, BackendKind::Ndarray);
+    assert_eq!(r.backend, BackendKind::Flex);
     assert_eq!(r.device, None);
     assert_eq!(r.precision, Precision::F32);
     assert_eq!(r.cutoff_len, 4096);
@@ -185,7 +185,7 @@ fn bad_values_name_field_and_file() {
         &[],
         &["data.0", "samples", "weight"],
     );
-    assert_err(&MINIMAL.replace("epochs = 1", "epochs = 1\nprecision = \"bf16\""), &[], &["precision", "bf16", "cuda"]);
+    assert_err(&MINIMAL.replace("epochs = 1", "epochs = 1\nprecision = \"bf16\"\nbackend = \"ndarray\""), &[], &["precision", "bf16", "cuda"]);
     assert_err(&format!("{MINIMAL}[schedule]\nkind = \"cosin\"\n"), &[], &["cosin", "cosine"]);
     assert_err(&MINIMAL.replace("epochs = 1", "epochs = 0"), &[], &["epochs must be > 0"]);
     assert_err(&MINIMAL.replace("epochs = 1", "epochs = 1\nbackend = \"tpu\""), &[], &["tpu"]);

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod config;
 pub mod head;
+pub mod kv;
 pub mod model;
 pub mod nn;
 pub mod rope;

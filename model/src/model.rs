@@ -11,6 +11,7 @@ use burn::tensor::TensorData;
 
 use crate::attention::{AttentionImpl, AttentionMask, LayerAttention, ModelBackend};
 use crate::config::Qwen25VlConfig;
+use crate::kv::GroupKv;
 use crate::nn::{cast_like, int1, linear_export, linear_init, linear_load, tensor2};
 use crate::rope;
 use crate::text::{KvCache, TextModel};
@@ -413,6 +414,58 @@ impl<B: ModelBackend> Qwen25VL<B> {
         let embeds = self.model.embed_tokens.forward(ids);
         let (cos, sin) = (cast_like(cos, &embeds), cast_like(sin, &embeds));
         Ok(self.model.forward_embeds(embeds, cos, sin, &attn, Some(cache)))
+    }
+}
+
+impl<B: ModelBackend> Qwen25VL<B> {
+    /// Prefill the prompts of a left-padded batch (one row per group) and cut the cache into one
+    /// [`GroupKv`] per row, its padding dropped, for `rows[g]` sequences of up to `capacity` new
+    /// tokens each. Returns the groups and the last prompt position's hidden state `[G, C]`.
+    pub fn prefill_groups(&self, input: &ModelInput, rows: &[usize], capacity: usize) -> Result<(Vec<GroupKv<B>>, Tensor<B, 2>)> {
+        let (g, t) = (input.batch_size(), input.seq_len());
+        if rows.len() != g {
+            bail!("prefill: {g} prompts but {} group sizes", rows.len());
+        }
+        let mut cache = self.new_cache();
+        let hidden = self.forward_hidden(input, Some(&mut cache))?;
+        let c = hidden.dims()[2];
+        let last = hidden.narrow(1, t - 1, 1).reshape([g, c]);
+        let mut groups = Vec::with_capacity(g);
+        for (r, &n) in rows.iter().enumerate() {
+            let pad = cache.key_valid[r].iter().take_while(|&&v| !v).count();
+            let len = t - pad;
+            let own = |x: &Tensor<B, 4>| {
+                // A copy of just this row's real positions, so that the batch's cache is freed.
+                let [_, kvh, _, d] = x.dims();
+                x.clone().narrow(0, r, 1).narrow(2, pad, len).reshape([kvh * len * d]).reshape([1, kvh, len, d])
+            };
+            let prefix = cache.layers.iter().map(|l| l.as_ref().map(|(k, v)| (own(k), own(v)))).collect::<Option<Vec<_>>>().context("prefill left a layer's cache empty")?;
+            groups.push(GroupKv::new(prefix, cache.rope_deltas[r] + pad as i64, n, capacity));
+        }
+        Ok((groups, last))
+    }
+
+    /// One decode step: `tokens[i]` is the next input of row `i` (rows in group order); the
+    /// final hidden states `[rows, C]`.
+    pub fn decode_groups(&self, tokens: &[u32], groups: &mut [GroupKv<B>]) -> Result<Tensor<B, 2>> {
+        let device = self.devices().into_iter().next().context("model has no parameters")?;
+        let rows: usize = groups.iter().map(GroupKv::rows).sum();
+        if rows != tokens.len() {
+            bail!("decode: {} tokens for {rows} rows", tokens.len());
+        }
+        let mut positions = Vec::with_capacity(rows);
+        for g in groups.iter() {
+            let p = (g.prefix_len + g.len) as i64 + g.rope_delta;
+            positions.extend(std::iter::repeat_n([vec![p], vec![p], vec![p]], g.rows()));
+        }
+        let (cos, sin) = self.cos_sin(&positions, &device);
+        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, 1]), &device);
+        let embeds = self.model.embed_tokens.forward(ids);
+        let (cos, sin) = (cast_like(cos, &embeds), cast_like(sin, &embeds));
+        let h = self.model.forward_groups(embeds, cos, sin, groups)?;
+        let c = h.dims()[2];
+        Ok(h.reshape([rows, c]))
     }
 }
 

@@ -140,3 +140,78 @@ fn text_only_and_image_rows_in_one_batch() {
         7,
     );
 }
+
+/// The rollout engine's cache (`infimed_model::kv`): prompts prefilled once per group, `n`
+/// rows per group continuing with their own tokens (written in place), some rows dropped on the
+/// way: every row's logits equal a full forward pass over its prompt and its own tokens.
+fn check_groups(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, n: usize, steps: usize, kv: usize, seed: u64) {
+    let device = Default::default();
+    B::seed(&device, seed);
+    let cfg = tiny_config(56, kv, seed % 2 == 0);
+    let model = Qwen25VL::<B>::init(&cfg, &device);
+    let patch_dim = cfg.vision.patch_dim();
+    let v = cfg.text.vocab_size;
+    let prompts: Vec<Vec<u32>> = rows.iter().map(|(t, g)| prompt(t, *g)).collect();
+    let grids: Vec<Vec<[usize; 3]>> = rows.iter().map(|(_, g)| g.iter().copied().collect()).collect();
+    let pixels_of = |gs: &[[usize; 3]]| -> Vec<f32> {
+        let n: usize = gs.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        (0..n * patch_dim).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect()
+    };
+    let max_len = prompts.iter().map(Vec::len).max().unwrap();
+    let mut input = ModelInput { attention_mask: Some(vec![]), ..Default::default() };
+    for (p, g) in prompts.iter().zip(&grids) {
+        let pad = max_len - p.len();
+        input.input_ids.push([vec![0; pad], p.clone()].concat());
+        input.attention_mask.as_mut().unwrap().push([vec![false; pad], vec![true; p.len()]].concat());
+        input.pixel_values.extend(pixels_of(g));
+        input.image_grids.extend(g);
+    }
+    let sizes = vec![n; prompts.len()];
+    let (mut groups, _) = model.prefill_groups(&input, &sizes, steps + 1).unwrap();
+    // Row r of group g feeds tokens (g * 7 + r * 3 + step) % 50 + 1 (different per row).
+    let mut own: Vec<Vec<Vec<u32>>> = (0..prompts.len()).map(|_| vec![vec![]; n]).collect();
+    let mut alive: Vec<Vec<usize>> = (0..prompts.len()).map(|_| (0..n).collect()).collect();
+    for step in 0..steps {
+        let mut feed = vec![];
+        for (g, rows) in alive.iter().enumerate() {
+            for &r in rows {
+                let t = ((g * 7 + r * 3 + step * 5) % 50 + 1) as u32;
+                own[g][r].push(t);
+                feed.push(t);
+            }
+        }
+        let logits = to_vec(model.logits(model.decode_groups(&feed, &mut groups).unwrap()));
+        let mut k = 0;
+        for (g, rows) in alive.iter().enumerate() {
+            for &r in rows {
+                let full_ids = [prompts[g].clone(), own[g][r].clone()].concat();
+                let full = model
+                    .forward(&ModelInput { input_ids: vec![full_ids.clone()], pixel_values: pixels_of(&grids[g]), image_grids: grids[g].clone(), ..Default::default() })
+                    .unwrap();
+                let f = to_vec(full.narrow(1, full_ids.len() - 1, 1).reshape([v]));
+                let d = f.iter().zip(&logits[k * v..(k + 1) * v]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-4, "group {g} row {r} step {step}: max |full - grouped| = {d}");
+                k += 1;
+            }
+        }
+        // Drop the first row of every group with more than one row after step 1.
+        if step == 1 {
+            for (g, rows) in alive.iter_mut().enumerate() {
+                if rows.len() > 1 {
+                    rows.remove(0);
+                    let keep: Vec<usize> = (1..groups[g].rows()).collect();
+                    groups[g].retain(&keep);
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
+
+    #[test]
+    fn grouped_cache_decoding_matches_full_forward(rows in prop::collection::vec(row_strategy(), 1..4), n in 1usize..4, seed in 0u64..1000, kv in prop_oneof![Just(1usize), Just(2), Just(4)]) {
+        check_groups(rows, n, 4, kv, seed);
+    }
+}

@@ -33,7 +33,8 @@ use crate::data::template::{ChatMessage, ContentPart};
 use crate::eval::report::EvalReport;
 use crate::eval::score::score_record;
 use crate::eval::{BenchRecord, Skipped};
-use crate::generate::{generate_batched, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
+use crate::generate::{rng_from_seed, stop_tokens, Prompt, SamplingConfig};
+use crate::engine::generate_batched;
 use crate::inputs::Processor;
 use crate::models::model_files_dir;
 

@@ -21,7 +21,8 @@ use crate::model::ModelBackend;
 use crate::backend::{dispatch, BackendArgs, BackendJob};
 use crate::data::sharegpt::{read_sharegpt, split_image_tags, IMAGE_TAG};
 use crate::data::template::{ChatMessage, ContentPart};
-use crate::generate::{generate_batched, rng_from_seed, Prompt, SamplingConfig};
+use crate::generate::{rng_from_seed, Prompt, SamplingConfig};
+use crate::engine::generate_batched;
 use crate::models::load_generator;
 
 #[derive(clap::Args, Debug, Clone)]

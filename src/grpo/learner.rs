@@ -32,7 +32,9 @@ use crate::model::{ModelBackend, TrainBackend};
 use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob, BackendArgs};
 use crate::data::encode::Encoded;
 use crate::eval::Skipped;
-use crate::generate::{generate_batched, stop_tokens, Prompt, SamplingConfig};
+use crate::engine::{generate_batched, generate_requests, EngineConfig, Request};
+use crate::generate::{stop_tokens, Generation, Prompt, SamplingConfig};
+use rand::Rng;
 use crate::grpo::algos::{agg_loss, kl_penalty, masked_mean, policy_loss, LossAgg};
 use crate::grpo::data::{epoch_order, prompt_messages, read_rl_records, step_rng, RlRecord};
 use crate::grpo::recipe::GrpoRecipe;
@@ -242,8 +244,12 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
         // 2. Rollouts: n samples per prompt from the policy as it is.
         let t_roll = Instant::now();
         let policy = compute_model(&run.model().valid(), recipe.precision);
-        let expanded: Vec<Prompt> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), g)).collect();
-        let gens = generate_batched(&policy, &expanded, &recipe.sampling(), &stop, &mut step_rng(recipe.seed, run.state.step), recipe.rollout.generation_batch, |_, _| {})?;
+        // One request per prompt with its n samples: the prompt (and its image) prefilled once.
+        let base: u64 = step_rng(recipe.seed, run.state.step).random();
+        let requests: Vec<Request> = prompts.iter().enumerate().map(|(k, p)| Request { prompt: p.clone(), n: g, seed: base.wrapping_add(k as u64) }).collect();
+        let engine = EngineConfig { max_rows: recipe.rollout.generation_batch, max_batch_tokens: recipe.rollout.max_batch_tokens };
+        let (groups, _) = generate_requests(&policy, &requests, &recipe.sampling(), &stop, &engine, |_, _| {})?;
+        let gens: Vec<Generation> = groups.into_iter().flatten().collect();
         let rollout_secs = t_roll.elapsed().as_secs_f64();
         let gen_tokens: usize = gens.iter().map(|x| x.tokens.len()).sum();
 

@@ -36,9 +36,13 @@ pub struct RolloutConfig {
     /// 0 = off.
     #[serde(default)]
     pub top_k: usize,
-    /// Sequences generated together (a performance knob, not an algorithm setting).
+    /// Sequences generated together at most (a performance knob, not an algorithm setting).
     #[serde(default = "default_gen_batch")]
     pub generation_batch: usize,
+    /// Tokens the rollout engine's cache may hold at most (each running prompt once plus `n x
+    /// max_response_len`); 0: limited by `generation_batch` only. vLLM's `max_num_batched_tokens`.
+    #[serde(default)]
+    pub max_batch_tokens: usize,
 }
 
 /// How each rollout batch is used for updates.
@@ -229,7 +233,7 @@ fn default_seed() -> u64 {
     42
 }
 fn default_backend() -> BackendKind {
-    BackendKind::Ndarray
+    BackendKind::cpu_default()
 }
 fn default_template() -> String {
     "{problem}".into()

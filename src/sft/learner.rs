@@ -18,7 +18,8 @@ use crate::backend::{check_precision, compute_model, dispatch_autodiff, Autodiff
 use crate::data::encode::{Encoded, TrainOn};
 use crate::data::sharegpt::Conversation;
 use crate::data::template::ChatMessage;
-use crate::generate::{generate, rng_from_seed, stop_tokens, Prompt, SamplingConfig};
+use crate::generate::{rng_from_seed, stop_tokens, Prompt, SamplingConfig};
+use crate::engine::generate;
 use crate::inputs::Processor;
 use crate::learn::batch::collate;
 use crate::learn::logprobs::{token_nll_sum, token_nll_sum_of};

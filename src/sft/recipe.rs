@@ -219,7 +219,7 @@ pub struct SftRecipe {
 }
 
 fn default_backend() -> BackendKind {
-    BackendKind::Ndarray
+    BackendKind::cpu_default()
 }
 fn default_cutoff_len() -> usize {
     4096

@@ -1,0 +1,353 @@
+//! The rollout engine: what `generate`, `eval --model`, `synth-reflective --generate-with`, SFT
+//! validation and GRPO's rollouts all decode with.
+//!
+//! - **Requests** are prompts with `n` samples each (GRPO's group; `n = 1` otherwise). A request's
+//!   prompt is prefilled **once** — vision tower included — and its keys and values are held once
+//!   for all `n` samples ([`crate::model::kv`]); each sample has its own preallocated buffer for
+//!   its new tokens, written in place.
+//! - **Continuous batching**: requests wait in a queue (shortest prompt first, ties in input
+//!   order); whenever rows finish (stop token or `max_new_tokens`), finished groups leave and
+//!   waiting ones are prefilled and join, as long as the batch stays within `max_rows` rows
+//!   (`generation_batch`) and `max_batch_tokens` cached tokens (prompt once plus `n x
+//!   max_new_tokens` per group; vLLM's `max_num_batched_tokens` in spirit).
+//! - **Sampling on the device**: temperature, top-k and top-p are applied to the logits on the
+//!   backend and the draw is an inverse-CDF lookup of one uniform number per row, so only token
+//!   ids come back to the host. Each sample has its own RNG, seeded by its request's seed and
+//!   its index in the group: a sample's tokens do not depend on which other sequences share its
+//!   batch (the same seed gives the same completions with any `generation_batch`).
+
+use std::collections::VecDeque;
+
+use anyhow::{bail, Result};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::generate::{left_padded_batch, Generation, Prompt, SamplingConfig};
+use crate::model::kv::GroupKv;
+use crate::model::{ModelBackend, Qwen25VL};
+
+/// Generate for every prompt (greedy, or sampled with seeds drawn from `rng`), all prompts at
+/// once (see [`generate_batched`]).
+pub fn generate<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    prompts: &[Prompt],
+    cfg: &SamplingConfig,
+    stop: &[u32],
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Generation>> {
+    generate_batched(model, prompts, cfg, stop, rng, prompts.len().max(1), |_, _| {})
+}
+
+/// Generate for many prompts with the rollout engine ([`crate::engine`]): at most `batch_size`
+/// rows decode together, finished rows are replaced by waiting prompts at once; the results
+/// come back in input order. Prompt `i` samples with the seed `rng`'s next value + `i`, so its
+/// tokens do not depend on `batch_size`. `on_batch(indices, generations)` is called as prompts
+/// complete.
+pub fn generate_batched<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    prompts: &[Prompt],
+    cfg: &SamplingConfig,
+    stop: &[u32],
+    rng: &mut ChaCha8Rng,
+    batch_size: usize,
+    mut on_batch: impl FnMut(&[usize], &[Generation]),
+) -> Result<Vec<Generation>> {
+    if batch_size == 0 {
+        bail!("batch size must be at least 1");
+    }
+    let base: u64 = rng.random();
+    let requests: Vec<Request> =
+        prompts.iter().enumerate().map(|(i, p)| Request { prompt: p.clone(), n: 1, seed: base.wrapping_add(i as u64) }).collect();
+    let (out, _) = generate_requests(model, &requests, cfg, stop, &EngineConfig::rows(batch_size), |i, g| on_batch(&[i], g))?;
+    Ok(out.into_iter().map(|mut g| g.remove(0)).collect())
+}
+
+/// One prompt and how many samples to draw from it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Prompt,
+    pub n: usize,
+    /// Seed of this request's samples (sample `j` draws from `sample_rng(seed, j)`).
+    pub seed: u64,
+}
+
+/// The engine's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Rows decoded together at most (`generation_batch`).
+    pub max_rows: usize,
+    /// Tokens the cache may hold at most over the running groups (prompt once + `n x
+    /// max_new_tokens` each); 0: no limit besides `max_rows`. A group larger than the budget
+    /// still runs, alone.
+    pub max_batch_tokens: usize,
+}
+
+impl EngineConfig {
+    pub fn rows(max_rows: usize) -> Self {
+        Self { max_rows, max_batch_tokens: 0 }
+    }
+}
+
+/// What a run did (for tests, metrics and benches).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Prefill forward passes and the prompts / prompt tokens they covered.
+    pub prefills: usize,
+    pub prefill_prompts: usize,
+    pub prefill_tokens: usize,
+    pub decode_steps: usize,
+    pub new_tokens: usize,
+    /// Most rows decoded together.
+    pub peak_rows: usize,
+    /// Most bytes held at once by the groups' shared prompt caches and by their rows' own buffers.
+    pub peak_prefix_bytes: usize,
+    pub peak_own_bytes: usize,
+}
+
+/// The RNG of sample `j` of a request seeded `seed`.
+pub fn sample_rng(seed: u64, j: usize) -> ChaCha8Rng {
+    let mut z = seed ^ (j as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ChaCha8Rng::seed_from_u64(z ^ (z >> 31))
+}
+
+struct Seq {
+    sample: usize,
+    tokens: Vec<u32>,
+    rng: ChaCha8Rng,
+    stopped: bool,
+}
+
+/// A request being decoded; its cache is `kvs[k]` for `running[k]`.
+struct Running {
+    request: usize,
+    /// Rows still decoding, aligned with the rows of its cache.
+    live: Vec<Seq>,
+    done: Vec<Seq>,
+}
+
+/// Generate `requests[i].n` samples for every request. `on_done(i, generations)` is called as
+/// each request completes (its samples in order); the results come back in request order.
+pub fn generate_requests<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    requests: &[Request],
+    cfg: &SamplingConfig,
+    stop: &[u32],
+    engine: &EngineConfig,
+    mut on_done: impl FnMut(usize, &[Generation]),
+) -> Result<(Vec<Vec<Generation>>, EngineStats)> {
+    cfg.validate()?;
+    if engine.max_rows == 0 {
+        bail!("generation batch must be at least 1 row");
+    }
+    if let Some(i) = requests.iter().position(|r| r.prompt.input_ids.is_empty()) {
+        bail!("prompt {i} is empty");
+    }
+    let mut stats = EngineStats::default();
+    let mut out: Vec<Option<Vec<Generation>>> = vec![None; requests.len()];
+    // A request with n = 0 or no new tokens at all is done at once.
+    let mut queue: VecDeque<usize> = VecDeque::new();
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| requests[i].prompt.input_ids.len());
+    for i in order {
+        if requests[i].n == 0 || cfg.max_new_tokens == 0 {
+            let gens = vec![Generation { tokens: vec![], stopped: false }; requests[i].n];
+            on_done(i, &gens);
+            out[i] = Some(gens);
+        } else {
+            queue.push_back(i);
+        }
+    }
+    let pad_id = model.config.tokens.pad_token_id.unwrap_or(0);
+    let head = model.head_matrix();
+    let banned = banned_row::<B>(model, &head);
+    let cost = |i: usize| requests[i].prompt.input_ids.len() + requests[i].n * cfg.max_new_tokens;
+    let mut running: Vec<Running> = vec![];
+    let mut kvs: Vec<GroupKv<B>> = vec![];
+    while !queue.is_empty() || !running.is_empty() {
+        // Admit waiting requests while rows and the token budget allow (always one if idle).
+        let mut rows: usize = running.iter().map(|g| g.live.len()).sum();
+        let mut tokens: usize = running.iter().zip(&kvs).map(|(g, kv)| kv.prefix_len + requests[g.request].n * cfg.max_new_tokens).sum();
+        let mut admit = vec![];
+        while let Some(&i) = queue.front() {
+            let n = requests[i].n;
+            let fits_rows = rows + n <= engine.max_rows;
+            let fits_tokens = engine.max_batch_tokens == 0 || tokens + cost(i) <= engine.max_batch_tokens;
+            if !(fits_rows && fits_tokens) && !(running.is_empty() && admit.is_empty()) {
+                break;
+            }
+            queue.pop_front();
+            rows += n;
+            tokens += cost(i);
+            admit.push(i);
+        }
+        if !admit.is_empty() {
+            let prompts: Vec<&Prompt> = admit.iter().map(|&i| &requests[i].prompt).collect();
+            let input = left_padded_batch(&prompts, pad_id);
+            let sizes: Vec<usize> = admit.iter().map(|&i| requests[i].n).collect();
+            let (groups, last) = model.prefill_groups(&input, &sizes, cfg.max_new_tokens)?;
+            stats.prefills += 1;
+            stats.prefill_prompts += admit.len();
+            stats.prefill_tokens += prompts.iter().map(|p| p.input_ids.len()).sum::<usize>();
+            // First tokens: every sample of a group draws from the prompt's last position.
+            let rows_of: Vec<usize> = admit.iter().enumerate().flat_map(|(g, &i)| std::iter::repeat_n(g, requests[i].n)).collect();
+            let device = last.device();
+            let hidden = last.select(0, crate::model::nn::int1::<B>(&rows_of, &device));
+            let mut seqs: Vec<Seq> = admit
+                .iter()
+                .flat_map(|&i| (0..requests[i].n).map(move |j| (i, j)))
+                .map(|(i, j)| Seq { sample: j, tokens: vec![], rng: sample_rng(requests[i].seed, j), stopped: false })
+                .collect();
+            let next = next_tokens(&head, &banned, hidden, cfg, &mut seqs);
+            let mut seqs = seqs.into_iter();
+            for ((&i, mut kv), next) in admit.iter().zip(groups).zip(chunks(&next, &sizes)) {
+                let live: Vec<Seq> = seqs.by_ref().take(requests[i].n).collect();
+                let mut g = Running { request: i, live, done: vec![] };
+                push_tokens(&mut g, &mut kv, next, stop, cfg.max_new_tokens, &mut stats);
+                running.push(g);
+                kvs.push(kv);
+            }
+        }
+        // Retire groups whose rows are all done.
+        let mut k = 0;
+        while k < running.len() {
+            if running[k].live.is_empty() {
+                let g = running.remove(k);
+                kvs.remove(k);
+                let mut done = g.done;
+                done.sort_by_key(|s| s.sample);
+                let gens: Vec<Generation> = done.into_iter().map(|s| Generation { tokens: s.tokens, stopped: s.stopped }).collect();
+                on_done(g.request, &gens);
+                out[g.request] = Some(gens);
+            } else {
+                k += 1;
+            }
+        }
+        if running.is_empty() {
+            continue;
+        }
+        let (p, o) = kvs.iter().map(GroupKv::bytes).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        stats.peak_prefix_bytes = stats.peak_prefix_bytes.max(p);
+        stats.peak_own_bytes = stats.peak_own_bytes.max(o);
+        // One decode step of every live row.
+        let feed: Vec<u32> = running.iter().flat_map(|g| g.live.iter().map(|s| *s.tokens.last().expect("a live row has a token"))).collect();
+        stats.peak_rows = stats.peak_rows.max(feed.len());
+        let hidden = model.decode_groups(&feed, &mut kvs)?;
+        stats.decode_steps += 1;
+        let sizes: Vec<usize> = running.iter().map(|g| g.live.len()).collect();
+        let mut seqs: Vec<Seq> = running.iter_mut().flat_map(|g| std::mem::take(&mut g.live)).collect();
+        let next = next_tokens(&head, &banned, hidden, cfg, &mut seqs);
+        let mut seqs = seqs.into_iter();
+        for ((g, kv), (next, &n)) in running.iter_mut().zip(kvs.iter_mut()).zip(chunks(&next, &sizes).zip(&sizes)) {
+            g.live = seqs.by_ref().take(n).collect();
+            push_tokens(g, kv, next, stop, cfg.max_new_tokens, &mut stats);
+        }
+    }
+    Ok((out.into_iter().map(|g| g.expect("every request generated")).collect(), stats))
+}
+
+fn chunks<'a>(v: &'a [u32], sizes: &'a [usize]) -> impl Iterator<Item = &'a [u32]> + 'a {
+    let mut start = 0;
+    sizes.iter().map(move |&n| {
+        let c = &v[start..start + n];
+        start += n;
+        c
+    })
+}
+
+/// Append each live row's next token; rows that stop or reach `max_new` move to `done` (and
+/// their cache rows are dropped).
+fn push_tokens<B: ModelBackend>(g: &mut Running, kv: &mut GroupKv<B>, next: &[u32], stop: &[u32], max_new: usize, stats: &mut EngineStats) {
+    let mut keep = vec![];
+    let live = std::mem::take(&mut g.live);
+    for (r, (mut s, &t)) in live.into_iter().zip(next).enumerate() {
+        s.tokens.push(t);
+        stats.new_tokens += 1;
+        if stop.contains(&t) {
+            s.stopped = true;
+        }
+        if s.stopped || s.tokens.len() >= max_new {
+            g.done.push(s);
+        } else {
+            keep.push(r);
+            g.live.push(s);
+        }
+    }
+    if !g.live.is_empty() {
+        kv.retain(&keep);
+    }
+}
+
+/// `-inf` at the image/video placeholder ids (never emitted: a response holding one would claim
+/// an image slot without pixels), 0 elsewhere: `[1, V]`.
+fn banned_row<B: ModelBackend>(model: &Qwen25VL<B>, head: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let v = head.dims()[1];
+    let banned: Vec<usize> = [model.config.tokens.image_token_id, model.config.tokens.video_token_id]
+        .into_iter()
+        .flatten()
+        .map(|t| t as usize)
+        .filter(|&t| t < v)
+        .collect();
+    if banned.is_empty() {
+        return None;
+    }
+    let mut row = vec![0.0f32; v];
+    for t in banned {
+        row[t] = f32::NEG_INFINITY;
+    }
+    Some(Tensor::from_data(TensorData::new(row, [1, v]), &head.device()))
+}
+
+/// The next token of every row from its final hidden state `[rows, C]`, on the device; each
+/// sampling row draws one uniform number from its own RNG.
+fn next_tokens<B: ModelBackend>(head: &Tensor<B, 2>, banned: &Option<Tensor<B, 2>>, hidden: Tensor<B, 2>, cfg: &SamplingConfig, seqs: &mut [Seq]) -> Vec<u32> {
+    let logits = crate::model::nn::upcast(hidden.matmul(head.clone()));
+    let logits = match banned {
+        Some(b) => logits + b.clone(),
+        None => logits,
+    };
+    let u: Vec<f64> = if cfg.is_greedy() { vec![] } else { seqs.iter_mut().map(|s| s.rng.random::<f64>()).collect() };
+    sample_on_device(logits, cfg, &u)
+}
+
+/// Choose one token per row of `logits [rows, V]` on the device: greedy (argmax) or, with the
+/// uniform numbers `u` (one per row), temperature, top-k (ties with the k-th kept), top-p (the
+/// smallest prefix of the sorted distribution whose mass reaches `top_p`) and an inverse-CDF draw.
+pub fn sample_on_device<B: Backend>(logits: Tensor<B, 2>, cfg: &SamplingConfig, u: &[f64]) -> Vec<u32> {
+    let [rows, v] = logits.dims();
+    let device = logits.device();
+    let ids = |t: Tensor<B, 2, Int>| -> Vec<u32> { t.into_data().iter::<i64>().map(|x| x as u32).collect() };
+    if cfg.is_greedy() {
+        return ids(logits.argmax(1));
+    }
+    let z = logits.div_scalar(cfg.temperature as f64);
+    let filtered = cfg.top_k > 0 && cfg.top_k < v || cfg.top_p < 1.0;
+    let (z, order) = if filtered {
+        let (sorted, order) = z.sort_descending_with_indices(1);
+        (sorted, Some(order))
+    } else {
+        (z, None)
+    };
+    let z = if cfg.top_k > 0 && cfg.top_k < v {
+        let kth = z.clone().narrow(1, cfg.top_k - 1, 1);
+        z.clone().mask_fill(z.lower(kth.expand([rows, v])), f32::NEG_INFINITY)
+    } else {
+        z
+    };
+    let mut p = softmax(z, 1);
+    if cfg.top_p < 1.0 {
+        let exclusive = p.clone().cumsum(1) - p.clone();
+        p = p.mask_fill(exclusive.greater_equal_elem(cfg.top_p as f64), 0.0);
+    }
+    let c = p.cumsum(1);
+    let total = c.clone().narrow(1, v - 1, 1);
+    let target = Tensor::<B, 2>::from_data(TensorData::new(u.iter().map(|&x| x as f32).collect::<Vec<_>>(), [rows, 1]), &device) * total;
+    let j = c.lower_equal(target.expand([rows, v])).int().sum_dim(1).clamp_max(v as i64 - 1);
+    match order {
+        Some(order) => ids(order.gather(1, j)),
+        None => ids(j),
+    }
+}
