@@ -308,10 +308,10 @@ fn paper_plan_3b() {
     assert_eq!(m.accumulation, 0);
     assert_eq!(m.optimizer_state, 8 * n);
     assert_eq!(m.optimizer_transient, 3 * 4 * 151_936 * 2048);
-    // Saved layer inputs 36 x 4 x 4096 x 2048 x 2 bytes, one layer's working set twice
-    // 2 x 4 x 4096 x (10*2048 + 4*256 + 6*11008) x 2, embeddings and final norm 3 x 4 x 4096 x 2048 x 2.
+    // Saved layer inputs 36 x 4 x 4096 x 2048 x 2 bytes, one layer's working set
+    // 4 x 4096 x (10*2048 + 4*256 + 6*11008) x 2, embeddings and final norm 3 x 4 x 4096 x 2048 x 2.
     let (bs, e) = (4 * 4096u64, 2u64);
-    assert_eq!(m.activations, 36 * bs * 2048 * e + 2 * bs * (10 * 2048 + 4 * 256 + 6 * 11008) * e + 3 * bs * 2048 * e);
+    assert_eq!(m.activations, 36 * bs * 2048 * e + bs * (10 * 2048 + 4 * 256 + 6 * 11008) * e + 3 * bs * 2048 * e);
     assert_eq!(m.attention_working_set, 4 * 4 * 16 * 128 * 128 * 4 + 4 * bs * 2048);
     assert_eq!(m.logits, 4 * 1024 * 151_936 * 4);
     assert!(m.total() <= 80 << 30, "3B recipe at 4 x 4,096 tokens: {} bytes > 80 GiB", m.total());

@@ -218,17 +218,20 @@ fn decode(bytes: &[u8], dtype: Dtype, n: usize, transposed: Option<(usize, usize
     if bytes.len() != n * width {
         bail!("holds {} bytes, {n} values of {dtype:?} need {}", bytes.len(), n * width);
     }
-    let value = move |i: usize| -> f32 {
-        let c = &bytes[i * width..(i + 1) * width];
-        match dtype {
-            Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-            Dtype::BF16 => half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
-            Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
-            _ => f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32,
-        }
-    };
+    Ok(match dtype {
+        Dtype::F32 => decode_as::<4>(bytes, n, transposed, |c| f32::from_le_bytes(c)),
+        Dtype::BF16 => decode_as::<2>(bytes, n, transposed, |c| f32::from_bits((u16::from_le_bytes(c) as u32) << 16)),
+        Dtype::F16 => decode_as::<2>(bytes, n, transposed, |c| half::f16::from_bits(u16::from_le_bytes(c)).to_f32()),
+        _ => decode_as::<8>(bytes, n, transposed, |c| f64::from_le_bytes(c) as f32),
+    })
+}
+
+/// [`decode`] for values of `W` bytes converted by `conv` (monomorphised per dtype: the inner
+/// loops are plain loads and shifts).
+fn decode_as<const W: usize>(bytes: &[u8], n: usize, transposed: Option<(usize, usize)>, conv: fn([u8; W]) -> f32) -> Vec<f32> {
     let mut out = vec![0f32; n];
-    // Output rows per thread: the output is `[cols, rows]` when transposed, else `[n / 1]`.
+    let at = |c: &[u8]| conv(c.try_into().expect("W bytes"));
+    // Work is split by output rows: `[cols, rows]` when transposed, else 4,096-value rows.
     let (out_rows, out_cols) = match transposed {
         Some((rows, cols)) => (cols, rows),
         None => (n.div_ceil(4096).max(1), 4096.min(n.max(1))),
@@ -241,29 +244,33 @@ fn decode(bytes: &[u8], dtype: Dtype, n: usize, transposed: Option<(usize, usize
                 let first = k * per;
                 match transposed {
                     Some((rows, cols)) => {
-                        // out[c][r] = in[r][c] for the output rows c of this chunk, in tiles.
+                        // chunk[c][r] = in[r][first + c], in 32 x 32 tiles.
                         const T: usize = 32;
                         let n_c = chunk.len() / rows;
-                        for r0 in (0..rows).step_by(T) {
-                            for c in 0..n_c {
-                                let cc = first + c;
+                        for c0 in (0..n_c).step_by(T) {
+                            let c1 = (c0 + T).min(n_c);
+                            for r0 in (0..rows).step_by(T) {
                                 for r in r0..(r0 + T).min(rows) {
-                                    chunk[c * rows + r] = value(r * cols + cc);
+                                    let src = &bytes[(r * cols + first + c0) * W..(r * cols + first + c1) * W];
+                                    for (j, v) in src.chunks_exact(W).enumerate() {
+                                        chunk[(c0 + j) * rows + r] = at(v);
+                                    }
                                 }
                             }
                         }
                     }
                     None => {
                         let start = first * out_cols;
-                        for (j, o) in chunk.iter_mut().enumerate() {
-                            *o = value(start + j);
+                        let src = &bytes[start * W..(start + chunk.len()) * W];
+                        for (o, v) in chunk.iter_mut().zip(src.chunks_exact(W)) {
+                            *o = at(v);
                         }
                     }
                 }
             });
         }
     });
-    Ok(out)
+    out
 }
 
 /// On-disk dtype of a saved checkpoint.

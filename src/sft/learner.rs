@@ -173,7 +173,9 @@ pub fn train_sft<B: TrainBackend>(recipe: &SftRecipe, resume: bool, device: &B::
     let mut last_loss = f64::NAN;
     let (t_start, mut tokens_since) = (Instant::now(), 0usize);
     for scheduled in schedule.iter() {
+        let t_wait = Instant::now();
         let micro = loader.next()?;
+        let data_wait = t_wait.elapsed().as_secs_f64();
         let step = run.state.step;
 
         // Loss: mean negative log-likelihood over every target token of the step; one backward
@@ -207,7 +209,7 @@ pub fn train_sft<B: TrainBackend>(recipe: &SftRecipe, resume: bool, device: &B::
             metrics.write(&json!({
                 "step": s.step, "epoch": s.epoch as f64 + s.batch_in_epoch as f64 / scheduled.batches_in_epoch.max(1) as f64,
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": s.tokens_seen, "target_tokens": denom,
-                "padding": 1.0 - real as f64 / tokens.max(1) as f64,
+                "padding": 1.0 - real as f64 / tokens.max(1) as f64, "data_wait_s": data_wait,
                 "samples_per_s": samples as f64 / dt, "tokens_per_s": tokens as f64 / dt,
             }))?;
         }

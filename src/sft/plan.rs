@@ -173,8 +173,8 @@ pub fn param_counts(cfg: &Qwen25VlConfig) -> ParamCounts {
 ///   - `off`: per layer `b s (10 h + 4 kv + 6 i) e` (norm inputs and outputs, q/k/v before and
 ///     after rotary, the attention output, the MLP's gate, SiLU pieces, up and product);
 ///   - `balanced`: matmul and reduction results only, per layer `b s (5 h + 3 kv + 2 i) e`;
-///   - `layer`: the input of every layer `L b s h e`, plus one layer's working set twice (its
-///     recomputed forward and its backward) `2 b s (10 h + 4 kv + 6 i) e`;
+///   - `layer`: the input of every layer `L b s h e`, plus the working set of the one layer being
+///     recomputed and back-propagated `b s (10 h + 4 kv + 6 i) e`;
 ///   - the embeddings and the final norm `3 b s h e`; the vision tower's blocks when it trains
 ///     (`b n (11 hv + 4 iv) e` per block, `n` patches per sample);
 /// - `attention_working_set`: the memory-efficient attention holds tiles, not `s x s` scores:
@@ -258,7 +258,7 @@ pub fn activation_terms(cfg: &Qwen25VlConfig, freeze: &FreezeConfig, a: &Activat
     let mut act = match a.checkpointing {
         GradientCheckpointing::Off => layers * layer_off,
         GradientCheckpointing::Balanced => layers * b * s * (5 * h + 3 * kv + 2 * i) * e,
-        GradientCheckpointing::Layer => layers * b * s * h * e + 2 * layer_off,
+        GradientCheckpointing::Layer => layers * b * s * h * e + layer_off,
     };
     act += 3 * b * s * h * e;
     let (tq, tk) = (a.tiles.q.min(a.seq) as u64, a.tiles.k.min(a.seq) as u64);
