@@ -100,7 +100,7 @@ pub fn linear_load<B: Backend>(
 pub fn linear_export<B: Backend>(lin: &Linear<B>, prefix: &str, out: &mut Vec<ExportTensor>) {
     let w = lin.weight.val();
     let [d_in, d_out] = w.dims();
-    out.push(ExportTensor::new(format!("{prefix}.weight"), vec![d_out, d_in], move || transpose(&to_vec(w.clone()), d_in, d_out)));
+    out.push(export_transposed(format!("{prefix}.weight"), vec![d_out, d_in], w));
     if let Some(b) = &lin.bias {
         out.push(ExportTensor::of(&format!("{prefix}.bias"), b.val()));
     }
@@ -148,11 +148,38 @@ pub fn named<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> NamedTe
 }
 
 impl ExportTensor {
-    /// A tensor exported as it is (row-major), read from the device when written.
+    /// A tensor exported as it is (row-major), read from the device when written, a block of
+    /// rows (first dimension) at a time.
     pub fn of<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Self {
         let shape = t.dims().to_vec();
-        ExportTensor::new(name.to_string(), shape, move || to_vec(t.clone()))
+        ExportTensor::chunked(name.to_string(), shape.clone(), move |max, sink| {
+            let rows = shape.first().copied().unwrap_or(1);
+            let per_row: usize = shape.iter().skip(1).product();
+            let step = (max / per_row.max(1)).max(1);
+            if D == 0 || rows <= step {
+                return sink(&to_vec(t.clone()));
+            }
+            for r0 in (0..rows).step_by(step) {
+                sink(&to_vec(t.clone().narrow(0, r0, step.min(rows - r0))))?;
+            }
+            Ok(())
+        })
     }
+}
+
+/// Export the `[rows, cols]` matrix `w` (Burn's `[in, out]`) transposed to HF's `[out, in]`
+/// under `shape`, read from the device a block of columns at a time.
+pub fn export_transposed<B: Backend>(name: String, shape: Vec<usize>, w: Tensor<B, 2>) -> ExportTensor {
+    let [rows, cols] = w.dims();
+    ExportTensor::chunked(name, shape, move |max, sink| {
+        let step = (max / rows.max(1)).max(1);
+        for c0 in (0..cols).step_by(step) {
+            let k = step.min(cols - c0);
+            let part = if k == cols { w.clone() } else { w.clone().narrow(1, c0, k) };
+            sink(&transpose(&to_vec(part), rows, k))?;
+        }
+        Ok(())
+    })
 }
 
 /// SiLU, `x * sigmoid(x)`, written as `x / (1 + exp(-x))`: one `exp` per element. Burn's
@@ -204,4 +231,43 @@ pub fn cast_float_params<B: Backend, M: Module<B>>(module: M, dtype: FloatDType)
         }
     }
     module.map(&mut Cast(dtype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    fn collect(e: &ExportTensor, max: usize) -> (Vec<f32>, usize) {
+        let (mut out, mut chunks) = (Vec::new(), 0);
+        e.for_each_chunk(max, &mut |c| {
+            out.extend_from_slice(c);
+            chunks += 1;
+            Ok(())
+        })
+        .unwrap();
+        (out, chunks)
+    }
+
+    /// Saving a tensor a block at a time writes exactly the values of the whole tensor.
+    #[test]
+    fn chunked_exports_equal_whole() {
+        let device = Default::default();
+        let v: Vec<f32> = (0..35).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let w = tensor2::<NdArray<f32>>(v.clone(), [5, 7], &device);
+        let e = export_transposed("w".into(), vec![7, 5], w.clone());
+        let whole = transpose(&v, 5, 7);
+        for max in [1, 4, 10, 35, 1000] {
+            let (got, chunks) = collect(&e, max);
+            assert_eq!(got, whole, "transposed, max {max}");
+            assert_eq!(chunks, 7usize.div_ceil((max / 5).max(1)), "transposed, max {max}");
+        }
+        let e = ExportTensor::of("w", w);
+        for max in [1, 6, 7, 14, 1000] {
+            let (got, chunks) = collect(&e, max);
+            assert_eq!(got, v, "rows, max {max}");
+            assert_eq!(chunks, 5usize.div_ceil((max / 7).max(1)), "rows, max {max}");
+        }
+        assert_eq!(e.values(), v);
+    }
 }

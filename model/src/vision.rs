@@ -259,11 +259,10 @@ impl<B: Backend> VisionTower<B> {
         let cfg = &self.config;
         let c = cfg.hidden_size;
         let w = self.patch_embed.weight.val();
-        let pd = cfg.patch_dim();
-        out.push(ExportTensor::new(
+        out.push(crate::nn::export_transposed(
             "visual.patch_embed.proj.weight".into(),
             vec![c, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
-            move || crate::nn::transpose(&crate::nn::to_vec(w.clone()), pd, c),
+            w,
         ));
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("visual.blocks.{i}");

@@ -307,11 +307,9 @@ impl SaveDtype {
     }
 
     fn encode(self, values: &[f32]) -> Vec<u8> {
-        match self {
-            Self::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Self::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
-            Self::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()).collect(),
-        }
+        let mut out = Vec::new();
+        encode_into(self, values, &mut out);
+        out
     }
 }
 
@@ -322,22 +320,53 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
+/// Values of an export in row-major chunks: called with the most values a chunk may hold and a
+/// sink that receives each chunk in order.
+pub type ChunkFn = dyn Fn(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>;
+
+/// At most this many values (64 MiB of f32) of one tensor are on the host at once when saving.
+pub const EXPORT_CHUNK_VALUES: usize = 1 << 24;
+
 /// One tensor of a model to export: its HF name and shape, and how to get its row-major f32
 /// values (read from the device, transposed to HF's layout) when they are written. A model is
-/// saved a tensor at a time: never more than one tensor's host copy at once.
+/// saved a chunk at a time: never more than [`EXPORT_CHUNK_VALUES`] of host values at once, so
+/// saving needs little more memory than the model itself.
 pub struct ExportTensor {
     pub name: String,
     pub shape: Vec<usize>,
-    values: Box<dyn Fn() -> Vec<f32>>,
+    chunks: Box<ChunkFn>,
 }
 
 impl ExportTensor {
+    /// An export whose values come whole from `values`.
     pub fn new(name: String, shape: Vec<usize>, values: impl Fn() -> Vec<f32> + 'static) -> Self {
-        Self { name, shape, values: Box::new(values) }
+        Self::chunked(name, shape, move |_, sink| sink(&values()))
     }
 
+    /// An export whose values come in row-major chunks (see [`ChunkFn`]).
+    pub fn chunked(
+        name: String,
+        shape: Vec<usize>,
+        chunks: impl Fn(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> + 'static,
+    ) -> Self {
+        Self { name, shape, chunks: Box::new(chunks) }
+    }
+
+    /// Feed the values to `sink` in chunks of at most `max_values` (a chunk may be larger
+    /// when one row is).
+    pub fn for_each_chunk(&self, max_values: usize, sink: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        (self.chunks)(max_values, sink)
+    }
+
+    /// All values at once.
     pub fn values(&self) -> Vec<f32> {
-        (self.values)()
+        let mut out = Vec::with_capacity(self.len());
+        self.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |c| {
+            out.extend_from_slice(c);
+            Ok(())
+        })
+        .expect("collecting values cannot fail");
+        out
     }
 
     pub fn materialize(self) -> NamedTensor {
@@ -348,6 +377,40 @@ impl ExportTensor {
     fn len(&self) -> usize {
         self.shape.iter().product()
     }
+}
+
+/// Encode `values` into `out` (cleared first) as little-endian `dtype`, on every core for
+/// large chunks.
+fn encode_into(dtype: SaveDtype, values: &[f32], out: &mut Vec<u8>) {
+    let w = match dtype {
+        SaveDtype::F32 => 4,
+        _ => 2,
+    };
+    out.clear();
+    out.resize(values.len() * w, 0);
+    let threads = if values.len() >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
+    let per = values.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (src, dst) in values.chunks(per).zip(out.chunks_mut(per * w)) {
+            s.spawn(move || match dtype {
+                SaveDtype::F32 => {
+                    for (d, x) in dst.chunks_exact_mut(4).zip(src) {
+                        d.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+                SaveDtype::BF16 => {
+                    for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                        d.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+                    }
+                }
+                SaveDtype::F16 => {
+                    for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                        d.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes());
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Write a model's tensors as HF safetensors into `dir` (see [`save_safetensors`] for the
@@ -392,12 +455,20 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
         let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
         w.write_all(&(head.len() as u64).to_le_bytes())?;
         w.write_all(&head)?;
+        let mut bytes = Vec::new();
         for t in shard {
-            let values = t.values();
-            if values.len() != t.len() {
-                bail!("tensor `{}`: {} values for shape {:?}", t.name, values.len(), t.shape);
+            let mut count = 0usize;
+            t.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |values| {
+                count += values.len();
+                if count > t.len() {
+                    bail!("tensor `{}`: more than {} values for shape {:?}", t.name, t.len(), t.shape);
+                }
+                encode_into(dtype, values, &mut bytes);
+                w.write_all(&bytes).with_context(|| format!("writing {}", tmp.display()))
+            })?;
+            if count != t.len() {
+                bail!("tensor `{}`: {count} values for shape {:?}", t.name, t.shape);
             }
-            w.write_all(&dtype.encode(&values)).with_context(|| format!("writing {}", tmp.display()))?;
             weight_map.insert(t.name.clone(), json!(file_name));
         }
         w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?.sync_all().ok();
