@@ -106,23 +106,6 @@ pub fn linear_export<B: Backend>(lin: &Linear<B>, prefix: &str, out: &mut Vec<Ex
     }
 }
 
-/// Row-major transpose of a `rows x cols` matrix (blocked, so that both sides are read and
-/// written a cache line at a time).
-pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const T: usize = 32;
-    let mut out = vec![0f32; v.len()];
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    out[c * rows + r] = v[r * cols + c];
-                }
-            }
-        }
-    }
-    out
-}
-
 pub fn tensor1<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
     let n = v.len();
     Tensor::from_data(TensorData::new(v, [n]), device)
@@ -173,10 +156,14 @@ pub fn export_transposed<B: Backend>(name: String, shape: Vec<usize>, w: Tensor<
     let [rows, cols] = w.dims();
     ExportTensor::chunked(name, shape, move |max, sink| {
         let step = (max / rows.max(1)).max(1);
+        // One output buffer for all of the tensor's blocks (a fresh one per block is a fresh
+        // mapping the kernel must fault in and zero each time).
+        let mut out = Vec::new();
         for c0 in (0..cols).step_by(step) {
             let k = step.min(cols - c0);
-            let part = if k == cols { w.clone() } else { w.clone().narrow(1, c0, k) };
-            sink(&transpose(&to_vec(part), rows, k))?;
+            let part = to_vec(if k == cols { w.clone() } else { w.clone().narrow(1, c0, k) });
+            crate::weights::transpose_with(rows, k, &mut out, |i| part[i]);
+            sink(&out)?;
         }
         Ok(())
     })
@@ -256,7 +243,8 @@ mod tests {
         let v: Vec<f32> = (0..35).map(|i| i as f32 * 0.5 - 3.0).collect();
         let w = tensor2::<NdArray<f32>>(v.clone(), [5, 7], &device);
         let e = export_transposed("w".into(), vec![7, 5], w.clone());
-        let whole = transpose(&v, 5, 7);
+        // HF's [7, 5]: row c holds column c of the [5, 7] matrix.
+        let whole: Vec<f32> = (0..35).map(|k| v[(k % 5) * 7 + k / 5]).collect();
         for max in [1, 4, 10, 35, 1000] {
             let (got, chunks) = collect(&e, max);
             assert_eq!(got, whole, "transposed, max {max}");

@@ -219,18 +219,23 @@ fn decode(bytes: &[u8], dtype: Dtype, n: usize, transposed: Option<(usize, usize
         bail!("holds {} bytes, {n} values of {dtype:?} need {}", bytes.len(), n * width);
     }
     Ok(match dtype {
-        Dtype::F32 => decode_as::<4>(bytes, n, transposed, |c| f32::from_le_bytes(c)),
-        Dtype::BF16 => decode_as::<2>(bytes, n, transposed, |c| f32::from_bits((u16::from_le_bytes(c) as u32) << 16)),
-        Dtype::F16 => decode_as::<2>(bytes, n, transposed, |c| half::f16::from_bits(u16::from_le_bytes(c)).to_f32()),
-        _ => decode_as::<8>(bytes, n, transposed, |c| f64::from_le_bytes(c) as f32),
+        Dtype::F32 => decode_as::<4, _>(bytes, n, transposed, |c| f32::from_le_bytes(c)),
+        Dtype::BF16 => decode_as::<2, _>(bytes, n, transposed, |c| f32::from_bits((u16::from_le_bytes(c) as u32) << 16)),
+        Dtype::F16 => decode_as::<2, _>(bytes, n, transposed, |c| half::f16::from_bits(u16::from_le_bytes(c)).to_f32()),
+        _ => decode_as::<8, _>(bytes, n, transposed, |c| f64::from_le_bytes(c) as f32),
     })
 }
 
-/// [`decode`] for values of `W` bytes converted by `conv` (monomorphised per dtype: the inner
-/// loops are plain loads and shifts).
-fn decode_as<const W: usize>(bytes: &[u8], n: usize, transposed: Option<(usize, usize)>, conv: fn([u8; W]) -> f32) -> Vec<f32> {
+/// [`decode`] for values of `W` bytes converted by `conv` (generic over the conversion, so that
+/// each dtype gets its own inner loops, which the compiler vectorises; a `fn` pointer here was an
+/// indirect call per value).
+fn decode_as<const W: usize, F>(bytes: &[u8], n: usize, transposed: Option<(usize, usize)>, conv: F) -> Vec<f32>
+where
+    F: Fn([u8; W]) -> f32 + Copy + Send,
+{
     let mut out = vec![0f32; n];
-    let at = |c: &[u8]| conv(c.try_into().expect("W bytes"));
+    huge_pages(&out);
+    let at = move |c: &[u8]| conv(c.try_into().expect("W bytes"));
     // Work is split by output rows: `[cols, rows]` when transposed, else 4,096-value rows.
     let (out_rows, out_cols) = match transposed {
         Some((rows, cols)) => (cols, rows),
@@ -243,22 +248,7 @@ fn decode_as<const W: usize>(bytes: &[u8], n: usize, transposed: Option<(usize, 
             s.spawn(move || {
                 let first = k * per;
                 match transposed {
-                    Some((rows, cols)) => {
-                        // chunk[c][r] = in[r][first + c], in 32 x 32 tiles.
-                        const T: usize = 32;
-                        let n_c = chunk.len() / rows;
-                        for c0 in (0..n_c).step_by(T) {
-                            let c1 = (c0 + T).min(n_c);
-                            for r0 in (0..rows).step_by(T) {
-                                for r in r0..(r0 + T).min(rows) {
-                                    let src = &bytes[(r * cols + first + c0) * W..(r * cols + first + c1) * W];
-                                    for (j, v) in src.chunks_exact(W).enumerate() {
-                                        chunk[(c0 + j) * rows + r] = at(v);
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    Some((rows, cols)) => transpose_block(rows, cols, first, chunk, |i| at(&bytes[i * W..(i + 1) * W])),
                     None => {
                         let start = first * out_cols;
                         let src = &bytes[start * W..(start + chunk.len()) * W];
@@ -271,6 +261,84 @@ fn decode_as<const W: usize>(bytes: &[u8], n: usize, transposed: Option<(usize, 
         }
     });
     out
+}
+
+/// Ask Linux to back `v` (fresh, not yet touched) with 2 MiB pages where it spans them. Every
+/// weight is a new allocation that the kernel must fault in and zero page by page; with 4 KiB
+/// pages that was over half of a 3B load (BENCHMARKS.md, "Checkpoints"), with huge pages the
+/// same 14 GiB fault in 2.4x faster. A hint only: without THP (or on other systems) nothing
+/// changes.
+fn huge_pages(v: &[f32]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 1 << 21;
+        let (p, len) = (v.as_ptr() as usize, std::mem::size_of_val(v));
+        let (a, b) = (p.div_ceil(HUGE) * HUGE, (p + len) / HUGE * HUGE);
+        if b > a {
+            // SAFETY: advice on whole pages inside `v`'s own allocation; MADV_HUGEPAGE changes
+            // how the kernel backs them, never their contents.
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
+}
+
+/// Write into `out` (reusing its memory) the `[cols, rows]` transpose of the `rows x cols`
+/// matrix whose value `[r][c]` is `get(r * cols + c)`, on every core for large matrices.
+pub fn transpose_with(rows: usize, cols: usize, out: &mut Vec<f32>, get: impl Fn(usize) -> f32 + Sync) {
+    let n = rows * cols;
+    if out.capacity() < n {
+        // Fresh (untouched, zeroed by the kernel on first write) memory, backed by huge pages.
+        *out = vec![0f32; n];
+        huge_pages(out);
+    } else {
+        out.clear();
+        out.resize(n, 0.0);
+    }
+    let threads = if n >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
+    let per = cols.div_ceil(threads).max(1);
+    let get = &get;
+    std::thread::scope(|s| {
+        for (k, chunk) in out.chunks_mut((per * rows).max(1)).enumerate() {
+            s.spawn(move || transpose_block(rows, cols, k * per, chunk, get));
+        }
+    });
+}
+
+/// Output rows `first..first + out.len() / rows` of the transpose of the `rows x cols` matrix
+/// whose value `[r][c]` is `get(r * cols + c)`: `out[c - first][r] = [r][c]`. A block of `TR`
+/// source rows is consumed whole before the next: each of its rows is read `TC` values at a
+/// time (contiguous reads) into a tile, which is written out `TR` contiguous values per output
+/// row. 32 x 256 was the fastest tile shape tried on the 3B matrices (BENCHMARKS.md,
+/// "Checkpoints"); walking one column block down all rows reads one 128-byte piece of every
+/// source page per pass and ran 1.5-4x slower.
+fn transpose_block(rows: usize, cols: usize, first: usize, out: &mut [f32], get: impl Fn(usize) -> f32) {
+    const TR: usize = 32;
+    const TC: usize = 256;
+    if rows == 0 {
+        return;
+    }
+    let n_c = out.len() / rows;
+    let mut tile = vec![0f32; TR * TC];
+    for r0 in (0..rows).step_by(TR) {
+        let tr = TR.min(rows - r0);
+        for c0 in (0..n_c).step_by(TC) {
+            let tc = TC.min(n_c - c0);
+            for i in 0..tr {
+                let from = (r0 + i) * cols + first + c0;
+                for (j, t) in tile[i * TC..i * TC + tc].iter_mut().enumerate() {
+                    *t = get(from + j);
+                }
+            }
+            for j in 0..tc {
+                let dst = &mut out[(c0 + j) * rows + r0..][..tr];
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = tile[i * TC + j];
+                }
+            }
+        }
+    }
 }
 
 /// On-disk dtype of a saved checkpoint.
@@ -324,8 +392,11 @@ pub struct NamedTensor {
 /// sink that receives each chunk in order.
 pub type ChunkFn = dyn Fn(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>;
 
-/// At most this many values (64 MiB of f32) of one tensor are on the host at once when saving.
-pub const EXPORT_CHUNK_VALUES: usize = 1 << 24;
+/// At most this many values (16 MiB of f32) of one tensor are on the host at once when saving.
+/// Blocks under glibc's largest mmap threshold (32 MiB) reuse freed heap memory; larger ones
+/// were fresh mappings each time, which the kernel faulted in and zeroed page by page (a quarter
+/// of a 3B save's time with 64 MiB blocks).
+pub const EXPORT_CHUNK_VALUES: usize = 1 << 22;
 
 /// One tensor of a model to export: its HF name and shape, and how to get its row-major f32
 /// values (read from the device, transposed to HF's layout) when they are written. A model is
@@ -413,11 +484,54 @@ fn encode_into(dtype: SaveDtype, values: &[f32], out: &mut Vec<u8>) {
     });
 }
 
+/// Where [`write_behind`]'s producer puts its bytes: blocks go to the writer thread, which
+/// hands emptied ones back for reuse.
+struct Blocks<'a> {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    path: &'a Path,
+}
+
+impl Blocks<'_> {
+    /// Fill a block with `fill` and queue it (`Err` once the writer has stopped).
+    fn send(&mut self, fill: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
+        let mut block = self.spare.try_recv().unwrap_or_default();
+        block.clear();
+        fill(&mut block);
+        self.tx.send(block).map_err(|_| anyhow::anyhow!("writing {}: the writer stopped", self.path.display()))
+    }
+}
+
+/// Run `produce`, which hands bytes to its [`Blocks`], while a second thread writes them to `file`
+/// (`path` for errors): encoding the next block overlaps writing the last (a save is bounded by
+/// the disk, whose page cache throttles writers to its speed, or by the encoding, not by both
+/// one after the other). At most two blocks wait. Returns the file, all bytes written.
+fn write_behind(file: File, path: &Path, produce: impl FnOnce(&mut Blocks) -> Result<()>) -> Result<File> {
+    use std::io::Write;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    let (spare_tx, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<File> {
+            let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+            for block in rx {
+                w.write_all(&block).with_context(|| format!("writing {}", path.display()))?;
+                let _ = spare_tx.send(block);
+            }
+            w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        });
+        let produced = produce(&mut Blocks { tx, spare, path });
+        let written = writer.join().map_err(|_| anyhow::anyhow!("writing {}: the writer thread panicked", path.display()))?;
+        // The writer's own error (a full disk, say) explains a failed send better than the send.
+        let file = written?;
+        produced?;
+        Ok(file)
+    })
+}
+
 /// Write a model's tensors as HF safetensors into `dir` (see [`save_safetensors`] for the
 /// layout), one tensor at a time: each header is written first from the names and shapes, then
 /// every tensor's bytes are computed, written and dropped.
 pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
-    use std::io::Write;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let elem = match dtype {
         SaveDtype::F32 => 4,
@@ -452,27 +566,33 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
         let path = dir.join(&file_name);
         let tmp = dir.join(format!(".{file_name}.tmp"));
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
-        w.write_all(&(head.len() as u64).to_le_bytes())?;
-        w.write_all(&head)?;
-        let mut bytes = Vec::new();
-        for t in shard {
-            let mut count = 0usize;
-            t.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |values| {
-                count += values.len();
-                if count > t.len() {
-                    bail!("tensor `{}`: more than {} values for shape {:?}", t.name, t.len(), t.shape);
-                }
-                encode_into(dtype, values, &mut bytes);
-                w.write_all(&bytes).with_context(|| format!("writing {}", tmp.display()))
+        let file = write_behind(file, &tmp, |blocks| {
+            blocks.send(|b| {
+                b.extend_from_slice(&(head.len() as u64).to_le_bytes());
+                b.extend_from_slice(&head);
             })?;
-            if count != t.len() {
-                bail!("tensor `{}`: {count} values for shape {:?}", t.name, t.shape);
+            for t in shard {
+                let mut count = 0usize;
+                t.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |values| {
+                    count += values.len();
+                    if count > t.len() {
+                        bail!("tensor `{}`: more than {} values for shape {:?}", t.name, t.len(), t.shape);
+                    }
+                    blocks.send(|b| encode_into(dtype, values, b))
+                })?;
+                if count != t.len() {
+                    bail!("tensor `{}`: {count} values for shape {:?}", t.name, t.shape);
+                }
+                weight_map.insert(t.name.clone(), json!(file_name));
             }
-            weight_map.insert(t.name.clone(), json!(file_name));
-        }
-        w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?.sync_all().ok();
+            Ok(())
+        })?;
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        // Complete under its name (the rename is atomic: a killed process leaves no half shard
+        // under a valid name); flushed to disk in the background, as the kernel would do a few
+        // seconds later anyway. Waiting for the flush here (7.5 GB at the 3B shape) made a save
+        // take 3x transformers' `save_pretrained`, which does not flush at all.
+        std::thread::spawn(move || file.sync_all());
         total += offset;
         written.push(path);
     }
@@ -556,6 +676,25 @@ mod tests {
         assert_eq!(canonical_name("model.layers.1.self_attn.q_proj.bias"), "model.layers.1.self_attn.q_proj.bias");
         assert_eq!(canonical_name("lm_head.weight"), "lm_head.weight");
         assert_eq!(canonical_name("visual.merger.mlp.0.weight"), "visual.merger.mlp.0.weight");
+    }
+
+    /// The tiled, threaded transposing decode against the plain definition, on shapes that
+    /// do not divide the tiles and (the last) large enough to be split over threads.
+    #[test]
+    fn transposed_decode_matches_the_definition() {
+        for (rows, cols) in [(1, 1), (3, 700), (300, 5), (33, 257), (1100, 1000)] {
+            let bits: Vec<u16> = (0..rows * cols).map(|i| (i as u16).wrapping_mul(40503) >> 2).collect();
+            let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let got = decode(&bytes, Dtype::BF16, rows * cols, Some((rows, cols))).unwrap();
+            for r in 0..rows {
+                for c in 0..cols {
+                    let want = f32::from_bits((bits[r * cols + c] as u32) << 16);
+                    assert_eq!(got[c * rows + r].to_bits(), want.to_bits(), "{rows}x{cols} at [{r}, {c}]");
+                }
+            }
+            let plain = decode(&bytes, Dtype::BF16, rows * cols, None).unwrap();
+            assert!(plain.iter().zip(&bits).all(|(v, b)| v.to_bits() == (*b as u32) << 16));
+        }
     }
 
     #[test]
