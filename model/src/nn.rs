@@ -136,10 +136,11 @@ impl ExportTensor {
     pub fn of<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Self {
         let shape = t.dims().to_vec();
         ExportTensor::chunked(name.to_string(), shape.clone(), move |max, sink| {
+            // A 0-d tensor has one "row": the whole-tensor branch below.
             let rows = shape.first().copied().unwrap_or(1);
             let per_row: usize = shape.iter().skip(1).product();
             let step = (max / per_row.max(1)).max(1);
-            if D == 0 || rows <= step {
+            if rows <= step {
                 return sink(&to_vec(t.clone()));
             }
             for r0 in (0..rows).step_by(step) {

@@ -374,6 +374,14 @@ impl SaveDtype {
         }
     }
 
+    /// Bytes per value on disk.
+    fn width(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::BF16 | Self::F16 => 2,
+        }
+    }
+
     fn encode(self, values: &[f32]) -> Vec<u8> {
         let mut out = Vec::new();
         encode_into(self, values, &mut out);
@@ -453,10 +461,7 @@ impl ExportTensor {
 /// Encode `values` into `out` (cleared first) as little-endian `dtype`, on every core for
 /// large chunks.
 fn encode_into(dtype: SaveDtype, values: &[f32], out: &mut Vec<u8>) {
-    let w = match dtype {
-        SaveDtype::F32 => 4,
-        _ => 2,
-    };
+    let w = dtype.width();
     out.clear();
     out.resize(values.len() * w, 0);
     let threads = if values.len() >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
@@ -533,10 +538,7 @@ fn write_behind(file: File, path: &Path, produce: impl FnOnce(&mut Blocks) -> Re
 /// every tensor's bytes are computed, written and dropped.
 pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let elem = match dtype {
-        SaveDtype::F32 => 4,
-        _ => 2,
-    };
+    let elem = dtype.width();
     let mut shards: Vec<Vec<&ExportTensor>> = vec![vec![]];
     let mut size = 0usize;
     for t in tensors {
@@ -611,10 +613,7 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
 /// `max_shard_bytes`. Files are written under temporary names and renamed into place.
 pub fn save_safetensors(dir: &Path, tensors: &[NamedTensor], dtype: SaveDtype, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let elem = match dtype {
-        SaveDtype::F32 => 4,
-        _ => 2,
-    };
+    let elem = dtype.width();
     // Group into shards in order.
     let mut shards: Vec<Vec<&NamedTensor>> = vec![vec![]];
     let mut size = 0usize;
