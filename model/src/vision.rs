@@ -20,12 +20,15 @@ use crate::nn::{apply_rotary, int1, linear_export, linear_init, linear_load, sil
 use crate::rope;
 use crate::weights::{ExportTensor, WeightReader};
 
-static FORWARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    static FORWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
-/// Vision tower forward passes run in this process so far (the rollout engine's tests count
-/// that a prompt's image goes through the tower once for all its samples).
+/// Vision tower forward passes called from this thread so far (the rollout engine's tests count
+/// that a prompt's image goes through the tower once for all its samples; per thread, so tests
+/// running in parallel do not see each other's forwards).
 pub fn forward_count() -> usize {
-    FORWARDS.load(std::sync::atomic::Ordering::Relaxed)
+    FORWARDS.with(|c| c.get())
 }
 
 /// How the tokens of one forward pass split into attention segments.
@@ -291,7 +294,7 @@ impl<B: ModelBackend> VisionTower<B> {
 
     /// [`Self::forward`] with the given attention.
     pub fn forward_with(&self, pixel_values: Tensor<B, 2>, grids: &[[usize; 3]], imp: AttentionImpl) -> Tensor<B, 2> {
-        FORWARDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        FORWARDS.with(|c| c.set(c.get() + 1));
         let cfg = &self.config;
         let device = pixel_values.device();
         let [n, _] = pixel_values.dims();
