@@ -41,6 +41,12 @@ impl BackendKind {
         matches!(self, BackendKind::Cuda | BackendKind::Flex)
     }
 
+    /// Whether the backend computes on the CPU (one device: data-parallel ranks are workers
+    /// sharing it, not separate devices).
+    pub fn is_cpu(self) -> bool {
+        matches!(self, BackendKind::Ndarray | BackendKind::Flex)
+    }
+
     /// The CPU backend commands and recipes use unless told otherwise: flex when compiled in (it
     /// trains and generates faster than ndarray on a CPU; BENCHMARKS.md), else ndarray.
     pub fn cpu_default() -> BackendKind {

@@ -43,8 +43,22 @@ pub fn load_model<B: Backend>(model: &str, seed: u64, device: &B::Device) -> Res
         ModelSource::Builtin(name) => {
             let dir = builtin_dir(&name)?;
             let cfg = Qwen25VlConfig::from_dir(&dir)?;
+            // The backend's RNG is one per process and burn draws a parameter's values when it
+            // is first read: seed, build and read every parameter under one lock, so that the
+            // weights depend on the seed alone, not on other threads (data-parallel ranks)
+            // drawing at the same time.
+            static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _lock = INIT.lock().unwrap_or_else(|e| e.into_inner());
             B::seed(device, seed);
-            Ok(Qwen25VL::init(&cfg, device))
+            let model = Qwen25VL::init(&cfg, device);
+            struct Touch;
+            impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
+                fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<B, D>>) {
+                    let _ = param.val();
+                }
+            }
+            burn::module::Module::visit(&model, &mut Touch);
+            Ok(model)
         }
         ModelSource::Dir(d) => Qwen25VL::load(&d, device).with_context(|| format!("loading model {}", d.display())),
     }

@@ -284,10 +284,15 @@ fn paper_plan_3b() {
     let plan = build_plan(&recipe, &cfg, &available).unwrap();
     assert_eq!(plan.sources.iter().map(|s| s.selected).collect::<Vec<_>>(), [40_000, 108_000, 40_000]);
     assert_eq!(plan.total_samples, 188_000);
-    assert_eq!(plan.steps_per_epoch, 47_000); // ceil(188000 / (4 * 1))
-    assert_eq!(plan.total_steps, 235_000); // x 5 epochs
-    assert_eq!(plan.warmup_steps, 23_500);
+    assert_eq!(plan.world_size, 8); // one node of 8 GPUs, as the paper
+    assert_eq!(plan.steps_per_epoch, 5_875); // ceil(188000 / (4 * 8 * 1))
+    assert_eq!(plan.total_steps, 29_375); // x 5 epochs
+    assert_eq!(plan.warmup_steps, 2_938);
     assert_eq!(plan.warmup_steps, (0.1 * plan.total_steps as f64).ceil() as usize);
+    // The dry run shows the per-rank plan of the world size.
+    let text = plan.to_string();
+    assert!(text.contains("4 per device x 1 accumulation x 8 rank(s) (1 node(s) x 8 devices) = 32 examples per optimizer step"), "{text}");
+    assert!(text.contains("per rank   4 examples per optimizer step (4 per micro-batch x 1), 29,375 steps"), "{text}");
 
     let p = param_counts(&cfg);
     assert_eq!(p.total(), 3_754_622_976);
@@ -318,13 +323,13 @@ fn paper_plan_3b() {
     // What the materialising attention would add: 36 layers x 6 x 4 x 16 x 4096^2 x 4 bytes.
     assert_eq!(m.reference_attention, 36 * 6 * 4 * 16 * 4096 * 4096 * 4);
 
-    // The paper's global batch on one device: 8 x accumulation -> 5,875 steps per epoch.
-    let r8 = SftRecipe::from_file(repo("recipes/infimed-sft-3b.toml"), &["grad_accum=8".into()]).unwrap();
+    // The paper's global batch on one device: 8 x accumulation -> the same 5,875 steps per epoch.
+    let r8 = SftRecipe::from_file(repo("recipes/infimed-sft-3b.toml"), &["grad_accum=8".into(), "parallel.devices=1".into()]).unwrap();
     let plan8 = build_plan(&r8, &cfg, &available).unwrap();
     assert_eq!((plan8.steps_per_epoch, plan8.total_steps, plan8.warmup_steps), (5_875, 29_375, 2_938));
 
-    // An ablation is one line; rounding up: 168,001 samples / 4 -> 42,001 steps.
-    let r = SftRecipe::from_file(repo("recipes/infimed-sft-3b.toml"), &["data.0.samples=20001".into()]).unwrap();
+    // An ablation is one line; rounding up: 168,001 samples / 4 -> 42,001 steps (one device).
+    let r = SftRecipe::from_file(repo("recipes/infimed-sft-3b.toml"), &["data.0.samples=20001".into(), "parallel.devices=1".into()]).unwrap();
     let plan = build_plan(&r, &cfg, &available).unwrap();
     assert_eq!(plan.total_samples, 168_001);
     assert_eq!(plan.steps_per_epoch, 42_001);
@@ -332,7 +337,7 @@ fn paper_plan_3b() {
     assert_eq!(plan.warmup_steps, warmup_steps(210_005, 0.1));
 
     let text = plan.to_string();
-    for needle in ["general_mm", "medical_text", "upsampled", "vision tower", "3,085,938,688", "warmup"] {
+    for needle in ["general_mm", "medical_text", "upsampled", "vision tower", "3,085,938,688", "warmup", "x 1 rank(s)"] {
         assert!(text.contains(needle), "plan display lacks `{needle}`:\n{text}");
     }
 }

@@ -45,6 +45,7 @@ use crate::learn::checkpoint::TrainState;
 use crate::learn::freeze::count_params;
 use crate::learn::logprobs::{entropy_sum, target_hidden};
 use crate::learn::metrics::{plot_metrics, MetricsLog};
+use crate::learn::parallel::{run_ranks, shard_range, Rank};
 use crate::learn::run::{accumulate_gradients, prepare_output_dir, progress_bar, Trainee, TraineeSpec};
 use crate::learn::schedule::lr_at;
 use crate::model::{ModelInput, Qwen25VL};
@@ -180,13 +181,40 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
     let files = model_files_dir(&recipe.model)?;
     check_precision::<B>(recipe.precision, device)?;
     let processor = Processor::from_dir(&files, recipe.max_pixels)?;
-    let out_dir = &recipe.output_dir;
-    prepare_output_dir(out_dir, &recipe.to_toml_string()?)?;
+    prepare_output_dir(&recipe.output_dir, &recipe.to_toml_string()?)?;
 
     // Data: the prompt records and the validation prompts.
     let (records, mut skipped) = read_rl_records(&recipe.data, recipe.skip_invalid)?;
     ensure!(!records.is_empty(), "{}: no RL record", recipe.data.display());
     let (eval_records, eval_prompts) = validation_prompts(recipe, &processor, &mut skipped)?;
+
+    // One learner per rank (a thread per device of this node), all taking the same steps.
+    let run = GrpoRun { recipe, files, processor, records, eval_records, eval_prompts, skipped };
+    let mut summaries = run_ranks::<B::InnerBackend, _, _>(&recipe.parallel, recipe.backend, device, |rank, device| {
+        grpo_rank::<B>(&run, resume, &rank, &device)
+    })?;
+    Ok(summaries.swap_remove(0))
+}
+
+/// What the ranks of a GRPO run share.
+struct GrpoRun<'a> {
+    recipe: &'a GrpoRecipe,
+    files: PathBuf,
+    processor: Processor,
+    records: Vec<RlRecord>,
+    eval_records: Vec<RlRecord>,
+    eval_prompts: Vec<Prompt>,
+    skipped: Vec<Skipped>,
+}
+
+/// The GRPO loop of one rank: every rank generates the groups of its share of the step's
+/// prompts; the groups are gathered so that every rank scores all of them alike (a group never
+/// spans ranks), and each computes the loss of its own groups; the gradients are summed over the
+/// ranks before each update. Rank 0 alone logs, validates, checkpoints and exports.
+fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: &B::Device) -> Result<GrpoSummary> {
+    let GrpoRun { recipe, files, processor, records, eval_records, eval_prompts, .. } = ctx;
+    let mut skipped = ctx.skipped.clone();
+    let (out_dir, main) = (&recipe.output_dir, rank.is_main());
     let total_steps = recipe.total_steps(records.len());
     let g = recipe.rollout.n;
 
@@ -200,30 +228,37 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
         resume,
     };
     let mut run = Trainee::<B>::start(&spec, device)?;
+    run.sync_weights(rank)?;
     // The reference is kept in the compute dtype (bf16: half the memory).
     let reference: Option<Qwen25VL<B::InnerBackend>> = if recipe.algorithm.kl_coef > 0.0 {
-        Some(compute_model(&load_model(&recipe.model, recipe.seed, device)?, recipe.precision))
+        Some(compute_model(&rank.sync_inner_from_main(load_model(&recipe.model, recipe.seed, device)?)?, recipe.precision))
     } else {
         None
     };
-    let stop = stop_tokens(&files, &run.model().config.tokens.eos_token_ids)?;
-    let (trainable, frozen) = count_params(run.model());
-    eprintln!(
-        "grpo: {} prompts, {total_steps} steps x {} prompts x {g} responses, {} updates; {trainable} trainable / {frozen} frozen parameters; {} ({}, gradient checkpointing {})",
-        records.len(),
-        recipe.rollout.prompts_per_step,
-        total_steps * recipe.updates_per_step(),
-        B::name(device),
-        recipe.precision,
-        recipe.gradient_checkpointing
-    );
+    let stop = stop_tokens(files, &run.model().config.tokens.eos_token_ids)?;
+    if main {
+        let (trainable, frozen) = count_params(run.model());
+        eprintln!(
+            "grpo: {} prompts, {total_steps} steps x {} prompts x {g} responses on {} rank(s), {} updates; {trainable} trainable / {frozen} frozen parameters; {} ({}, gradient checkpointing {})",
+            records.len(),
+            recipe.rollout.prompts_per_step,
+            rank.world,
+            total_steps * recipe.updates_per_step(),
+            B::name(device),
+            recipe.precision,
+            recipe.gradient_checkpointing
+        );
+    }
     let resumed = run.resumed_from.is_some();
-    let mut metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"), resumed.then_some(run.state.step))?;
-    let mut completions = CompletionsLog::open(recipe, resumed)?;
-    let validate_now = |model: &Qwen25VL<B::InnerBackend>| {
-        validate(&compute_model(model, recipe.precision), recipe, &processor, &eval_records, &eval_prompts, &stop)
+    let mut metrics = match main {
+        true => Some(MetricsLog::open(&out_dir.join("metrics.jsonl"), resumed.then_some(run.state.step))?),
+        false => None,
     };
-    let eval_before = if !eval_records.is_empty() && !resumed {
+    let mut completions = if main { Some(CompletionsLog::open(recipe, resumed)?) } else { None };
+    let validate_now = |model: &Qwen25VL<B::InnerBackend>| {
+        validate(&compute_model(model, recipe.precision), recipe, processor, eval_records, eval_prompts, &stop)
+    };
+    let eval_before = if main && !eval_records.is_empty() && !resumed {
         let r = validate_now(&run.model().valid())?;
         eprintln!("validation before: reward {:.3}, accuracy {:.1}%, format {:.1}% ({} prompts)", r.reward, 100.0 * r.accuracy, 100.0 * r.format, r.n);
         Some(r)
@@ -231,25 +266,28 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
         None
     };
 
-    let bar = progress_bar(total_steps, run.state.step);
+    let bar = if main { progress_bar(total_steps, run.state.step) } else { indicatif::ProgressBar::hidden() };
     let mut order = epoch_order(records.len(), recipe.seed, run.state.epoch);
     let mut step_rewards: Vec<f64> = vec![];
     while run.state.step < total_steps {
         let t_step = Instant::now();
         // 1. The step's prompts (wrapping into the next epoch's order).
         let picked = next_prompts(&mut run.state, &mut order, records.len(), recipe.rollout.prompts_per_step, recipe.seed);
-        let (prompts, kept, skipped_now) = encode_prompts(recipe, &processor, &records, &picked, &mut skipped)?;
+        let (prompts, kept, skipped_now) = encode_prompts(recipe, processor, records, &picked, &mut skipped)?;
         ensure!(!kept.is_empty(), "step {}: every prompt of the step was skipped", run.state.step + 1);
 
-        // 2. Rollouts: n samples per prompt from the policy as it is.
+        // 2. Rollouts: n samples per prompt from the policy as it is, this rank's prompts here
+        //    (seeded per prompt: the same samples on any number of ranks), then gathered.
         let t_roll = Instant::now();
         let policy = compute_model(&run.model().valid(), recipe.precision);
         // One request per prompt with its n samples: the prompt (and its image) prefilled once.
         let base: u64 = step_rng(recipe.seed, run.state.step).random();
-        let requests: Vec<Request> = prompts.iter().enumerate().map(|(k, p)| Request { prompt: p.clone(), n: g, seed: base.wrapping_add(k as u64) }).collect();
+        let mine = shard_range(prompts.len(), rank.rank, rank.world);
+        let requests: Vec<Request> = mine.clone().map(|k| Request { prompt: prompts[k].clone(), n: g, seed: base.wrapping_add(k as u64) }).collect();
         let engine = EngineConfig { max_rows: recipe.rollout.generation_batch, max_batch_tokens: recipe.rollout.max_batch_tokens };
         let (groups, _) = generate_requests(&policy, &requests, &recipe.sampling(), &stop, &engine, |_, _| {})?;
-        let gens: Vec<Generation> = groups.into_iter().flatten().collect();
+        let local: Vec<Generation> = groups.into_iter().flatten().collect();
+        let gens = rank.all_gather_generations::<B::InnerBackend>(local, mine.start * g, prompts.len() * g, device)?;
         let rollout_secs = t_roll.elapsed().as_secs_f64();
         let gen_tokens: usize = gens.iter().map(|x| x.tokens.len()).sum();
 
@@ -263,7 +301,9 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
             recipe.algorithm.norm_adv_by_std,
             recipe.algorithm.drop_zero_variance_groups,
         )?;
-        let seqs: Vec<Encoded> = scored.rollouts.iter().enumerate().map(|(i, r)| rollout_sequence(&prompts[i / g], &r.tokens)).collect();
+        // This rank's responses as training sequences (prompt + response).
+        let own = mine.start * g..mine.end * g;
+        let seqs: Vec<Encoded> = own.clone().map(|i| rollout_sequence(&prompts[i / g], &scored.rollouts[i].tokens)).collect();
 
         // 4. Old (before any update; reused when there is one update per step) and reference
         //    log-probs, both from logits / temperature.
@@ -276,7 +316,7 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
         // 5. Updates: ppo epochs x mini-batches, one optimizer step each.
         let t_upd = Instant::now();
         let lp = StepLogprobs { old: old_lp.as_deref(), reference: ref_lp.as_deref() };
-        let stats = policy_update(&mut run, recipe, &scored, &seqs, &lp, pad_id, total_steps, device)?;
+        let stats = policy_update(&mut run, recipe, &scored, (&seqs, own.start), &lp, pad_id, total_steps, rank, device)?;
         let update_secs = t_upd.elapsed().as_secs_f64();
         run.state.step += 1;
         run.state.samples_seen += scored.rollouts.len();
@@ -287,10 +327,12 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
         let m = with_timing(m, gen_tokens as f64 / rollout_secs.max(1e-9), stats.tokens as f64 / update_secs.max(1e-9), t_step.elapsed().as_secs_f64());
         let step = run.state.step;
         step_rewards.push(m["reward_mean"].as_f64().unwrap_or(0.0));
-        if step % recipe.log_every.max(1) == 0 || step == total_steps {
+        if let (Some(metrics), true) = (&mut metrics, step % recipe.log_every.max(1) == 0 || step == total_steps) {
             metrics.write(&m)?;
         }
-        completions.write(recipe, step, &records, &scored.rollouts)?;
+        if let Some(c) = &mut completions {
+            c.write(recipe, step, records, &scored.rollouts)?;
+        }
         bar.set_message(format!(
             "reward {:.3} acc {:.1}% kl {:.4} len {:.1} {:.0} tok/s",
             m["reward_mean"].as_f64().unwrap_or(0.0),
@@ -300,19 +342,32 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
             m["rollout_tokens_per_s"].as_f64().unwrap_or(0.0)
         ));
         bar.inc(1);
+        let Some(metrics) = &mut metrics else { continue };
         if recipe.eval_every > 0 && step % recipe.eval_every == 0 && step < total_steps && !eval_records.is_empty() {
             let r = validate_now(&run.model().valid())?;
             bar.println(format!("step {step}: validation reward {:.3}, accuracy {:.1}%", r.reward, 100.0 * r.accuracy));
             metrics.write(&json!({"step": step, "val_reward": r.reward, "val_accuracy": r.accuracy, "val_format": r.format}))?;
         }
         if recipe.save_every > 0 && step % recipe.save_every == 0 && step < total_steps {
-            run.save_checkpoint(out_dir, &files)?;
+            run.save_checkpoint(out_dir, files)?;
         }
     }
     bar.finish_and_clear();
+    let k = step_rewards.len().min(10);
+    let mean = |v: &[f64]| if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) };
+    let summary = GrpoSummary {
+        steps: run.state.step,
+        output_dir: out_dir.clone(),
+        skipped_records: skipped.len(),
+        reward_first10: mean(&step_rewards[..k]),
+        reward_last10: mean(&step_rewards[step_rewards.len() - k..]),
+        eval_before,
+        eval_after: None,
+    };
+    let Some(metrics) = metrics else { return Ok(summary) };
 
-    // The end: final checkpoint, HF export, validation, plots.
-    let trained = run.finish(out_dir, &files, recipe.precision)?;
+    // The end (rank 0): final checkpoint, HF export, validation, plots.
+    let trained = run.finish(out_dir, files, recipe.precision)?;
     let eval_after = if !eval_records.is_empty() {
         let r = validate_now(&trained)?;
         eprintln!("validation after: reward {:.3}, accuracy {:.1}%, format {:.1}% ({} prompts)", r.reward, 100.0 * r.accuracy, 100.0 * r.format, r.n);
@@ -324,17 +379,7 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
     for s in skipped.iter().take(10) {
         eprintln!("skipped {}: {}", s.location, s.reason);
     }
-    let k = step_rewards.len().min(10);
-    let mean = |v: &[f64]| if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) };
-    Ok(GrpoSummary {
-        steps: run.state.step,
-        output_dir: out_dir.clone(),
-        skipped_records: skipped.len(),
-        reward_first10: mean(&step_rewards[..k]),
-        reward_last10: mean(&step_rewards[step_rewards.len() - k..]),
-        eval_before,
-        eval_after,
-    })
+    Ok(GrpoSummary { eval_after, ..summary })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -435,10 +480,11 @@ fn policy_update<B: TrainBackend>(
     run: &mut Trainee<B>,
     recipe: &GrpoRecipe,
     scored: &ScoredGroups,
-    seqs: &[Encoded],
+    (seqs, own_start): (&[Encoded], usize),
     lp: &StepLogprobs,
     pad_id: u32,
     total_steps: usize,
+    rank: &Rank,
     device: &B::Device,
 ) -> Result<UpdateStats> {
     let alg = recipe.algorithm;
@@ -460,8 +506,11 @@ fn policy_update<B: TrainBackend>(
                 continue;
             }
             let mini_tokens: usize = members.iter().map(|&i| lens[i]).sum();
-            let micros: Vec<&[usize]> = members.chunks(recipe.ppo.micro_batch).collect();
-            let batches: Vec<MicroBatch> = micros.iter().map(|micro| collate(&micro.iter().map(|&i| &seqs[i]).collect::<Vec<_>>(), pad_id)).collect();
+            // This rank's responses of the mini-batch (`seqs` and `lp` hold its own, from
+            // `own_start`); the shares below are of the whole mini-batch, over all ranks.
+            let local: Vec<usize> = members.iter().copied().filter(|&i| i >= own_start && i < own_start + seqs.len()).collect();
+            let micros: Vec<&[usize]> = local.chunks(recipe.ppo.micro_batch).collect();
+            let batches: Vec<MicroBatch> = micros.iter().map(|micro| collate(&micro.iter().map(|&i| &seqs[i - own_start]).collect::<Vec<_>>(), pad_id)).collect();
             let inputs: Vec<&ModelInput> = batches.iter().map(|mb| &mb.input).collect();
             let what = |_k: usize| format!("mini-batch at prompt {mini_start}, ppo epoch {epoch}");
             let ck = recipe.gradient_checkpointing;
@@ -477,7 +526,7 @@ fn policy_update<B: TrainBackend>(
                 }
                 let logp = if targets.is_empty() { Tensor::zeros([0], device) } else { model.target_logprobs(rows, targets, temperature) };
                 let (logp, mask) = to_matrix(logp, &micro_lens);
-                let rows = |m: &[Vec<f32>]| host_matrix::<B>(&micro.iter().map(|&i| m[i].as_slice()).collect::<Vec<_>>(), device);
+                let rows = |m: &[Vec<f32>]| host_matrix::<B>(&micro.iter().map(|&i| m[i - own_start].as_slice()).collect::<Vec<_>>(), device);
                 let old = match lp.old {
                     Some(o) => rows(o),
                     None => logp.clone().detach(),
@@ -505,9 +554,15 @@ fn policy_update<B: TrainBackend>(
                 st.tokens += mb.input.input_ids.iter().map(Vec::len).sum::<usize>();
                 Ok(loss)
             })?;
+            let grads = rank.all_reduce_grads(run.model(), grads)?;
             st.grad_norms.push(run.update(grads, st.lr, recipe.optimizer.max_grad_norm));
         }
     }
+    // The measurements of every rank's responses.
+    let sums = [st.pg_sum, st.kl_sum, st.clip_sum, st.loss_tokens as f64, st.entropy_sum, st.entropy_tokens as f64, st.tokens as f64];
+    let sums = rank.sum_values::<B::InnerBackend>(&sums, device)?;
+    (st.pg_sum, st.kl_sum, st.clip_sum, st.loss_tokens) = (sums[0], sums[1], sums[2], sums[3] as usize);
+    (st.entropy_sum, st.entropy_tokens, st.tokens) = (sums[4], sums[5] as usize, sums[6] as usize);
     Ok(st)
 }
 

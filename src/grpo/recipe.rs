@@ -197,6 +197,9 @@ pub struct GrpoRecipe {
     /// Write every completion of a step to completions.jsonl every N steps (0 = never).
     #[serde(default)]
     pub log_completions_every: usize,
+    /// Data parallelism: devices of this node, nodes (see [`crate::learn::parallel`]).
+    #[serde(default)]
+    pub parallel: crate::learn::parallel::ParallelConfig,
 }
 
 fn one() -> usize {
@@ -263,6 +266,7 @@ impl GrpoRecipe {
         let mut e = Vec::new();
         check_model(&self.model, "model", &mut e);
         check_precision_backend(self.precision, self.backend, &mut e);
+        self.parallel.check(&mut e);
         if !self.prompt_template.contains("{problem}") {
             e.push(format!("prompt_template must contain {{problem}}, got {:?}", self.prompt_template));
         }

@@ -14,14 +14,21 @@ use crate::learn::optim::Adam;
 use crate::model::{copy_aux_files, Qwen25VL, SaveDtype};
 
 /// Where a learner is in its run: enough to continue exactly.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainState {
     /// Optimizer steps done.
     pub step: usize,
     /// Epoch of the next batch.
     pub epoch: usize,
-    /// Index of the next batch within its epoch.
+    /// Index of the next batch within its epoch (GRPO: the next prompt of the epoch's order).
     pub batch_in_epoch: usize,
+    /// SFT: rows of the epoch done (`None` in checkpoints older than data parallelism, whose
+    /// position is `batch_in_epoch x per_device_batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_in_epoch: Option<usize>,
+    /// Ranks of the run that wrote the state (a resume may use another number).
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub samples_seen: usize,
     pub tokens_seen: usize,
     /// Seed of the run (data order and sampling derive from it and the counters above).
@@ -29,6 +36,26 @@ pub struct TrainState {
     /// Learner-specific extras (e.g. the GRPO RNG position).
     #[serde(default)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for TrainState {
+    fn default() -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            rows_in_epoch: None,
+            world_size: 1,
+            samples_seen: 0,
+            tokens_seen: 0,
+            seed: 0,
+            extra: BTreeMap::new(),
+        }
+    }
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

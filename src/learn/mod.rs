@@ -5,6 +5,7 @@
 //! - [`batch`], [`logprobs`]: micro-batches and the log-probabilities of their target tokens;
 //! - [`layerwise`]: per-layer activation checkpointing (the backward pass one layer at a time);
 //! - [`checkpoint`], [`metrics`]: atomic checkpoints with exact resume, metrics JSONL and plots;
+//! - [`parallel`]: data parallelism: ranks, the step's shards, the gradient all-reduce;
 //! - [`run`]: a run's life: output folder, model + optimizer (fresh or resumed), gradient
 //!   accumulation over micro-batches, the optimizer update, the final checkpoint and HF export.
 
@@ -15,6 +16,7 @@ pub mod layerwise;
 pub mod logprobs;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod recipe;
 pub mod run;
 pub mod schedule;

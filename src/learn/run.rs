@@ -74,6 +74,13 @@ impl<B: TrainBackend> Trainee<B> {
         Self { model: Some(model), optim, state: TrainState::default(), resumed_from: None }
     }
 
+    /// Every rank starts from rank 0's weights (data parallelism; a no-op on one rank).
+    pub fn sync_weights(&mut self, rank: &crate::learn::parallel::Rank) -> Result<()> {
+        let model = self.model.take().expect("the trainee holds its model between updates");
+        self.model = Some(rank.sync_from_main(model)?);
+        Ok(())
+    }
+
     /// The model being trained (f32 parameters under autodiff).
     pub fn model(&self) -> &Qwen25VL<B> {
         self.model.as_ref().expect("the trainee holds its model between updates")

@@ -7,7 +7,8 @@
 //!   counted and left out), records whose image tokens alone exceed `cutoff_len` are skipped and
 //!   counted.
 //! - **Schedule** ([`SftData::schedule`]): per epoch the seeded mixed order (`sft::plan`) cut into
-//!   batches of `per_device_batch` rows, `grad_accum` batches per optimizer step. A row is one
+//!   micro-batches of `per_device_batch x world size` rows, `grad_accum` micro-batches per
+//!   optimizer step; each rank takes its `per_device_batch` rows of every micro-batch. A row is one
 //!   sample, or with `packing` several: the run's samples are packed once into rows of at most
 //!   `cutoff_len` tokens ([`crate::learn::batch::pack_rows`] over the seed's order) and every
 //!   epoch shuffles the rows. A pure function of the recipe, the lengths and the position, so a
@@ -185,16 +186,32 @@ pub fn padding_stats(recipe: &SftRecipe, counts: &[usize], available: &[usize], 
     }
 }
 
-/// One optimizer step of the schedule: its micro-batches and where the run is after it.
+/// One optimizer step of the schedule: its micro-batches (over all ranks) and where the run is
+/// after it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScheduledStep {
-    /// `grad_accum` (or fewer, at an epoch's end) micro-batches of rows.
+    /// `grad_accum` (or fewer, at an epoch's end) micro-batches of up to
+    /// `per_device_batch x world size` rows; [`ScheduledStep::shard`] cuts out one rank's part.
     pub micro: Vec<Vec<Row>>,
-    /// Epoch of this step and the index of the batch after it within that epoch.
+    /// Epoch of this step, and the rows of that epoch done after it.
     pub epoch: usize,
-    pub batch_end: usize,
-    /// Batches in the epoch.
-    pub batches_in_epoch: usize,
+    pub rows_end: usize,
+    /// Rows in the epoch.
+    pub rows_in_epoch: usize,
+}
+
+impl ScheduledStep {
+    /// The part of this step that `rank` computes: the `rank`-th `per_device_batch` rows of
+    /// every micro-batch (micro-batches left empty, at the end of an epoch, are dropped).
+    pub fn shard(&self, rank: usize, per_device_batch: usize) -> ScheduledStep {
+        let micro = self.micro.iter().map(|m| crate::learn::parallel::shard(m, rank, per_device_batch)).filter(|m| !m.is_empty()).collect();
+        ScheduledStep { micro, ..self.clone() }
+    }
+
+    /// Samples of the step, over all ranks.
+    pub fn samples(&self) -> impl Iterator<Item = SampleId> + '_ {
+        self.micro.iter().flatten().flatten().copied()
+    }
 }
 
 /// The training data of a run: records and their lengths (the samples are encoded per step).
@@ -253,7 +270,7 @@ impl SftData {
         packed_rows(recipe, &self.counts, &self.available, &|id| self.length(id))
     }
 
-    /// The batches (of rows) of epoch `epoch`.
+    /// The batches (of rows) of epoch `epoch`, of `per_device_batch` rows each.
     pub fn epoch_batches(&self, recipe: &SftRecipe, epoch: usize) -> Vec<Vec<Row>> {
         if let Some(rows) = &self.packed {
             let mut rows = rows.clone();
@@ -269,23 +286,42 @@ impl SftData {
             .collect()
     }
 
-    /// The next `steps` optimizer steps from position (`epoch`, `batch_in_epoch`).
-    pub fn schedule(&self, recipe: &SftRecipe, mut epoch: usize, mut batch_in_epoch: usize, steps: usize) -> Result<Vec<ScheduledStep>> {
-        let mut out = Vec::with_capacity(steps);
-        let mut batches = self.epoch_batches(recipe, epoch);
-        while out.len() < steps {
-            if batch_in_epoch >= batches.len() {
-                if batches.is_empty() {
-                    bail!("no trainable sample left after skipping");
-                }
+    /// The rows of epoch `epoch` in order: its batches one after the other. This order does not
+    /// depend on the world size, so a run resumed on another number of ranks continues it.
+    pub fn epoch_rows(&self, recipe: &SftRecipe, epoch: usize) -> Vec<Row> {
+        self.epoch_batches(recipe, epoch).concat()
+    }
+
+    /// The next `steps` optimizer steps from position (`epoch`, `rows_done` rows of it).
+    pub fn schedule(&self, recipe: &SftRecipe, epoch: usize, rows_done: usize, steps: usize) -> Result<Vec<ScheduledStep>> {
+        self.schedule_until(recipe, (epoch, rows_done), None, steps)
+    }
+
+    /// The optimizer steps from position `from` (epoch, rows of it done) until `end` is reached
+    /// (or `max_steps` steps): micro-batches of `per_device_batch x world` rows, `grad_accum`
+    /// per step; an epoch's last step takes its leftover rows.
+    pub fn schedule_until(&self, recipe: &SftRecipe, from: (usize, usize), end: Option<(usize, usize)>, max_steps: usize) -> Result<Vec<ScheduledStep>> {
+        let (mut epoch, mut done) = from;
+        let global = recipe.global_batch();
+        let mut out = vec![];
+        let mut rows = self.epoch_rows(recipe, epoch);
+        if rows.is_empty() {
+            bail!("no trainable sample left after skipping");
+        }
+        while out.len() < max_steps {
+            if done >= rows.len() {
                 epoch += 1;
-                batch_in_epoch = 0;
-                batches = self.epoch_batches(recipe, epoch);
+                done = 0;
+                rows = self.epoch_rows(recipe, epoch);
                 continue;
             }
-            let end = (batch_in_epoch + recipe.grad_accum).min(batches.len());
-            out.push(ScheduledStep { micro: batches[batch_in_epoch..end].to_vec(), epoch, batch_end: end, batches_in_epoch: batches.len() });
-            batch_in_epoch = end;
+            if end.is_some_and(|end| (epoch, done) >= end) {
+                break;
+            }
+            let step_end = (done + recipe.grad_accum * global).min(rows.len());
+            let micro = rows[done..step_end].chunks(global).map(<[Row]>::to_vec).collect();
+            out.push(ScheduledStep { micro, epoch, rows_end: step_end, rows_in_epoch: rows.len() });
+            done = step_end;
         }
         Ok(out)
     }

@@ -311,8 +311,12 @@ pub struct SftPlan {
     pub total_samples: usize,
     pub per_device_batch: usize,
     pub grad_accum: usize,
+    /// Ranks (`parallel.devices x parallel.nodes`) and nodes.
+    pub world_size: usize,
+    pub nodes: usize,
     pub epochs: f64,
-    /// `ceil(rows / per_device_batch)` (a row is a sample, or with packing a packed row).
+    /// `ceil(rows / (per_device_batch x world_size))` (a row is a sample, or with packing a
+    /// packed row).
     pub micro_batches_per_epoch: usize,
     /// `ceil(micro_batches_per_epoch / grad_accum)`.
     pub steps_per_epoch: usize,
@@ -372,6 +376,17 @@ pub fn step_counts(
     }
 }
 
+/// Where a run of `recipe` ends, as (epoch, rows of it done), for `rows_in_epoch` rows per epoch:
+/// after `min(ceil(epochs x steps_per_epoch), max_steps)` steps of `per_device_batch x world`
+/// rows per micro-batch and `grad_accum` micro-batches per step.
+pub fn run_end(recipe: &SftRecipe, rows_in_epoch: usize) -> (usize, usize) {
+    let (_, per_epoch, total, _) =
+        step_counts(rows_in_epoch, recipe.global_batch(), recipe.grad_accum, recipe.epochs, recipe.max_steps);
+    let per_epoch = per_epoch.max(1);
+    let (e, k) = (total / per_epoch, total % per_epoch);
+    (e, (k * recipe.grad_accum * recipe.global_batch()).min(rows_in_epoch))
+}
+
 /// Builds the plan of `recipe` for a model with config `model_cfg`, given the number of records
 /// of each `[[data]]` source (e.g. from [`count_available`]).
 pub fn build_plan(recipe: &SftRecipe, model_cfg: &Qwen25VlConfig, available_counts: &[usize]) -> Result<SftPlan> {
@@ -413,7 +428,7 @@ pub fn build_plan_with_lengths(
         (true, None) => bail!("packing = true: the plan needs the records' lengths (the data files)"),
     };
     let (micro, per_epoch, total_steps, capped) =
-        step_counts(rows, recipe.per_device_batch, recipe.grad_accum, recipe.epochs, recipe.max_steps);
+        step_counts(rows, recipe.global_batch(), recipe.grad_accum, recipe.epochs, recipe.max_steps);
     let params = param_counts(model_cfg);
     let trainable = params.trainable(&recipe.freeze);
     let frozen = params.frozen(&recipe.freeze);
@@ -437,6 +452,8 @@ pub fn build_plan_with_lengths(
         total_samples,
         per_device_batch: recipe.per_device_batch,
         grad_accum: recipe.grad_accum,
+        world_size: recipe.parallel.world_size(),
+        nodes: recipe.parallel.nodes,
         epochs: recipe.epochs,
         micro_batches_per_epoch: micro,
         steps_per_epoch: per_epoch,
@@ -527,17 +544,30 @@ impl fmt::Display for SftPlan {
         writeln!(f)?;
         writeln!(
             f,
-            "  batch      {} per device x {} accumulation = {} examples per optimizer step",
+            "  batch      {} per device x {} accumulation x {} rank(s) ({} node(s) x {} devices) = {} examples per optimizer step",
             self.per_device_batch,
             self.grad_accum,
-            self.per_device_batch * self.grad_accum
+            self.world_size,
+            self.nodes,
+            self.world_size / self.nodes.max(1),
+            self.per_device_batch * self.grad_accum * self.world_size
         )?;
+        if self.world_size > 1 {
+            writeln!(
+                f,
+                "  per rank   {} examples per optimizer step ({} per micro-batch x {}), {} steps; every rank takes every step",
+                self.per_device_batch * self.grad_accum,
+                self.per_device_batch,
+                self.grad_accum,
+                thousands(self.total_steps as u64)
+            )?;
+        }
         writeln!(
             f,
             "  steps      {} per epoch (ceil({} / {}) micro-batches, / {} accumulation, rounded up) x {} epochs = {}{}",
             thousands(self.steps_per_epoch as u64),
             thousands(self.total_samples as u64),
-            self.per_device_batch,
+            self.per_device_batch * self.world_size,
             self.grad_accum,
             self.epochs,
             thousands(self.total_steps as u64),

@@ -194,7 +194,8 @@ pub struct SftRecipe {
 
     /// Passes over the mix; fractional values allowed (HF `num_train_epochs`).
     pub epochs: f64,
-    /// Examples per micro-batch on the one device this process drives.
+    /// Examples per micro-batch on each device (rank); a micro-batch of the run holds
+    /// `per_device_batch x parallel world size` examples.
     pub per_device_batch: usize,
     /// Micro-batches per optimizer step.
     #[serde(default = "one")]
@@ -216,6 +217,13 @@ pub struct SftRecipe {
     /// Log every N optimizer steps.
     #[serde(default = "one")]
     pub log_every: usize,
+    /// Write the samples of every optimizer step (`[source, record]` pairs, all ranks) to
+    /// `output_dir/samples.jsonl`: an audit of the data order (what a resumed run saw).
+    #[serde(default)]
+    pub log_samples: bool,
+    /// Data parallelism: devices of this node, nodes (see [`crate::learn::parallel`]).
+    #[serde(default)]
+    pub parallel: crate::learn::parallel::ParallelConfig,
 }
 
 fn default_backend() -> BackendKind {
@@ -264,6 +272,7 @@ impl SftRecipe {
         let mut errors = Vec::new();
         check_model(&self.model, "model", &mut errors);
         check_precision_backend(self.precision, self.backend, &mut errors);
+        self.parallel.check(&mut errors);
         if self.data.is_empty() {
             errors.push("data: at least one [[data]] source is required".into());
         }
@@ -328,9 +337,14 @@ impl SftRecipe {
         ModelSource::parse(&self.model)
     }
 
-    /// Samples per optimizer step on this device (`per_device_batch * grad_accum`).
+    /// Samples (rows) per optimizer step on one device (`per_device_batch * grad_accum`).
     pub fn samples_per_step(&self) -> usize {
         self.per_device_batch * self.grad_accum
+    }
+
+    /// Rows of one micro-batch over all ranks (`per_device_batch * world size`).
+    pub fn global_batch(&self) -> usize {
+        self.per_device_batch * self.parallel.world_size()
     }
 
     /// The resolved recipe as TOML (defaults and overrides included), to save next to checkpoints.
