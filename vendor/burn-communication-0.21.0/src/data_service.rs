@@ -127,16 +127,17 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
         for (_, stream) in streams.drain() {
             let mut stream = stream.lock().await;
 
-            stream
-                .close()
-                .await
-                .expect("Failed to close WebSocket stream");
+            if let Err(err) = stream.close().await {
+                log::warn!("Failed to close a WebSocket stream: {err:?}");
+            }
         }
     }
 
     /// Downloads a tensor that is exposed on another server. Requires a Tokio 1.x runtime
     ///
     /// Returns None if the peer closes the connection
+    /// Downloads the tensor `transfer_id` that `remote` exposes (waiting until it does).
+    /// `None` when `remote` cannot be reached or its connection drops: the peer is lost.
     pub async fn download_tensor(
         &self,
         remote: Address,
@@ -144,7 +145,7 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
     ) -> Option<TensorData> {
         log::info!("Downloading tensor from {remote:?}");
 
-        let stream = self.get_data_stream(remote).await;
+        let stream = self.get_data_stream(remote.clone()).await?;
         let mut stream = stream.lock().await;
 
         // Send the download request with the download id
@@ -152,58 +153,54 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
             rmp_serde::to_vec(&DataServiceMessage::TensorRequest(transfer_id))
                 .unwrap()
                 .into();
-        stream
-            .send(Message::new(bytes))
-            .await
-            .expect("Failed to send download id");
+        let received = match stream.send(Message::new(bytes)).await {
+            Ok(()) => stream.recv().await.ok().flatten(),
+            Err(_) => None,
+        };
+        let Some(msg) = received else {
+            log::warn!("Lost the data connection to {remote:?}");
+            drop(stream);
+            self.channels.lock().await.remove(&remote);
+            return None;
+        };
 
-        if let Ok(msg) = stream.recv().await {
-            let Some(msg) = msg else {
-                log::warn!("Received None message from the websocket, closing connection.");
-                return None;
-            };
-
-            let DataServiceMessage::Tensor(data) = rmp_serde::from_slice(&msg.data)
-                .expect("Can deserialize messages from the websocket.")
-            else {
-                panic!("Message should have been TensorData")
-            };
-            return Some(data);
+        match rmp_serde::from_slice(&msg.data) {
+            Ok(DataServiceMessage::Tensor(data)) => Some(data),
+            _ => {
+                log::warn!("{remote:?} sent something else than tensor data");
+                None
+            }
         }
-        log::warn!("Closed connection");
-        None
     }
 
-    /// Get the WebSocket stream for the given address, or create a new one if it doesn't exist.
     async fn get_data_stream(
         &self,
         address: Address,
-    ) -> Arc<Mutex<<P::Client as ProtocolClient>::Channel>> {
+    ) -> Option<Arc<Mutex<<P::Client as ProtocolClient>::Channel>>> {
         let mut streams = self.channels.lock().await;
         match streams.get(&address) {
-            Some(stream) => stream.clone(),
+            Some(stream) => Some(stream.clone()),
             None => {
                 // Open a new WebSocket connection to the address
-                let stream = P::Client::connect(address.clone(), "data").await;
-
-                let Some(stream) = stream else {
-                    panic!("Failed to connect to data server at {address:?}");
+                let Some(stream) = P::Client::connect(address.clone(), "data").await else {
+                    log::warn!("Failed to connect to data server at {address:?}");
+                    return None;
                 };
 
                 let stream = Arc::new(Mutex::new(stream));
                 streams.insert(address.clone(), stream.clone());
 
-                stream
+                Some(stream)
             }
         }
     }
 
-    /// Get the requested exposed tensor data, and update download counter
     async fn get_exposed_tensor_bytes(
         &self,
         transfer_id: TensorTransferId,
     ) -> Option<bytes::Bytes> {
         loop {
+            let notified = self.new_tensor_notify.notified();
             {
                 let mut exposed_tensors = self.exposed_tensors.lock().await;
                 // take the tensor out of the hashmap while we download
@@ -220,7 +217,7 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
                 }
             }
             // No matching tensor, wait for a new one to come in.
-            self.new_tensor_notify.notified().await;
+            notified.await;
         }
     }
 
@@ -233,24 +230,29 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
 
         while !self.cancel_token.is_cancelled() {
             match channel.recv().await {
-                Ok(message) => {
-                    if let Some(msg) = message {
-                        let bytes = msg.data;
-                        let msg: DataServiceMessage = rmp_serde::from_slice(&bytes)
-                            .expect("Can deserialize messages from the websocket.");
-                        let DataServiceMessage::TensorRequest(transfer_id) = msg else {
-                            panic!("Received a message that wasn't a tensor request! {msg:?}");
-                        };
+                Ok(Some(msg)) => {
+                    let Ok(DataServiceMessage::TensorRequest(transfer_id)) =
+                        rmp_serde::from_slice::<DataServiceMessage>(&msg.data)
+                    else {
+                        log::warn!("[Data Handler] Received a message that wasn't a tensor request");
+                        return;
+                    };
 
-                        let bytes = self.get_exposed_tensor_bytes(transfer_id).await.unwrap();
+                    let bytes = self.get_exposed_tensor_bytes(transfer_id).await.unwrap();
 
-                        channel.send(Message::new(bytes)).await.unwrap();
-                    } else {
-                        log::info!("Closed connection");
+                    if channel.send(Message::new(bytes)).await.is_err() {
+                        log::warn!("[Data Handler] The peer closed the connection during a download");
                         return;
                     }
                 }
-                Err(err) => panic!("Failed to receive message from websocket: {err:?}"),
+                Ok(None) => {
+                    log::info!("Closed connection");
+                    return;
+                }
+                Err(err) => {
+                    log::warn!("[Data Handler] Failed to receive from the websocket: {err:?}");
+                    return;
+                }
             };
         }
         log::info!("[Data Service] Closing connection for download.");

@@ -116,6 +116,8 @@ pub enum GlobalCollectiveError {
     PeerSentIncoherentTensor,
     /// Tried to download from a peer, but the peer closed or lost the connection
     PeerLost(NodeId),
+    /// A peer (at this address) closed or lost its connection, or did not answer in time
+    PeerLostAt(String),
     /// Error from the coordinator
     Server(String),
 

@@ -196,7 +196,7 @@ impl<B: Backend> LocalCollectiveServer<B> {
             let mut server = LocalCollectiveServer::new(rx);
 
             loop {
-                match server.message_rec.recv() {
+                match tokio::task::block_in_place(|| server.message_rec.recv()) {
                     Ok(message) => server.process_message(message).await,
                     Err(err) => {
                         log::error!(

@@ -25,7 +25,7 @@ pub(crate) fn parse_ws_address(mut address: Address) -> Result<Address, String> 
             return Err(format!("Invalid prefix: {}", parts[0]));
         }
     } else if num_parts == 1 {
-        return Err(format!("ws://{s}"));
+        format!("ws://{s}")
     } else {
         return Err(format!("Invalid url: {s}"));
     };

@@ -26,14 +26,14 @@ impl ProtocolClient for WsClient {
 async fn connect_ws(address: Address, route: String) -> Option<WsClientChannel> {
     let address = parse_ws_address(address).ok()?;
     let address = format!("{address}/{route}");
-    const MB: usize = 1024 * 1024;
     let (stream, _) = connect_async_with_config(
         address.clone(),
         Some(
             WebSocketConfig::default()
                 .write_buffer_size(0)
                 .max_message_size(None)
-                .max_frame_size(Some(MB * 512))
+                // No frame limit: a tensor is one frame (the 3B embedding gradient alone is 1.2 GB)
+                .max_frame_size(None)
                 .accept_unmasked_frames(true)
                 .read_buffer_size(64 * 1024), // 64 KiB (previous default)
         ),

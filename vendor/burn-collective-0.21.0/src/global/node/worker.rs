@@ -158,7 +158,7 @@ impl<C: ProtocolClient> GlobalClientWorker<C> {
             }
 
             // Try to connect to the request address.
-            println!("Connecting to {address} ...");
+            log::info!("Connecting to {address} ...");
             let result = C::connect(address.clone(), route).await;
 
             if let Some(mut stream) = result {
@@ -171,7 +171,7 @@ impl<C: ProtocolClient> GlobalClientWorker<C> {
                 return Some(stream);
             }
 
-            println!("Failed to connect to {address}, retrying... Attempt #{retries}");
+            log::info!("Failed to connect to {address}, retrying... Attempt #{retries}");
             tokio::time::sleep(retry_pause).await;
             retries += 1;
         }
@@ -290,8 +290,14 @@ impl<C: ProtocolClient> GlobalClientWorker<C> {
     pub(crate) async fn request(&self, req: RemoteRequest) -> RemoteResponse {
         let (callback, mut response_recv) = tokio::sync::mpsc::channel::<RemoteResponse>(10);
         let client_req = ClientRequest::new(req, callback);
-        self.request_sender.send(client_req).await.unwrap();
+        // The orchestrator's connection is gone (its process died): say so, do not panic.
+        if self.request_sender.send(client_req).await.is_err() {
+            return RemoteResponse::Error(GlobalCollectiveError::OrchestratorUnreachable);
+        }
 
-        response_recv.recv().await.unwrap()
+        response_recv
+            .recv()
+            .await
+            .unwrap_or(RemoteResponse::Error(GlobalCollectiveError::OrchestratorUnreachable))
     }
 }

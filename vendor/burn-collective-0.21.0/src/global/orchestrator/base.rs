@@ -1,6 +1,6 @@
 use std::fmt::Debug;
 use std::sync::Arc;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use crate::global::{
     orchestrator::state::GlobalCollectiveState,
@@ -21,11 +21,12 @@ impl GlobalOrchestrator {
     pub(crate) async fn start<F, S: ProtocolServer + Debug>(
         shutdown_signal: F,
         comms_server: S,
+        all_finished: Arc<Notify>,
     ) -> Result<(), GlobalCollectiveError>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let state = GlobalCollectiveState::new();
+        let state = GlobalCollectiveState::new(all_finished);
         let server = Self {
             state: Arc::new(tokio::sync::Mutex::new(state)),
         };
@@ -131,8 +132,23 @@ impl GlobalOrchestrator {
 /// Start a global orchestrator with WebSocket on the given port
 pub async fn start_global_orchestrator(port: u16) {
     let server = WsServer::new(port);
-    let res = GlobalOrchestrator::start(os_shutdown_signal(), server).await;
+    let res = GlobalOrchestrator::start(os_shutdown_signal(), server, Arc::new(Notify::new())).await;
     if let Err(err) = res {
         log::error!("Global Collective Orchestrator error: {err:?}");
     }
+}
+
+/// Serves a global orchestrator with WebSocket on `port` until `shutdown` completes (no signal
+/// handler of its own: the embedding program keeps its Ctrl-C). `all_finished` is notified
+/// (`notify_one`) each time the last registered node has finished, so that the process hosting
+/// the orchestrator can wait for every node's `finish` before it exits.
+pub async fn start_global_orchestrator_with<F>(
+    port: u16,
+    shutdown: F,
+    all_finished: Arc<Notify>,
+) -> Result<(), GlobalCollectiveError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    GlobalOrchestrator::start(shutdown, WsServer::new(port), all_finished).await
 }

@@ -47,10 +47,13 @@ pub(crate) struct GlobalCollectiveState {
     register_requests: Vec<(SessionId, RequestId, NodeId)>,
 
     sessions: HashMap<SessionId, Session>,
+
+    /// Notified when the last registered node has finished.
+    all_finished: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl GlobalCollectiveState {
-    pub fn new() -> Self {
+    pub fn new(all_finished: std::sync::Arc<tokio::sync::Notify>) -> Self {
         Self {
             registered_nodes: HashMap::new(),
             node_addresses: HashMap::new(),
@@ -59,6 +62,7 @@ impl GlobalCollectiveState {
             num_global_peers: 0,
             register_requests: Vec::new(),
             sessions: HashMap::new(),
+            all_finished,
         }
     }
 
@@ -160,6 +164,9 @@ impl GlobalCollectiveState {
             },
         )
         .await;
+        if self.registered_nodes.is_empty() {
+            self.all_finished.notify_one();
+        }
 
         Ok(())
     }
