@@ -2,7 +2,10 @@
 //! - N ranks x `per_device_batch = b` take the same optimizer steps as 1 rank x `N x b`
 //!   (weights after 3 steps within 1e-5), with and without gradient accumulation;
 //! - a run stopped (SIGKILL) and resumed on another number of ranks sees the same samples as an
-//!   uninterrupted run: every epoch's records once, none twice, none skipped.
+//!   uninterrupted run: every epoch's records once, none twice, none skipped;
+//! - two processes on 127.0.0.1 (`nodes = 2`, 2 ranks each) give the weights of one process with
+//!   4 ranks; killing either one makes the other fail within 60 s naming the lost ranks, and the
+//!   last checkpoint resumes.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -165,7 +168,11 @@ fn a_run_resumed_on_another_number_of_ranks_sees_every_sample_once_per_epoch() {
 }
 
 fn grpo_recipe(data: &Path, out: &Path, devices: usize, loss_agg: &str, ppo_epochs: usize) -> infimed::grpo::GrpoRecipe {
-    let text = format!(
+    infimed::grpo::GrpoRecipe::from_str_with(&grpo_recipe_text(data, out, devices, loss_agg, ppo_epochs), "test.toml", &[]).unwrap()
+}
+
+fn grpo_recipe_text(data: &Path, out: &Path, devices: usize, loss_agg: &str, ppo_epochs: usize) -> String {
+    format!(
         r#"
 model = "builtin:demo-tiny"
 backend = "ndarray"
@@ -201,8 +208,7 @@ devices = {devices}
 "#,
         data = data.join("rl_train.jsonl").display(),
         out = out.display()
-    );
-    infimed::grpo::GrpoRecipe::from_str_with(&text, "test.toml", &[]).unwrap()
+    )
 }
 
 #[test]
@@ -310,4 +316,131 @@ fn a_rank_that_fails_stops_the_others_with_an_error_naming_it() {
     assert!(err.contains("00005.png"), "the error names the file: {err}");
     assert!(err.contains(" of 2"), "the error names the rank: {err}");
     assert!(!err.contains("another rank failed") || err.contains("00005.png"));
+}
+
+/// A coordinator port `p` with `p + 1` and `p + 2` (the two nodes' tensor services) free.
+fn free_ports() -> u16 {
+    // Tests run on parallel threads: each call starts elsewhere.
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let free = |p: u16| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok();
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let start = 20000 + (std::process::id() % 10000) as u16 + 3000 * call;
+    (0..2000u16).map(|i| start + 3 * i).find(|&p| (p..p + 3).all(free)).expect("three free ports")
+}
+
+/// Node `node_rank` of a 2-node x 2-rank run meeting at 127.0.0.1:`port`.
+fn node(data: &Path, out: &Path, port: u16, node_rank: usize, sets: &[String], extra: &[&str]) -> std::process::Child {
+    let mut sets = sets.to_vec();
+    sets.extend([
+        "parallel.devices=2".to_string(),
+        "parallel.nodes=2".into(),
+        format!("parallel.node_rank={node_rank}"),
+        format!("parallel.coordinator=127.0.0.1:{port}"),
+    ]);
+    sft(data, out, &sets, extra).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap()
+}
+
+#[test]
+fn two_processes_of_two_ranks_equal_one_process_of_four() {
+    let tmp = std::env::temp_dir().join(format!("infimed-dp-nodes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = demo_data(&tmp, 24);
+    let sets = vec!["max_steps=3".to_string(), "per_device_batch=2".into()];
+    let one = tmp.join("one");
+    let mut four = sets.clone();
+    four.push("parallel.devices=4".into());
+    run_ok(sft(&data, &one, &four, &[]));
+
+    // Both nodes write to one output folder, as on a shared file system; rank 0 alone writes there.
+    let two = tmp.join("two");
+    let port = free_ports();
+    let (n0, n1) = (node(&data, &two, port, 0, &sets, &[]), node(&data, &two, port, 1, &sets, &[]));
+    let (ok1, err1, _) = wait_bounded(n1, 600);
+    let (ok0, err0, _) = wait_bounded(n0, 600);
+    assert!(ok0 && ok1, "node 0: {err0}\nnode 1: {err1}");
+    assert!(err0.contains("on 4 rank(s)"), "{err0}");
+    let d = max_abs_diff(&weights(&one), &weights(&two));
+    eprintln!("2 processes x 2 ranks vs 1 process x 4 ranks, 3 steps: max |diff| = {d:e}");
+    assert!(d <= 1e-5, "{d}");
+}
+
+#[test]
+fn a_killed_node_stops_the_other_with_an_error_naming_its_ranks_and_the_run_resumes() {
+    let tmp = std::env::temp_dir().join(format!("infimed-dp-nodekill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = demo_data(&tmp, 24);
+    let sets = vec!["max_steps=400".to_string(), "per_device_batch=1".into(), "save_every=2".into()];
+    for victim in [1, 0] {
+        let out = tmp.join(format!("kill{victim}"));
+        let port = free_ports();
+        let mut nodes = [node(&data, &out, port, 0, &sets, &[]), node(&data, &out, port, 1, &sets, &[])];
+        let t0 = std::time::Instant::now();
+        while !out.join("checkpoint-4/trainer_state.json").exists() {
+            assert!(t0.elapsed().as_secs() < 300, "no checkpoint-4 after 300 s");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        nodes[victim].kill().unwrap(); // SIGKILL
+        nodes[victim].wait().unwrap();
+        let [n0, n1] = nodes;
+        let survivor = if victim == 1 { n0 } else { n1 };
+        let (ok, err, secs) = wait_bounded(survivor, 120);
+        let lost = if victim == 1 { "node 1 (ranks 2-3)" } else { "node 0 (ranks 0-1)" };
+        eprintln!("node {victim} killed: the other exited after {secs:.1} s: {}", err.lines().filter(|l| l.contains("lost")).last().unwrap_or(""));
+        assert!(!ok, "the surviving node should fail");
+        assert!(err.contains(&format!("lost {lost}")), "the error names the lost ranks: {err}");
+        assert!(secs < 60.0, "{secs} s");
+        if victim == 1 {
+            // The newest complete checkpoint resumes (here on both nodes again) and the run ends.
+            let last = std::fs::read_dir(&out)
+                .unwrap()
+                .filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("checkpoint-")?.parse::<usize>().ok())
+                .filter(|s| out.join(format!("checkpoint-{s}/trainer_state.json")).exists())
+                .max()
+                .unwrap();
+            let port = free_ports();
+            let end = vec![format!("max_steps={}", last + 4), "per_device_batch=1".into(), "save_every=2".into()];
+            let [r0, r1] = [node(&data, &out, port, 0, &end, &["--resume"]), node(&data, &out, port, 1, &end, &["--resume"])];
+            let (ok1, err1, _) = wait_bounded(r1, 600);
+            let (ok0, err0, _) = wait_bounded(r0, 600);
+            assert!(ok0 && ok1, "node 0: {err0}\nnode 1: {err1}");
+            assert!(err0.contains(&format!("checkpoint-{last} (step {last})")), "{err0}");
+            let state: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join(format!("checkpoint-{}/trainer_state.json", last + 4))).unwrap()).unwrap();
+            assert_eq!(state["step"], last + 4, "{state}");
+        }
+    }
+}
+
+/// Ignored: the two GRPO processes stalled in step 2 (no error, > 600 s), so `train_grpo` refuses
+/// `parallel.nodes > 1` for now; run with `--ignored` (after lifting the refusal) to chase it.
+#[test]
+#[ignore]
+fn grpo_on_two_processes_of_two_ranks_equals_one_process_of_four() {
+    type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+    let tmp = std::env::temp_dir().join(format!("infimed-dp-grpo-nodes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = demo_data(&tmp, 16).parent().unwrap().to_path_buf();
+    let one = tmp.join("one");
+    infimed::grpo::train_grpo::<B>(&grpo_recipe(&data, &one, 4, "token_mean", 1), false, &Default::default()).unwrap();
+    let two = tmp.join("two");
+    let recipe = tmp.join("grpo.toml");
+    std::fs::write(&recipe, grpo_recipe_text(&data, &two, 2, "token_mean", 1)).unwrap();
+    let port = free_ports();
+    let spawn = |k: usize| {
+        infimed()
+            .args(["grpo", "--recipe"])
+            .arg(&recipe)
+            .args(["--set", "parallel.nodes=2", "--set", &format!("parallel.node_rank={k}"), "--set", &format!("parallel.coordinator=127.0.0.1:{port}")])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (n0, n1) = (spawn(0), spawn(1));
+    let (ok1, err1, _) = wait_bounded(n1, 600);
+    let (ok0, err0, _) = wait_bounded(n0, 600);
+    assert!(ok0 && ok1, "node 0: {err0}\nnode 1: {err1}");
+    let d = max_abs_diff(&weights(&one), &weights(&two));
+    eprintln!("grpo: 2 processes x 2 ranks vs 1 process x 4 ranks, 3 steps: max |diff| = {d:e}");
+    assert!(d <= 1e-5, "{d}");
 }

@@ -129,7 +129,7 @@ pub fn sample_lengths(data: &Path, convs: &[Conversation], encoder: &LengthEncod
     let lengths = scan(convs, encoder, quiet);
     let file = CacheFile { key, lengths };
     // A cache that cannot be written (read-only data folder) only costs the next start a scan.
-    let tmp = cache.with_extension("json.tmp");
+    let tmp = cache.with_extension(format!("json.{}.tmp", std::process::id())); // one per process: the nodes of a run may share the data folder
     let written = serde_json::to_vec(&file).ok().and_then(|b| std::fs::write(&tmp, b).ok()).and_then(|_| std::fs::rename(&tmp, &cache).ok());
     if written.is_none() && !quiet {
         eprintln!("note: could not write the length cache {}", cache.display());

@@ -20,13 +20,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::{AutodiffBackend, DeviceId};
 use burn::tensor::TensorPrimitive;
-use burn_collective::{AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation};
+use burn_collective::{AllReduceStrategy, CollectiveConfig, CollectiveError, GlobalCollectiveError, PeerId, ReduceOperation};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
@@ -46,9 +46,14 @@ pub struct ParallelConfig {
     /// This node's index, `0..nodes`.
     #[serde(default)]
     pub node_rank: usize,
-    /// `host:port` of node 0, which every node reaches (multi-node only).
+    /// `host:port` of node 0, which every node reaches (multi-node only). Node 0 serves the
+    /// rendezvous there; node `k` serves its tensors on `port + 1 + k`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
+    /// The host (name or IP) at which the other nodes reach this one (multi-node only; default:
+    /// the address of this machine's interface towards the coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_address: Option<String>,
 }
 
 /// `parallel.devices`: how many, or which.
@@ -71,7 +76,7 @@ fn one() -> usize {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { devices: Devices::default(), nodes: 1, node_rank: 0, coordinator: None }
+        Self { devices: Devices::default(), nodes: 1, node_rank: 0, coordinator: None, node_address: None }
     }
 }
 
@@ -121,10 +126,18 @@ impl ParallelConfig {
         if self.nodes > 1 {
             match &self.coordinator {
                 None => errors.push("parallel.nodes > 1 needs parallel.coordinator = \"host:port\" (node 0's address)".into()),
-                Some(c) if parse_host_port(c).is_none() => {
-                    errors.push(format!("parallel.coordinator must be \"host:port\", got \"{c}\""))
+                Some(c) => match parse_host_port(c) {
+                    None => errors.push(format!("parallel.coordinator must be \"host:port\", got \"{c}\"")),
+                    Some((_, port)) if port as usize + self.nodes > u16::MAX as usize => {
+                        errors.push(format!("parallel.coordinator: port {port} leaves no room for the nodes' ports (port + 1 + node_rank)"))
+                    }
+                    _ => {}
+                },
+            }
+            if let Some(a) = &self.node_address {
+                if a.is_empty() || a.contains('/') || parse_host_port(a).is_some() {
+                    errors.push(format!("parallel.node_address must be a host name or IP without a port, got \"{a}\""));
                 }
-                _ => {}
             }
         }
     }
@@ -147,12 +160,46 @@ pub struct Rank {
     pub world: usize,
     /// Set when another rank of this process failed: stop at the next collective call.
     aborted: Arc<AtomicBool>,
+    /// Where the nodes serve their tensors (multi-node runs): to name a lost one's ranks.
+    nodes: Option<NodePorts>,
+}
+
+/// Node `k` of a multi-node run serves its tensors on `base + 1 + k` (`base`: the coordinator's
+/// port) and drives `local` ranks.
+#[derive(Clone, Copy, Debug)]
+struct NodePorts {
+    base: u16,
+    local: usize,
+}
+
+impl NodePorts {
+    fn data_port(&self, node: usize) -> u16 {
+        self.base + 1 + node as u16
+    }
+
+    /// "node 1 (ranks 2-3)" for the addresses a collective reported lost.
+    fn describe(&self, addresses: &str) -> String {
+        let nodes: Vec<String> = addresses
+            .split(", ")
+            .map(|a| {
+                let port = a.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok());
+                match port.filter(|&p| p > self.base) {
+                    Some(p) => {
+                        let k = (p - self.base - 1) as usize;
+                        format!("node {k} (ranks {}-{}) at {a}", k * self.local, (k + 1) * self.local - 1)
+                    }
+                    None => format!("the node at {a}"),
+                }
+            })
+            .collect();
+        nodes.join(", ")
+    }
 }
 
 impl Rank {
     /// The only rank of a run without data parallelism.
     pub fn single() -> Self {
-        Self { rank: 0, world: 1, aborted: Arc::new(AtomicBool::new(false)) }
+        Self { rank: 0, world: 1, aborted: Arc::new(AtomicBool::new(false)), nodes: None }
     }
 
     /// Rank 0 logs, writes metrics, checkpoints and the export.
@@ -178,8 +225,20 @@ impl Rank {
         }
         self.check_alive()?;
         let out = burn_collective::all_reduce::<B>(self.peer(), tensor.into_primitive().tensor(), ReduceOperation::Sum)
-            .map_err(|e| anyhow!("rank {}: all-reduce failed: {e:?}", self.rank))?;
+            .map_err(|e| self.collective_error(e))?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    /// A failed all-reduce, naming the node (and its ranks) that was lost where that is the cause.
+    fn collective_error(&self, e: CollectiveError) -> anyhow::Error {
+        match (&e, &self.nodes) {
+            (CollectiveError::Global(GlobalCollectiveError::PeerLostAt(at)), Some(nodes)) => anyhow!(
+                "rank {}: all-reduce failed: lost {}: its process ended or its connection dropped",
+                self.rank,
+                nodes.describe(at)
+            ),
+            _ => anyhow!("rank {}: all-reduce failed: {e:?}", self.rank),
+        }
     }
 
     /// Sums of a few numbers over the ranks (counts and metrics; f32 on the device: integers are
@@ -372,7 +431,9 @@ static SESSION: Mutex<()> = Mutex::new(());
 /// Runs `work` on every local rank of `cfg`, each on its device, and returns their results in
 /// rank order. One rank: `work` runs on this thread, without any collective. Several: one thread
 /// per rank, registered with burn-collective; the first rank that fails stops the others, and
-/// the error names it.
+/// the error names it. Several nodes: the same on each node's process, the nodes meeting at
+/// `parallel.coordinator` (node 0 hosts burn-collective's orchestrator there); a node whose
+/// process ends makes the others' next all-reduce fail, naming its ranks.
 pub fn run_ranks<B, T, F>(cfg: &ParallelConfig, backend: BackendKind, first: &B::Device, work: F) -> Result<Vec<T>>
 where
     B: Backend,
@@ -383,17 +444,19 @@ where
     if cfg.world_size() == 1 {
         return Ok(vec![work(Rank::single(), rank_device::<B>(cfg, backend, first, 0))?]);
     }
-    if cfg.nodes > 1 {
-        bail!("parallel.nodes = {}: multi-node runs are not supported by this build yet (run one node with parallel.devices)", cfg.nodes);
-    }
     let _session = SESSION.lock().unwrap_or_else(|e| e.into_inner());
     burn_collective::reset_collective::<B>();
-    let config = CollectiveConfig::default().with_num_devices(local).with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
+    let mut config = CollectiveConfig::default().with_num_devices(local).with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
+    let (mut orchestrator, mut nodes) = (None, None);
+    if cfg.nodes > 1 {
+        let (c, o, n) = join_nodes(cfg, config)?;
+        (config, orchestrator, nodes) = (c, o, Some(n));
+    }
     let aborted = Arc::new(AtomicBool::new(false));
     let results: Vec<Result<T>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..local)
             .map(|i| {
-                let rank = Rank { rank: cfg.node_rank * local + i, world: cfg.world_size(), aborted: aborted.clone() };
+                let rank = Rank { rank: cfg.node_rank * local + i, world: cfg.world_size(), aborted: aborted.clone(), nodes };
                 let device = rank_device::<B>(cfg, backend, first, i);
                 let (work, config, aborted) = (&work, config.clone(), aborted.clone());
                 std::thread::Builder::new()
@@ -435,7 +498,9 @@ where
         match r {
             Ok(v) => outs.push(v),
             Err(e) => {
-                let secondary = format!("{e:#}").contains("another rank failed") || format!("{e:#}").contains("all-reduce failed");
+                // Secondary: stopped because another rank of this node failed (a lost node is a cause).
+                let text = format!("{e:#}");
+                let secondary = text.contains("another rank failed") || (text.contains("all-reduce failed") && !text.contains("all-reduce failed: lost "));
                 match &first_error {
                     None => first_error = Some((e, secondary)),
                     Some((_, true)) if !secondary => first_error = Some((e, secondary)),
@@ -444,9 +509,86 @@ where
             }
         }
     }
-    match first_error {
-        Some((e, _)) => Err(e),
-        None => Ok(outs),
+    if let Some((e, _)) = first_error {
+        return Err(e);
+    }
+    if let Some(o) = orchestrator.take() {
+        // The others unregister from node 0's orchestrator after their last all-reduce: wait
+        // for them (bounded) before this process, and the orchestrator with it, ends.
+        if !o.wait_all_finished(std::time::Duration::from_secs(60)) {
+            eprintln!("warning: not every node had left the collective 60 s after this one finished");
+        }
+    }
+    Ok(outs)
+}
+
+/// The multi-node part of `config`: the nodes' rendezvous at the coordinator (hosted here on
+/// node 0) and this node's tensor service on `port + 1 + node_rank`.
+fn join_nodes(cfg: &ParallelConfig, config: CollectiveConfig) -> Result<(CollectiveConfig, Option<Orchestrator>, NodePorts)> {
+    let coordinator = cfg.coordinator.as_deref().unwrap_or_default();
+    let (host, port) = parse_host_port(coordinator).ok_or_else(|| anyhow!("parallel.coordinator must be \"host:port\", got \"{coordinator}\""))?;
+    let nodes = NodePorts { base: port, local: cfg.local_ranks() };
+    let data_port = nodes.data_port(cfg.node_rank);
+    let orchestrator = if cfg.node_rank == 0 { Some(Orchestrator::start(port)?) } else { None };
+    check_port_free(data_port, &format!("node {}'s tensor service (parallel.coordinator's port + 1 + node_rank)", cfg.node_rank))?;
+    let me = match &cfg.node_address {
+        Some(a) => a.clone(),
+        None => address_towards(&host, port).with_context(|| format!("finding this machine's address towards {coordinator} (set parallel.node_address)"))?,
+    };
+    let ws = |h: &str, p: u16| format!("ws://{h}:{p}").parse().expect("an address parses");
+    let config = config
+        .with_num_nodes(cfg.nodes as u32)
+        .with_global_address(ws(&host, port))
+        .with_node_address(ws(&me, data_port))
+        .with_data_service_port(data_port)
+        // Any tensor shape (the ring needs a dimension of at least `nodes`; counts have one element).
+        .with_global_all_reduce_strategy(AllReduceStrategy::Centralized);
+    eprintln!(
+        "parallel: node {} of {} ({} ranks each), meeting at {coordinator}, serving tensors at {me}:{data_port}",
+        cfg.node_rank, cfg.nodes, nodes.local
+    );
+    Ok((config, orchestrator, nodes))
+}
+
+/// The IP of this machine's interface that reaches `host:port` (a UDP "connect" sends nothing).
+fn address_towards(host: &str, port: u16) -> Result<String> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect((host, port))?;
+    Ok(socket.local_addr()?.ip().to_string())
+}
+
+fn check_port_free(port: u16, what: &str) -> Result<()> {
+    std::net::TcpListener::bind(("0.0.0.0", port)).map(drop).with_context(|| format!("port {port} for {what} is not free"))
+}
+
+/// burn-collective's global orchestrator, which node 0 hosts on its own runtime: the nodes
+/// register there (the rendezvous) and unregister at the end.
+struct Orchestrator {
+    runtime: tokio::runtime::Runtime,
+    all_finished: Arc<tokio::sync::Notify>,
+}
+
+impl Orchestrator {
+    fn start(port: u16) -> Result<Self> {
+        check_port_free(port, "the coordinator (parallel.coordinator)")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("orchestrator").enable_all().build()?;
+        let all_finished = Arc::new(tokio::sync::Notify::new());
+        let notify = all_finished.clone();
+        runtime.spawn(async move {
+            if let Err(e) = burn_collective::start_global_orchestrator_with(port, std::future::pending(), notify).await {
+                eprintln!("error: the coordinator on port {port} stopped: {e:?}");
+            }
+        });
+        Ok(Self { runtime, all_finished })
+    }
+
+    /// Waits until every node has unregistered (at most `timeout`); `false` when one has not.
+    fn wait_all_finished(self, timeout: std::time::Duration) -> bool {
+        let all_finished = self.all_finished.clone();
+        // The timer needs the runtime's context: build it inside the block.
+        let done = self.runtime.block_on(async move { tokio::time::timeout(timeout, all_finished.notified()).await }).is_ok();
+        self.runtime.shutdown_background();
+        done
     }
 }
 
