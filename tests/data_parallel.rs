@@ -4,7 +4,7 @@
 //! - a run stopped (SIGKILL) and resumed on another number of ranks sees the same samples as an
 //!   uninterrupted run: every epoch's records once, none twice, none skipped;
 //! - two processes on 127.0.0.1 (`nodes = 2`, 2 ranks each) give the weights of one process with
-//!   4 ranks; killing either one makes the other fail within 60 s naming the lost ranks, and the
+//!   4 ranks, for SFT and for GRPO; killing either one makes the other fail within 60 s naming the lost ranks, and the
 //!   last checkpoint resumes.
 
 use std::collections::BTreeMap;
@@ -237,14 +237,19 @@ fn grpo_on_n_ranks_equals_one_rank() {
     }
 }
 
-/// Waits for `child` at most `secs` seconds (a hang is a failure, not a stuck test).
+/// Waits for `child` at most `secs` seconds (a hang is a failure, not a stuck test); its stderr
+/// is read as it comes (a child blocked on a full pipe would look like a hang).
 fn wait_bounded(mut child: std::process::Child, secs: u64) -> (bool, String, f64) {
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+        err
+    });
     let t0 = std::time::Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-            return (status.success(), err, t0.elapsed().as_secs_f64());
+            return (status.success(), reader.join().unwrap(), t0.elapsed().as_secs_f64());
         }
         if t0.elapsed().as_secs() > secs {
             child.kill().unwrap();
@@ -252,6 +257,15 @@ fn wait_bounded(mut child: std::process::Child, secs: u64) -> (bool, String, f64
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Waits for both nodes of a run (at most 600 s each) and asserts that both succeeded; node 0's
+/// stderr.
+fn wait_nodes([n0, n1]: [std::process::Child; 2]) -> String {
+    let (ok1, err1, _) = wait_bounded(n1, 600);
+    let (ok0, err0, _) = wait_bounded(n0, 600);
+    assert!(ok0 && ok1, "node 0: {err0}\nnode 1: {err1}");
+    err0
 }
 
 #[test]
@@ -354,10 +368,7 @@ fn two_processes_of_two_ranks_equal_one_process_of_four() {
     // Both nodes write to one output folder, as on a shared file system; rank 0 alone writes there.
     let two = tmp.join("two");
     let port = free_ports();
-    let (n0, n1) = (node(&data, &two, port, 0, &sets, &[]), node(&data, &two, port, 1, &sets, &[]));
-    let (ok1, err1, _) = wait_bounded(n1, 600);
-    let (ok0, err0, _) = wait_bounded(n0, 600);
-    assert!(ok0 && ok1, "node 0: {err0}\nnode 1: {err1}");
+    let err0 = wait_nodes([node(&data, &two, port, 0, &sets, &[]), node(&data, &two, port, 1, &sets, &[])]);
     assert!(err0.contains("on 4 rank(s)"), "{err0}");
     let d = max_abs_diff(&weights(&one), &weights(&two));
     eprintln!("2 processes x 2 ranks vs 1 process x 4 ranks, 3 steps: max |diff| = {d:e}");
@@ -399,10 +410,7 @@ fn a_killed_node_stops_the_other_with_an_error_naming_its_ranks_and_the_run_resu
                 .unwrap();
             let port = free_ports();
             let end = vec![format!("max_steps={}", last + 4), "per_device_batch=1".into(), "save_every=2".into()];
-            let [r0, r1] = [node(&data, &out, port, 0, &end, &["--resume"]), node(&data, &out, port, 1, &end, &["--resume"])];
-            let (ok1, err1, _) = wait_bounded(r1, 600);
-            let (ok0, err0, _) = wait_bounded(r0, 600);
-            assert!(ok0 && ok1, "node 0: {err0}\nnode 1: {err1}");
+            let err0 = wait_nodes([node(&data, &out, port, 0, &end, &["--resume"]), node(&data, &out, port, 1, &end, &["--resume"])]);
             assert!(err0.contains(&format!("checkpoint-{last} (step {last})")), "{err0}");
             let state: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(out.join(format!("checkpoint-{}/trainer_state.json", last + 4))).unwrap()).unwrap();
@@ -411,10 +419,7 @@ fn a_killed_node_stops_the_other_with_an_error_naming_its_ranks_and_the_run_resu
     }
 }
 
-/// Ignored: the two GRPO processes stalled in step 2 (no error, > 600 s), so `train_grpo` refuses
-/// `parallel.nodes > 1` for now; run with `--ignored` (after lifting the refusal) to chase it.
 #[test]
-#[ignore]
 fn grpo_on_two_processes_of_two_ranks_equals_one_process_of_four() {
     type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
     let tmp = std::env::temp_dir().join(format!("infimed-dp-grpo-nodes-{}", std::process::id()));
@@ -436,10 +441,8 @@ fn grpo_on_two_processes_of_two_ranks_equals_one_process_of_four() {
             .spawn()
             .unwrap()
     };
-    let (n0, n1) = (spawn(0), spawn(1));
-    let (ok1, err1, _) = wait_bounded(n1, 600);
-    let (ok0, err0, _) = wait_bounded(n0, 600);
-    assert!(ok0 && ok1, "node 0: {err0}\nnode 1: {err1}");
+    let err0 = wait_nodes([spawn(0), spawn(1)]);
+    assert!(err0.contains("on 4 rank(s)"), "{err0}");
     let d = max_abs_diff(&weights(&one), &weights(&two));
     eprintln!("grpo: 2 processes x 2 ranks vs 1 process x 4 ranks, 3 steps: max |diff| = {d:e}");
     assert!(d <= 1e-5, "{d}");

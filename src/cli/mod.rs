@@ -55,8 +55,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Logging to stderr: infimed's own messages from `info` up, other crates' from `warn` up (burn's
+/// collective logs every tensor transfer of a multi-node run at `info`: ~25 KB per GRPO step of
+/// the demo). `INFIMED_LOG` overrides it (an `EnvFilter` directive, e.g. `debug` or
+/// `info,burn_collective=debug`).
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("INFIMED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("INFIMED_LOG").unwrap_or_else(|_| EnvFilter::new("warn,infimed=info,infimed_model=info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

@@ -178,14 +178,6 @@ impl AutodiffJob for GrpoJob {
 // The learner
 
 pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B::Device) -> Result<GrpoSummary> {
-    // Refused rather than left to hang: two GRPO processes (2 x 2 ranks on 127.0.0.1) stopped in
-    // step 2 without an error in tests/data_parallel.rs (cause not found yet; SFT over nodes and
-    // GRPO on one node's ranks are exact).
-    ensure!(
-        recipe.parallel.nodes == 1,
-        "parallel.nodes = {}: multi-node GRPO is not supported yet (it stalled in its second step in testing); run GRPO on one node with parallel.devices",
-        recipe.parallel.nodes
-    );
     let files = model_files_dir(&recipe.model)?;
     check_precision::<B>(recipe.precision, device)?;
     let processor = Processor::from_dir(&files, recipe.max_pixels)?;
