@@ -4,7 +4,8 @@
 //! - **Requests** are prompts with `n` samples each (GRPO's group; `n = 1` otherwise). A request's
 //!   prompt is prefilled **once** — vision tower included — and its keys and values are held once
 //!   for all `n` samples ([`crate::model::kv`]); each sample has its own preallocated buffer for
-//!   its new tokens, written in place.
+//!   its new tokens, written in place. The requests one prefill admits form a cohort whose
+//!   attention runs as one batched product per layer and step.
 //! - **Continuous batching**: requests wait in a queue (shortest prompt first, ties in input
 //!   order); whenever rows finish (stop token or `max_new_tokens`), finished groups leave and
 //!   waiting ones are prefilled and join, as long as the batch stays within `max_rows` rows
@@ -25,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::generate::{left_padded_batch, Generation, Prompt, SamplingConfig};
-use crate::model::kv::GroupKv;
+use crate::model::kv::CohortKv;
 use crate::model::{ModelBackend, Qwen25VL};
 
 /// Generate for every prompt (greedy, or sampled with seeds drawn from `rng`), all prompts at
@@ -121,12 +122,19 @@ struct Seq {
     stopped: bool,
 }
 
-/// A request being decoded; its cache is `kvs[k]` for `running[k]`.
+/// A request being decoded.
 struct Running {
     request: usize,
-    /// Rows still decoding, aligned with the rows of its cache.
+    /// Rows still decoding, aligned with its group's rows in the cohort's cache.
     live: Vec<Seq>,
     done: Vec<Seq>,
+}
+
+/// The requests one prefill admitted, still decoding, and their cache (group `k` of `kv` is
+/// `groups[k]`).
+struct Cohort<B: ModelBackend> {
+    groups: Vec<Running>,
+    kv: CohortKv<B>,
 }
 
 /// Generate `requests[i].n` samples for every request. `on_done(i, generations)` is called as
@@ -165,18 +173,18 @@ pub fn generate_requests<B: ModelBackend>(
     let head = model.head_matrix();
     let banned = banned_row::<B>(model, &head);
     let cost = |i: usize| requests[i].prompt.input_ids.len() + requests[i].n * cfg.max_new_tokens;
-    let mut running: Vec<Running> = vec![];
-    let mut kvs: Vec<GroupKv<B>> = vec![];
-    while !queue.is_empty() || !running.is_empty() {
+    let mut cohorts: Vec<Cohort<B>> = vec![];
+    while !queue.is_empty() || !cohorts.is_empty() {
         // Admit waiting requests while rows and the token budget allow (always one if idle).
-        let mut rows: usize = running.iter().map(|g| g.live.len()).sum();
-        let mut tokens: usize = running.iter().zip(&kvs).map(|(g, kv)| kv.prefix_len + requests[g.request].n * cfg.max_new_tokens).sum();
+        let running = || cohorts.iter().flat_map(|c| c.groups.iter().zip(&c.kv.prefix_lens));
+        let mut rows: usize = running().map(|(g, _)| g.live.len()).sum();
+        let mut tokens: usize = running().map(|(g, &p)| p + requests[g.request].n * cfg.max_new_tokens).sum();
         let mut admit = vec![];
         while let Some(&i) = queue.front() {
             let n = requests[i].n;
             let fits_rows = rows + n <= engine.max_rows;
             let fits_tokens = engine.max_batch_tokens == 0 || tokens + cost(i) <= engine.max_batch_tokens;
-            if !(fits_rows && fits_tokens) && !(running.is_empty() && admit.is_empty()) {
+            if !(fits_rows && fits_tokens) && !(cohorts.is_empty() && admit.is_empty()) {
                 break;
             }
             queue.pop_front();
@@ -188,14 +196,14 @@ pub fn generate_requests<B: ModelBackend>(
             let prompts: Vec<&Prompt> = admit.iter().map(|&i| &requests[i].prompt).collect();
             let input = left_padded_batch(&prompts, pad_id);
             let sizes: Vec<usize> = admit.iter().map(|&i| requests[i].n).collect();
-            let (groups, last) = model.prefill_groups(&input, &sizes, cfg.max_new_tokens)?;
+            let (kv, last) = model.prefill_groups(&input, &sizes, cfg.max_new_tokens)?;
             stats.prefills += 1;
             stats.prefill_prompts += admit.len();
             stats.prefill_tokens += prompts.iter().map(|p| p.input_ids.len()).sum::<usize>();
             // First tokens: every sample of a group draws from the prompt's last position.
             let rows_of: Vec<usize> = admit.iter().enumerate().flat_map(|(g, &i)| std::iter::repeat_n(g, requests[i].n)).collect();
             let device = last.device();
-            let hidden = last.select(0, crate::model::nn::int1::<B>(&rows_of, &device));
+            let hidden = if rows_of.len() == admit.len() { last } else { last.select(0, crate::model::nn::int1::<B>(&rows_of, &device)) };
             let mut seqs: Vec<Seq> = admit
                 .iter()
                 .flat_map(|&i| (0..requests[i].n).map(move |j| (i, j)))
@@ -203,82 +211,84 @@ pub fn generate_requests<B: ModelBackend>(
                 .collect();
             let next = next_tokens(&head, &banned, hidden, cfg, &mut seqs);
             let mut seqs = seqs.into_iter();
-            for ((&i, mut kv), next) in admit.iter().zip(groups).zip(chunks(&next, &sizes)) {
-                let live: Vec<Seq> = seqs.by_ref().take(requests[i].n).collect();
-                let mut g = Running { request: i, live, done: vec![] };
-                push_tokens(&mut g, &mut kv, next, stop, cfg.max_new_tokens, &mut stats);
-                running.push(g);
-                kvs.push(kv);
+            let groups: Vec<Running> = admit.iter().map(|&i| Running { request: i, live: seqs.by_ref().take(requests[i].n).collect(), done: vec![] }).collect();
+            let mut cohort = Cohort { groups, kv };
+            for g in push_tokens(&mut cohort, &next, stop, cfg.max_new_tokens, &mut stats) {
+                complete(g, &mut on_done, &mut out);
             }
+            cohorts.push(cohort);
         }
-        // Retire groups whose rows are all done.
-        let mut k = 0;
-        while k < running.len() {
-            if running[k].live.is_empty() {
-                let g = running.remove(k);
-                kvs.remove(k);
-                let mut done = g.done;
-                done.sort_by_key(|s| s.sample);
-                let gens: Vec<Generation> = done.into_iter().map(|s| Generation { tokens: s.tokens, stopped: s.stopped }).collect();
-                on_done(g.request, &gens);
-                out[g.request] = Some(gens);
-            } else {
-                k += 1;
-            }
-        }
-        if running.is_empty() {
+        cohorts.retain(|c| !c.groups.is_empty());
+        if cohorts.is_empty() {
             continue;
         }
-        let (p, o) = kvs.iter().map(GroupKv::bytes).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (p, o) = cohorts.iter().map(|c| c.kv.bytes()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         stats.peak_prefix_bytes = stats.peak_prefix_bytes.max(p);
         stats.peak_own_bytes = stats.peak_own_bytes.max(o);
         // One decode step of every live row.
-        let feed: Vec<u32> = running.iter().flat_map(|g| g.live.iter().map(|s| *s.tokens.last().expect("a live row has a token"))).collect();
+        let feed: Vec<u32> =
+            cohorts.iter().flat_map(|c| c.groups.iter().flat_map(|g| g.live.iter().map(|s| *s.tokens.last().expect("a live row has a token")))).collect();
         stats.peak_rows = stats.peak_rows.max(feed.len());
-        let hidden = model.decode_groups(&feed, &mut kvs)?;
+        let hidden = {
+            let mut kvs: Vec<&mut CohortKv<B>> = cohorts.iter_mut().map(|c| &mut c.kv).collect();
+            model.decode_groups(&feed, &mut kvs)?
+        };
         stats.decode_steps += 1;
-        let sizes: Vec<usize> = running.iter().map(|g| g.live.len()).collect();
-        let mut seqs: Vec<Seq> = running.iter_mut().flat_map(|g| std::mem::take(&mut g.live)).collect();
+        let mut seqs: Vec<Seq> = cohorts.iter_mut().flat_map(|c| c.groups.iter_mut().flat_map(|g| std::mem::take(&mut g.live))).collect();
         let next = next_tokens(&head, &banned, hidden, cfg, &mut seqs);
-        let mut seqs = seqs.into_iter();
-        for ((g, kv), (next, &n)) in running.iter_mut().zip(kvs.iter_mut()).zip(chunks(&next, &sizes).zip(&sizes)) {
-            g.live = seqs.by_ref().take(n).collect();
-            push_tokens(g, kv, next, stop, cfg.max_new_tokens, &mut stats);
+        let (mut seqs, mut next) = (seqs.into_iter(), next.as_slice());
+        for c in cohorts.iter_mut() {
+            for (g, &n) in c.groups.iter_mut().zip(c.kv.group_rows()) {
+                g.live = seqs.by_ref().take(n).collect();
+            }
+            let rows = c.kv.rows();
+            for g in push_tokens(c, &next[..rows], stop, cfg.max_new_tokens, &mut stats) {
+                complete(g, &mut on_done, &mut out);
+            }
+            next = &next[rows..];
         }
+        cohorts.retain(|c| !c.groups.is_empty());
     }
     Ok((out.into_iter().map(|g| g.expect("every request generated")).collect(), stats))
 }
 
-fn chunks<'a>(v: &'a [u32], sizes: &'a [usize]) -> impl Iterator<Item = &'a [u32]> + 'a {
-    let mut start = 0;
-    sizes.iter().map(move |&n| {
-        let c = &v[start..start + n];
-        start += n;
-        c
-    })
+/// A group whose samples are all done: its generations, in sample order, to `on_done` and `out`.
+fn complete(g: Running, on_done: &mut impl FnMut(usize, &[Generation]), out: &mut [Option<Vec<Generation>>]) {
+    let mut done = g.done;
+    done.sort_by_key(|s| s.sample);
+    let gens: Vec<Generation> = done.into_iter().map(|s| Generation { tokens: s.tokens, stopped: s.stopped }).collect();
+    on_done(g.request, &gens);
+    out[g.request] = Some(gens);
 }
 
-/// Append each live row's next token; rows that stop or reach `max_new` move to `done` (and
-/// their cache rows are dropped).
-fn push_tokens<B: ModelBackend>(g: &mut Running, kv: &mut GroupKv<B>, next: &[u32], stop: &[u32], max_new: usize, stats: &mut EngineStats) {
-    let mut keep = vec![];
-    let live = std::mem::take(&mut g.live);
-    for (r, (mut s, &t)) in live.into_iter().zip(next).enumerate() {
-        s.tokens.push(t);
-        stats.new_tokens += 1;
-        if stop.contains(&t) {
-            s.stopped = true;
+/// Append each live row's next token (`next`: the cohort's rows, group by group); rows that stop
+/// or reach `max_new` move to their group's `done` and their cache rows are dropped. Returns the
+/// groups left without live rows, which leave the cohort (and its cache).
+fn push_tokens<B: ModelBackend>(c: &mut Cohort<B>, next: &[u32], stop: &[u32], max_new: usize, stats: &mut EngineStats) -> Vec<Running> {
+    let mut next = next.iter();
+    let mut keep: Vec<Vec<usize>> = Vec::with_capacity(c.groups.len());
+    for g in c.groups.iter_mut() {
+        let mut kept = vec![];
+        for (r, mut s) in std::mem::take(&mut g.live).into_iter().enumerate() {
+            let t = *next.next().expect("a token per live row");
+            s.tokens.push(t);
+            stats.new_tokens += 1;
+            if stop.contains(&t) {
+                s.stopped = true;
+            }
+            if s.stopped || s.tokens.len() >= max_new {
+                g.done.push(s);
+            } else {
+                kept.push(r);
+                g.live.push(s);
+            }
         }
-        if s.stopped || s.tokens.len() >= max_new {
-            g.done.push(s);
-        } else {
-            keep.push(r);
-            g.live.push(s);
-        }
+        keep.push(kept);
     }
-    if !g.live.is_empty() {
-        kv.retain(&keep);
-    }
+    c.kv.retain(&keep);
+    let (live, finished) = std::mem::take(&mut c.groups).into_iter().partition(|g| !g.live.is_empty());
+    c.groups = live;
+    finished
 }
 
 /// `-inf` at the image/video placeholder ids (never emitted: a response holding one would claim

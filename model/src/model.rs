@@ -11,7 +11,7 @@ use burn::tensor::TensorData;
 
 use crate::attention::{AttentionImpl, AttentionMask, LayerAttention, ModelBackend};
 use crate::config::Qwen25VlConfig;
-use crate::kv::GroupKv;
+use crate::kv::CohortKv;
 use crate::nn::{cast_like, int1, linear_export, linear_init, linear_load, tensor2};
 use crate::rope;
 use crate::text::{KvCache, TextModel};
@@ -418,10 +418,11 @@ impl<B: ModelBackend> Qwen25VL<B> {
 }
 
 impl<B: ModelBackend> Qwen25VL<B> {
-    /// Prefill the prompts of a left-padded batch (one row per group) and cut the cache into one
-    /// [`GroupKv`] per row, its padding dropped, for `rows[g]` sequences of up to `capacity` new
-    /// tokens each. Returns the groups and the last prompt position's hidden state `[G, C]`.
-    pub fn prefill_groups(&self, input: &ModelInput, rows: &[usize], capacity: usize) -> Result<(Vec<GroupKv<B>>, Tensor<B, 2>)> {
+    /// Prefill the prompts of a left-padded batch (one row per group) into one [`CohortKv`]:
+    /// the batch's keys and values kept as they are (no copy per group or sample), for `rows[g]`
+    /// sequences of up to `capacity` new tokens each in group `g`. Returns the cohort and the
+    /// last prompt position's hidden state `[G, C]`.
+    pub fn prefill_groups(&self, input: &ModelInput, rows: &[usize], capacity: usize) -> Result<(CohortKv<B>, Tensor<B, 2>)> {
         let (g, t) = (input.batch_size(), input.seq_len());
         if rows.len() != g {
             bail!("prefill: {g} prompts but {} group sizes", rows.len());
@@ -430,40 +431,26 @@ impl<B: ModelBackend> Qwen25VL<B> {
         let hidden = self.forward_hidden(input, Some(&mut cache))?;
         let c = hidden.dims()[2];
         let last = hidden.narrow(1, t - 1, 1).reshape([g, c]);
-        let mut groups = Vec::with_capacity(g);
-        for (r, &n) in rows.iter().enumerate() {
-            let pad = cache.key_valid[r].iter().take_while(|&&v| !v).count();
-            let len = t - pad;
-            let own = |x: &Tensor<B, 4>| {
-                // A copy of just this row's real positions, so that the batch's cache is freed.
-                let [_, kvh, _, d] = x.dims();
-                x.clone().narrow(0, r, 1).narrow(2, pad, len).reshape([kvh * len * d]).reshape([1, kvh, len, d])
-            };
-            let prefix = cache.layers.iter().map(|l| l.as_ref().map(|(k, v)| (own(k), own(v)))).collect::<Option<Vec<_>>>().context("prefill left a layer's cache empty")?;
-            groups.push(GroupKv::new(prefix, cache.rope_deltas[r] + pad as i64, n, capacity));
-        }
-        Ok((groups, last))
+        let prefix = cache.layers.into_iter().collect::<Option<Vec<_>>>().context("prefill left a layer's cache empty")?;
+        let cohort = CohortKv::new(prefix, &cache.key_valid, &cache.rope_deltas, rows, capacity)?;
+        Ok((cohort, last))
     }
 
-    /// One decode step: `tokens[i]` is the next input of row `i` (rows in group order); the
-    /// final hidden states `[rows, C]`.
-    pub fn decode_groups(&self, tokens: &[u32], groups: &mut [GroupKv<B>]) -> Result<Tensor<B, 2>> {
+    /// One decode step: `tokens[i]` is the next input of row `i` (rows cohort by cohort, group
+    /// by group); the final hidden states `[rows, C]`.
+    pub fn decode_groups(&self, tokens: &[u32], cohorts: &mut [&mut CohortKv<B>]) -> Result<Tensor<B, 2>> {
         let device = self.devices().into_iter().next().context("model has no parameters")?;
-        let rows: usize = groups.iter().map(GroupKv::rows).sum();
+        let rows: usize = cohorts.iter().map(|c| c.rows()).sum();
         if rows != tokens.len() {
             bail!("decode: {} tokens for {rows} rows", tokens.len());
         }
-        let mut positions = Vec::with_capacity(rows);
-        for g in groups.iter() {
-            let p = (g.prefix_len + g.len) as i64 + g.rope_delta;
-            positions.extend(std::iter::repeat_n([vec![p], vec![p], vec![p]], g.rows()));
-        }
+        let positions: Vec<[Vec<i64>; 3]> = cohorts.iter().flat_map(|c| c.next_positions()).map(|p| [vec![p], vec![p], vec![p]]).collect();
         let (cos, sin) = self.cos_sin(&positions, &device);
         let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, 1]), &device);
         let embeds = self.model.embed_tokens.forward(ids);
         let (cos, sin) = (cast_like(cos, &embeds), cast_like(sin, &embeds));
-        let h = self.model.forward_groups(embeds, cos, sin, groups)?;
+        let h = self.model.forward_groups(embeds, cos, sin, cohorts)?;
         let c = h.dims()[2];
         Ok(h.reshape([rows, c]))
     }

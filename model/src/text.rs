@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
 use burn::prelude::*;
 use crate::attention::{LayerAttention, ModelBackend};
-use crate::kv::{group_decode_attention, GroupKv};
+use crate::kv::{cohort_decode_attention, CohortKv};
 use crate::config::TextConfig;
 use crate::nn::{apply_rotary, linear_export, linear_rows, linear_init, linear_load, silu, tensor2, RmsNorm, INIT_STD};
 use crate::weights::{ExportTensor, WeightReader};
@@ -106,10 +106,10 @@ impl<B: ModelBackend> TextAttention<B> {
 }
 
 impl<B: ModelBackend> TextAttention<B> {
-    /// One decode step of every row of `groups` (rows in group order): x `[rows, 1, C]`,
-    /// cos/sin `[rows, 1, 1, head_dim]`. Each group's new keys and values are written into its
-    /// cache in place, then attended with its prefix (see [`crate::kv`]).
-    pub fn forward_groups(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, groups: &mut [GroupKv<B>], layer: usize) -> Result<Tensor<B, 3>> {
+    /// One decode step of every row of `cohorts` (rows cohort by cohort, group by group): x
+    /// `[rows, 1, C]`, cos/sin `[rows, 1, 1, head_dim]`. Each cohort's new keys and values are
+    /// written into its cache in place, then attended with its prefixes (see [`crate::kv`]).
+    pub fn forward_groups(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, cohorts: &mut [&mut CohortKv<B>], layer: usize) -> Result<Tensor<B, 3>> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = linear_rows(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
@@ -117,20 +117,17 @@ impl<B: ModelBackend> TextAttention<B> {
         let v = linear_rows(&self.v_proj, x).reshape([b, t, kvh, d]).swap_dims(1, 2);
         let q = apply_rotary(q, cos.clone(), sin.clone());
         let k = apply_rotary(k, cos, sin);
-        let mut outs = Vec::with_capacity(groups.len());
+        let mut outs = Vec::with_capacity(cohorts.len());
         let mut row = 0;
-        for g in groups.iter_mut() {
-            let n = g.rows();
-            let (kg, vg) = (k.clone().narrow(0, row, n), v.clone().narrow(0, row, n));
-            g.write(layer, kg, vg)?;
-            let filled = g.len + 1;
-            let (ok, ov) = &g.own[layer];
-            let own = (ok.clone().narrow(2, 0, filled), ov.clone().narrow(2, 0, filled));
-            let (pk, pv) = &g.prefix[layer];
-            outs.push(group_decode_attention(q.clone().narrow(0, row, n), (pk, pv), own));
+        for kv in cohorts.iter_mut() {
+            let kv: &mut CohortKv<B> = kv;
+            let n = kv.rows();
+            let narrow = |x: &Tensor<B, 4>| if n == b { x.clone() } else { x.clone().narrow(0, row, n) };
+            kv.write(layer, narrow(&k), narrow(&v))?;
+            outs.push(cohort_decode_attention(narrow(&q), kv, layer));
             row += n;
         }
-        let out = Tensor::cat(outs, 0);
+        let out = if outs.len() == 1 { outs.pop().expect("one cohort") } else { Tensor::cat(outs, 0) };
         Ok(linear_rows(&self.o_proj, out.swap_dims(1, 2).reshape([b, t, h * d])))
     }
 }
@@ -266,17 +263,17 @@ impl<B: Backend> TextModel<B> {
 }
 
 impl<B: ModelBackend> TextModel<B> {
-    /// Decoder layers and final norm for one decode step of the rows of `groups` (see
+    /// Decoder layers and final norm for one decode step of the rows of `cohorts` (see
     /// [`TextAttention::forward_groups`]); x `[rows, 1, C]`.
-    pub fn forward_groups(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, groups: &mut [GroupKv<B>]) -> Result<Tensor<B, 3>> {
+    pub fn forward_groups(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, cohorts: &mut [&mut CohortKv<B>]) -> Result<Tensor<B, 3>> {
         let mut x = x;
         for (i, l) in self.layers.iter().enumerate() {
-            let a = l.self_attn.forward_groups(l.input_layernorm.forward(x.clone()), cos.clone(), sin.clone(), groups, i)?;
+            let a = l.self_attn.forward_groups(l.input_layernorm.forward(x.clone()), cos.clone(), sin.clone(), cohorts, i)?;
             let y = x + a;
             x = y.clone() + l.mlp.forward(l.post_attention_layernorm.forward(y));
         }
-        for g in groups.iter_mut() {
-            g.len += 1;
+        for kv in cohorts.iter_mut() {
+            kv.len += 1;
         }
         Ok(self.norm.forward(x))
     }

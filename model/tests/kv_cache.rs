@@ -167,7 +167,7 @@ fn check_groups(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, n: usize, steps: usiz
         input.image_grids.extend(g);
     }
     let sizes = vec![n; prompts.len()];
-    let (mut groups, _) = model.prefill_groups(&input, &sizes, steps + 1).unwrap();
+    let (mut cohort, _) = model.prefill_groups(&input, &sizes, steps + 1).unwrap();
     // Row r of group g feeds tokens (g * 7 + r * 3 + step) % 50 + 1 (different per row).
     let mut own: Vec<Vec<Vec<u32>>> = (0..prompts.len()).map(|_| vec![vec![]; n]).collect();
     let mut alive: Vec<Vec<usize>> = (0..prompts.len()).map(|_| (0..n).collect()).collect();
@@ -180,7 +180,7 @@ fn check_groups(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, n: usize, steps: usiz
                 feed.push(t);
             }
         }
-        let logits = to_vec(model.logits(model.decode_groups(&feed, &mut groups).unwrap()));
+        let logits = to_vec(model.logits(model.decode_groups(&feed, &mut [&mut cohort]).unwrap()));
         let mut k = 0;
         for (g, rows) in alive.iter().enumerate() {
             for &r in rows {
@@ -194,15 +194,20 @@ fn check_groups(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, n: usize, steps: usiz
                 k += 1;
             }
         }
-        // Drop the first row of every group with more than one row after step 1.
-        if step == 1 {
-            for (g, rows) in alive.iter_mut().enumerate() {
-                if rows.len() > 1 {
-                    rows.remove(0);
-                    let keep: Vec<usize> = (1..groups[g].rows()).collect();
-                    groups[g].retain(&keep);
-                }
-            }
+        // After step 1, drop the first row of the first group when it has more than one (the
+        // groups then differ in live rows); after step 2, the whole last group.
+        if step == 1 && n > 1 {
+            let mut keep: Vec<Vec<usize>> = alive.iter().map(|rows| (0..rows.len()).collect()).collect();
+            alive[0].remove(0);
+            keep[0].remove(0);
+            cohort.retain(&keep);
+        }
+        if step == 2 && alive.len() > 1 {
+            let mut keep: Vec<Vec<usize>> = alive.iter().map(|rows| (0..rows.len()).collect()).collect();
+            *keep.last_mut().unwrap() = vec![];
+            alive.last_mut().unwrap().clear();
+            cohort.retain(&keep);
+            assert_eq!(cohort.groups(), alive.len() - 1);
         }
     }
 }
