@@ -7,7 +7,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType, TensorData};
 
-use crate::weights::{ExportTensor, NamedTensor, WeightReader};
+use crate::weights::{Chunk, ExportTensor, NamedTensor, WeightReader};
 
 /// Standard deviation of the random init (HF `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
@@ -130,9 +130,32 @@ pub fn named<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> NamedTe
     NamedTensor { name: name.to_string(), shape, values: to_vec(t) }
 }
 
+/// `f` of the tensor's f32 values in row-major order, read in place, where the backend keeps them
+/// in host memory (flex, contiguous f32): saving then copies nothing besides the encoding. `None`
+/// elsewhere (the caller copies blocks through `into_data`).
+fn with_host_values<B: Backend, const D: usize, R>(t: &Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    #[cfg(feature = "flex")]
+    {
+        use burn::tensor::TensorPrimitive;
+        let TensorPrimitive::Float(p) = t.clone().into_primitive() else { return None };
+        let flex = (&p as &dyn std::any::Any).downcast_ref::<burn::backend::flex::FlexTensor>()?;
+        let n = t.shape().num_elements();
+        let start = flex.layout().start_offset();
+        if flex.dtype() != DType::F32 || !flex.is_contiguous() {
+            return None;
+        }
+        return flex.storage::<f32>().get(start..start + n).map(f);
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (t, f);
+        None
+    }
+}
+
 impl ExportTensor {
-    /// A tensor exported as it is (row-major), read from the device when written, a block of
-    /// rows (first dimension) at a time.
+    /// A tensor exported as it is (row-major): read in place where the backend allows it (see
+    /// `with_host_values`), else read from the device a block of rows (first dimension) at a time.
     pub fn of<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Self {
         let shape = t.dims().to_vec();
         ExportTensor::chunked(name.to_string(), shape.clone(), move |max, sink| {
@@ -140,11 +163,20 @@ impl ExportTensor {
             let rows = shape.first().copied().unwrap_or(1);
             let per_row: usize = shape.iter().skip(1).product();
             let step = (max / per_row.max(1)).max(1);
+            let in_place = with_host_values(&t, |v| -> Result<()> {
+                for block in v.chunks((step * per_row).max(1)) {
+                    sink(Chunk::Values(block))?;
+                }
+                Ok(())
+            });
+            if let Some(done) = in_place {
+                return done;
+            }
             if rows <= step {
-                return sink(&to_vec(t.clone()));
+                return sink(Chunk::Values(&to_vec(t.clone())));
             }
             for r0 in (0..rows).step_by(step) {
-                sink(&to_vec(t.clone().narrow(0, r0, step.min(rows - r0))))?;
+                sink(Chunk::Values(&to_vec(t.clone().narrow(0, r0, step.min(rows - r0)))))?;
             }
             Ok(())
         })
@@ -152,19 +184,29 @@ impl ExportTensor {
 }
 
 /// Export the `[rows, cols]` matrix `w` (Burn's `[in, out]`) transposed to HF's `[out, in]`
-/// under `shape`, read from the device a block of columns at a time.
+/// under `shape`, as strips that the writer transposes and encodes into the tensor's bytes
+/// ([`Chunk::Strip`]). Where the values can be read in place (see `with_host_values`): blocks of
+/// at most `max` output values straight from them (small blocks: the kernel's copy into the
+/// page cache then reads them from the CPU's cache); else strips of whole rows read from the
+/// device (contiguous: a plain copy each) into one block for the tensor.
 pub fn export_transposed<B: Backend>(name: String, shape: Vec<usize>, w: Tensor<B, 2>) -> ExportTensor {
     let [rows, cols] = w.dims();
     ExportTensor::chunked(name, shape, move |max, sink| {
-        let step = (max / rows.max(1)).max(1);
-        // One output buffer for all of the tensor's blocks (a fresh one per block is a fresh
-        // mapping the kernel must fault in and zero each time).
-        let mut out = Vec::new();
-        for c0 in (0..cols).step_by(step) {
-            let k = step.min(cols - c0);
-            let part = to_vec(if k == cols { w.clone() } else { w.clone().narrow(1, c0, k) });
-            crate::weights::transpose_with(rows, k, &mut out, |i| part[i]);
-            sink(&out)?;
+        let in_place = with_host_values(&w, |src| -> Result<()> {
+            let step = (max / rows.max(1)).max(1);
+            for first in (0..cols).step_by(step) {
+                sink(Chunk::Strip { src, row0: 0, rows, total_rows: rows, cols, first, count: step.min(cols - first) })?;
+            }
+            Ok(())
+        });
+        if let Some(done) = in_place {
+            return done;
+        }
+        let step = (max / cols.max(1)).max(1);
+        for row0 in (0..rows).step_by(step) {
+            let k = step.min(rows - row0);
+            let src = to_vec(if k == rows { w.clone() } else { w.clone().narrow(0, row0, k) });
+            sink(Chunk::Strip { src: &src, row0, rows: k, total_rows: rows, cols, first: 0, count: cols })?;
         }
         Ok(())
     })
@@ -226,10 +268,22 @@ mod tests {
     use super::*;
     use burn::backend::NdArray;
 
+    /// The values of `e` fed in chunks of at most `max` (strips put in place by hand), and how
+    /// many chunks came.
     fn collect(e: &ExportTensor, max: usize) -> (Vec<f32>, usize) {
         let (mut out, mut chunks) = (Vec::new(), 0);
         e.for_each_chunk(max, &mut |c| {
-            out.extend_from_slice(c);
+            match c {
+                Chunk::Values(v) => out.extend_from_slice(v),
+                Chunk::Strip { src, row0, rows, total_rows, cols, first, count } => {
+                    out.resize((first + count) * total_rows, f32::NAN);
+                    for r in 0..rows {
+                        for c in first..first + count {
+                            out[c * total_rows + row0 + r] = src[r * cols + c];
+                        }
+                    }
+                }
+            }
             chunks += 1;
             Ok(())
         })
@@ -249,8 +303,9 @@ mod tests {
         for max in [1, 4, 10, 35, 1000] {
             let (got, chunks) = collect(&e, max);
             assert_eq!(got, whole, "transposed, max {max}");
-            assert_eq!(chunks, 7usize.div_ceil((max / 5).max(1)), "transposed, max {max}");
+            assert_eq!(chunks, 5usize.div_ceil((max / 7).max(1)), "transposed, max {max}");
         }
+        assert_eq!(e.values(), whole);
         let e = ExportTensor::of("w", w);
         for max in [1, 6, 7, 14, 1000] {
             let (got, chunks) = collect(&e, max);

@@ -231,35 +231,27 @@ fn decode(bytes: &[u8], dtype: Dtype, n: usize, transposed: Option<(usize, usize
 /// indirect call per value).
 fn decode_as<const W: usize, F>(bytes: &[u8], n: usize, transposed: Option<(usize, usize)>, conv: F) -> Vec<f32>
 where
-    F: Fn([u8; W]) -> f32 + Copy + Send,
+    F: Fn([u8; W]) -> f32 + Copy + Send + Sync,
 {
     let mut out = vec![0f32; n];
     huge_pages(&out);
     let at = move |c: &[u8]| conv(c.try_into().expect("W bytes"));
-    // Work is split by output rows: `[cols, rows]` when transposed, else 4,096-value rows.
-    let (out_rows, out_cols) = match transposed {
-        Some((rows, cols)) => (cols, rows),
-        None => (n.div_ceil(4096).max(1), 4096.min(n.max(1))),
-    };
-    let threads = if n >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
-    let per = out_rows.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        for (k, chunk) in out.chunks_mut(per * out_cols).enumerate() {
-            s.spawn(move || {
-                let first = k * per;
-                match transposed {
-                    Some((rows, cols)) => transpose_block(rows, cols, first, chunk, |i| at(&bytes[i * W..(i + 1) * W])),
-                    None => {
-                        let start = first * out_cols;
-                        let src = &bytes[start * W..(start + chunk.len()) * W];
+    match transposed {
+        Some((rows, cols)) => transpose_rows(rows, cols, cols, rows, &mut out, |i| at(&bytes[i * W..(i + 1) * W])),
+        None => {
+            let threads = if n >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
+            let per = n.div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                for (chunk, src) in out.chunks_mut(per).zip(bytes.chunks(per * W)) {
+                    s.spawn(move || {
                         for (o, v) in chunk.iter_mut().zip(src.chunks_exact(W)) {
                             *o = at(v);
                         }
-                    }
+                    });
                 }
             });
         }
-    });
+    }
     out
 }
 
@@ -269,10 +261,14 @@ where
 /// same 14 GiB fault in 2.4x faster. A hint only: without THP (or on other systems) nothing
 /// changes.
 fn huge_pages(v: &[f32]) {
+    huge_pages_at(v.as_ptr() as usize, std::mem::size_of_val(v));
+}
+
+/// [`huge_pages`] for the `len` bytes of one allocation at `p`.
+fn huge_pages_at(p: usize, len: usize) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 1 << 21;
-        let (p, len) = (v.as_ptr() as usize, std::mem::size_of_val(v));
         let (a, b) = (p.div_ceil(HUGE) * HUGE, (p + len) / HUGE * HUGE);
         if b > a {
             // SAFETY: advice on whole pages inside `v`'s own allocation; MADV_HUGEPAGE changes
@@ -281,46 +277,45 @@ fn huge_pages(v: &[f32]) {
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = v;
+    let _ = (p, len);
 }
 
-/// Write into `out` (reusing its memory) the `[cols, rows]` transpose of the `rows x cols`
-/// matrix whose value `[r][c]` is `get(r * cols + c)`, on every core for large matrices.
-pub fn transpose_with(rows: usize, cols: usize, out: &mut Vec<f32>, get: impl Fn(usize) -> f32 + Sync) {
-    let n = rows * cols;
-    if out.capacity() < n {
-        // Fresh (untouched, zeroed by the kernel on first write) memory, backed by huge pages.
-        *out = vec![0f32; n];
-        huge_pages(out);
-    } else {
-        out.clear();
-        out.resize(n, 0.0);
+/// The transpose of columns `0..n_c` of the `rows x cols` matrix whose value `[r][c]` is
+/// `get(r * cols + c)`, into rows `ld` values apart: `out[c * ld + r] = [r][c]` (`out` holds at
+/// least `(n_c - 1) * ld + rows` values), split over every core for large matrices.
+fn transpose_rows<T: Copy + Default + Send>(rows: usize, cols: usize, n_c: usize, ld: usize, out: &mut [T], get: impl Fn(usize) -> T + Sync) {
+    if rows == 0 || n_c == 0 {
+        return;
     }
-    let threads = if n >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
-    let per = cols.div_ceil(threads).max(1);
+    assert!(n_c <= cols && ld >= rows && out.len() >= (n_c - 1) * ld + rows, "transpose: {} values for {n_c} rows of {rows} every {ld}", out.len());
+    if rows * n_c < 1 << 20 {
+        return transpose_block(rows, cols, 0, n_c, ld, out, get);
+    }
+    let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1);
+    let per = n_c.div_ceil(threads);
     let get = &get;
     std::thread::scope(|s| {
-        for (k, chunk) in out.chunks_mut((per * rows).max(1)).enumerate() {
-            s.spawn(move || transpose_block(rows, cols, k * per, chunk, get));
+        let mut rest = out;
+        for c0 in (0..n_c).step_by(per) {
+            let k = per.min(n_c - c0);
+            let (mine, more) = if c0 + k < n_c { rest.split_at_mut(k * ld) } else { (rest, &mut [][..]) };
+            rest = more;
+            s.spawn(move || transpose_block(rows, cols, c0, k, ld, mine, get));
         }
     });
 }
 
-/// Output rows `first..first + out.len() / rows` of the transpose of the `rows x cols` matrix
-/// whose value `[r][c]` is `get(r * cols + c)`: `out[c - first][r] = [r][c]`. A block of `TR`
+/// Output rows `first..first + n_c` of the transpose of the `rows x cols` matrix whose value
+/// `[r][c]` is `get(r * cols + c)`: `out[(c - first) * ld + r] = [r][c]`. A block of `TR`
 /// source rows is consumed whole before the next: each of its rows is read `TC` values at a
 /// time (contiguous reads) into a tile, which is written out `TR` contiguous values per output
 /// row. 32 x 256 was the fastest tile shape tried on the 3B matrices (BENCHMARKS.md,
 /// "Checkpoints"); walking one column block down all rows reads one 128-byte piece of every
 /// source page per pass and ran 1.5-4x slower.
-fn transpose_block(rows: usize, cols: usize, first: usize, out: &mut [f32], get: impl Fn(usize) -> f32) {
+fn transpose_block<T: Copy + Default>(rows: usize, cols: usize, first: usize, n_c: usize, ld: usize, out: &mut [T], get: impl Fn(usize) -> T) {
     const TR: usize = 32;
     const TC: usize = 256;
-    if rows == 0 {
-        return;
-    }
-    let n_c = out.len() / rows;
-    let mut tile = vec![0f32; TR * TC];
+    let mut tile = vec![T::default(); TR * TC];
     for r0 in (0..rows).step_by(TR) {
         let tr = TR.min(rows - r0);
         for c0 in (0..n_c).step_by(TC) {
@@ -332,7 +327,7 @@ fn transpose_block(rows: usize, cols: usize, first: usize, out: &mut [f32], get:
                 }
             }
             for j in 0..tc {
-                let dst = &mut out[(c0 + j) * rows + r0..][..tr];
+                let dst = &mut out[(c0 + j) * ld + r0..][..tr];
                 for (i, d) in dst.iter_mut().enumerate() {
                     *d = tile[i * TC + j];
                 }
@@ -382,6 +377,16 @@ impl SaveDtype {
         }
     }
 
+    /// `x` as `width()` little-endian bytes into `dst`.
+    #[inline]
+    fn put(self, x: f32, dst: &mut [u8]) {
+        match self {
+            Self::F32 => dst.copy_from_slice(&x.to_le_bytes()),
+            Self::BF16 => dst.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes()),
+            Self::F16 => dst.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+        }
+    }
+
     fn encode(self, values: &[f32]) -> Vec<u8> {
         let mut out = Vec::new();
         encode_into(self, values, &mut out);
@@ -396,9 +401,46 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
-/// Values of an export in row-major chunks: called with the most values a chunk may hold and a
-/// sink that receives each chunk in order.
-pub type ChunkFn = dyn Fn(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>;
+/// A piece of an export's values.
+#[derive(Debug, Clone, Copy)]
+pub enum Chunk<'a> {
+    /// The next values, in HF's row-major order.
+    Values(&'a [f32]),
+    /// Rows `row0..row0 + rows` (row-major in `src`) of the `total_rows x cols` matrix whose
+    /// transpose is the tensor (Burn's `[in, out]` linear weights, saved in HF's `[out, in]`),
+    /// of which columns `first..first + count` are this chunk's: output rows `first..first +
+    /// count`, columns `row0..row0 + rows`. The strips of a block of output rows come in row
+    /// order, the block complete with its last; blocks in order. The writer transposes and
+    /// encodes each strip straight into the block's bytes, in one pass.
+    Strip { src: &'a [f32], row0: usize, rows: usize, total_rows: usize, cols: usize, first: usize, count: usize },
+}
+
+impl Chunk<'_> {
+    pub fn len(&self) -> usize {
+        match *self {
+            Chunk::Values(v) => v.len(),
+            Chunk::Strip { rows, count, .. } => rows * count,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Values of an export in chunks: called with the most values a chunk may hold and a sink that
+/// receives each chunk in order.
+pub type ChunkFn = dyn Fn(usize, &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()>;
+
+/// Where a strip goes in its tensor: checks that strips come in order, and says whether this one
+/// completes the tensor.
+fn strip_place(next_row: &mut usize, row0: usize, rows: usize, total_rows: usize, name: &str) -> Result<bool> {
+    if row0 != *next_row || row0 + rows > total_rows {
+        bail!("tensor `{name}`: a strip of rows {row0}..{} after row {next_row} of {total_rows}", row0 + rows);
+    }
+    *next_row = if row0 + rows == total_rows { 0 } else { row0 + rows };
+    Ok(*next_row == 0)
+}
 
 /// At most this many values (16 MiB of f32) of one tensor are on the host at once when saving.
 /// Blocks under glibc's largest mmap threshold (32 MiB) reuse freed heap memory; larger ones
@@ -419,30 +461,38 @@ pub struct ExportTensor {
 impl ExportTensor {
     /// An export whose values come whole from `values`.
     pub fn new(name: String, shape: Vec<usize>, values: impl Fn() -> Vec<f32> + 'static) -> Self {
-        Self::chunked(name, shape, move |_, sink| sink(&values()))
+        Self::chunked(name, shape, move |_, sink| sink(Chunk::Values(&values())))
     }
 
-    /// An export whose values come in row-major chunks (see [`ChunkFn`]).
-    pub fn chunked(
-        name: String,
-        shape: Vec<usize>,
-        chunks: impl Fn(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> + 'static,
-    ) -> Self {
+    /// An export whose values come in chunks (see [`ChunkFn`]).
+    pub fn chunked(name: String, shape: Vec<usize>, chunks: impl Fn(usize, &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> + 'static) -> Self {
         Self { name, shape, chunks: Box::new(chunks) }
     }
 
     /// Feed the values to `sink` in chunks of at most `max_values` (a chunk may be larger
     /// when one row is).
-    pub fn for_each_chunk(&self, max_values: usize, sink: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+    pub fn for_each_chunk(&self, max_values: usize, sink: &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> {
         (self.chunks)(max_values, sink)
     }
 
     /// All values at once.
     pub fn values(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.len());
-        self.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |c| {
-            out.extend_from_slice(c);
-            Ok(())
+        let (mut start, mut next_row) = (0, 0);
+        self.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |c| match c {
+            Chunk::Values(v) => {
+                out.extend_from_slice(v);
+                Ok(())
+            }
+            Chunk::Strip { src, row0, rows, total_rows, cols, first, count } => {
+                if row0 == 0 {
+                    start = out.len();
+                    out.resize(start + total_rows * count, 0.0);
+                }
+                strip_place(&mut next_row, row0, rows, total_rows, &self.name)?;
+                transpose_rows(rows, cols, count, total_rows, &mut out[start + row0..], |i| src[first + i]);
+                Ok(())
+            }
         })
         .expect("collecting values cannot fail");
         out
@@ -464,29 +514,63 @@ fn encode_into(dtype: SaveDtype, values: &[f32], out: &mut Vec<u8>) {
     let w = dtype.width();
     out.clear();
     out.resize(values.len() * w, 0);
-    let threads = if values.len() >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
+    // One loop per dtype (the match outside: each loop is vectorised on its own).
+    let encode = move |src: &[f32], dst: &mut [u8]| match dtype {
+        SaveDtype::F32 => {
+            for (d, x) in dst.chunks_exact_mut(4).zip(src) {
+                d.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        SaveDtype::BF16 => {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+            }
+        }
+        SaveDtype::F16 => {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes());
+            }
+        }
+    };
+    if values.len() < 1 << 20 {
+        return encode(values, out);
+    }
+    let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1);
     let per = values.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {
         for (src, dst) in values.chunks(per).zip(out.chunks_mut(per * w)) {
-            s.spawn(move || match dtype {
-                SaveDtype::F32 => {
-                    for (d, x) in dst.chunks_exact_mut(4).zip(src) {
-                        d.copy_from_slice(&x.to_le_bytes());
-                    }
-                }
-                SaveDtype::BF16 => {
-                    for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
-                        d.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
-                    }
-                }
-                SaveDtype::F16 => {
-                    for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
-                        d.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes());
-                    }
-                }
-            });
+            s.spawn(move || encode(src, dst));
         }
     });
+}
+
+/// Encode columns `first..first + count` of the strip `src` (`rows x cols`, rows `row0..` of a
+/// `total_rows x cols` matrix) into `out`, the bytes of those columns transposed (`[count,
+/// total_rows]`), transposing and converting in one pass: the words are written straight into
+/// the bytes (little-endian, the safetensors byte order, which this assumes of the machine).
+#[allow(clippy::too_many_arguments)]
+fn encode_strip(dtype: SaveDtype, src: &[f32], row0: usize, rows: usize, total_rows: usize, cols: usize, first: usize, count: usize, out: &mut [u8]) {
+    let w = dtype.width();
+    let encoded = match dtype {
+        SaveDtype::F32 => bytemuck::try_cast_slice_mut::<u8, u32>(out)
+            .map(|o| transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| src[first + i].to_bits().to_le()))
+            .is_ok(),
+        SaveDtype::BF16 => bytemuck::try_cast_slice_mut::<u8, u16>(out)
+            .map(|o| transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| half::bf16::from_f32(src[first + i]).to_bits().to_le()))
+            .is_ok(),
+        SaveDtype::F16 => bytemuck::try_cast_slice_mut::<u8, u16>(out)
+            .map(|o| transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| half::f16::from_f32(src[first + i]).to_bits().to_le()))
+            .is_ok(),
+    };
+    if !encoded {
+        // Bytes not aligned for words (never from the allocator in practice): value by value.
+        for r in 0..rows {
+            for c in 0..count {
+                let at = (c * total_rows + row0 + r) * w;
+                dtype.put(src[r * cols + first + c], &mut out[at..at + w]);
+            }
+        }
+    }
 }
 
 /// Where [`write_behind`]'s producer puts its bytes: blocks go to the writer thread, which
@@ -494,15 +578,37 @@ fn encode_into(dtype: SaveDtype, values: &[f32], out: &mut Vec<u8>) {
 struct Blocks<'a> {
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Emptied blocks back from the writer.
+    pool: Vec<Vec<u8>>,
     path: &'a Path,
 }
 
 impl Blocks<'_> {
-    /// Fill a block with `fill` and queue it (`Err` once the writer has stopped).
-    fn send(&mut self, fill: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
-        let mut block = self.spare.try_recv().unwrap_or_default();
+    /// An empty block for `bytes` bytes: the smallest spare one that holds them, else a fresh
+    /// one backed by huge pages (the transposing encoder writes each tile's values to hundreds
+    /// of rows kilobytes apart: with 4 KiB pages, a TLB miss for most of them). At most four
+    /// spares are kept (the smallest go).
+    fn take(&mut self, bytes: usize) -> Vec<u8> {
+        self.pool.extend(self.spare.try_iter());
+        let fits = (0..self.pool.len()).filter(|&i| self.pool[i].capacity() >= bytes).min_by_key(|&i| self.pool[i].capacity());
+        let mut block = match fits {
+            Some(i) => self.pool.swap_remove(i),
+            None => {
+                let block = Vec::with_capacity(bytes);
+                huge_pages_at(block.as_ptr() as usize, block.capacity());
+                block
+            }
+        };
+        while self.pool.len() > 4 {
+            let smallest = (0..self.pool.len()).min_by_key(|&i| self.pool[i].capacity()).expect("a spare");
+            self.pool.swap_remove(smallest);
+        }
         block.clear();
-        fill(&mut block);
+        block
+    }
+
+    /// Queue a block for writing (`Err` once the writer has stopped).
+    fn send(&mut self, block: Vec<u8>) -> Result<()> {
         self.tx.send(block).map_err(|_| anyhow::anyhow!("writing {}: the writer stopped", self.path.display()))
     }
 }
@@ -524,7 +630,7 @@ fn write_behind(file: File, path: &Path, produce: impl FnOnce(&mut Blocks) -> Re
             }
             w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
         });
-        let produced = produce(&mut Blocks { tx, spare, path });
+        let produced = produce(&mut Blocks { tx, spare, pool: vec![], path });
         let written = writer.join().map_err(|_| anyhow::anyhow!("writing {}: the writer thread panicked", path.display()))?;
         // The writer's own error (a full disk, say) explains a failed send better than the send.
         let file = written?;
@@ -569,18 +675,44 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
         let tmp = dir.join(format!(".{file_name}.tmp"));
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let file = write_behind(file, &tmp, |blocks| {
-            blocks.send(|b| {
-                b.extend_from_slice(&(head.len() as u64).to_le_bytes());
-                b.extend_from_slice(&head);
-            })?;
+            let mut b = blocks.take(8 + head.len());
+            b.extend_from_slice(&(head.len() as u64).to_le_bytes());
+            b.extend_from_slice(&head);
+            blocks.send(b)?;
             for t in shard {
-                let mut count = 0usize;
-                t.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |values| {
-                    count += values.len();
+                let (mut count, mut next_row) = (0usize, 0usize);
+                // A block of a transposed tensor's bytes, filled strip by strip, written when complete.
+                let mut whole: Option<Vec<u8>> = None;
+                t.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |chunk| {
+                    count += chunk.len();
                     if count > t.len() {
                         bail!("tensor `{}`: more than {} values for shape {:?}", t.name, t.len(), t.shape);
                     }
-                    blocks.send(|b| encode_into(dtype, values, b))
+                    match chunk {
+                        Chunk::Values(v) => {
+                            let mut b = blocks.take(v.len() * elem);
+                            encode_into(dtype, v, &mut b);
+                            blocks.send(b)
+                        }
+                        Chunk::Strip { src, row0, rows, total_rows, cols, first, count } => {
+                            let mut b = match whole.take() {
+                                Some(b) => b,
+                                None => {
+                                    let mut b = blocks.take(total_rows * count * elem);
+                                    b.resize(total_rows * count * elem, 0);
+                                    b
+                                }
+                            };
+                            let last = strip_place(&mut next_row, row0, rows, total_rows, &t.name)?;
+                            encode_strip(dtype, src, row0, rows, total_rows, cols, first, count, &mut b);
+                            if last {
+                                blocks.send(b)
+                            } else {
+                                whole = Some(b);
+                                Ok(())
+                            }
+                        }
+                    }
                 })?;
                 if count != t.len() {
                     bail!("tensor `{}`: {count} values for shape {:?}", t.name, t.shape);
@@ -675,6 +807,47 @@ mod tests {
         assert_eq!(canonical_name("model.layers.1.self_attn.q_proj.bias"), "model.layers.1.self_attn.q_proj.bias");
         assert_eq!(canonical_name("lm_head.weight"), "lm_head.weight");
         assert_eq!(canonical_name("visual.merger.mlp.0.weight"), "visual.merger.mlp.0.weight");
+    }
+
+    /// A linear weight saved strip by strip (transposed and encoded in one pass) is the bytes of
+    /// its transpose, in every dtype, aligned or not; and `values()` assembles the same.
+    #[test]
+    fn strips_encode_as_the_transposed_values() {
+        // Odd shapes, strips of several sizes, and a matrix large enough to be split over threads.
+        for (total_rows, cols, step) in [(1, 1, 1), (3, 700, 2), (300, 5, 64), (33, 257, 33), (1100, 1000, 250)] {
+            let src: Vec<f32> = (0..total_rows * cols).map(|i| ((i * 7919) % 10007) as f32 * 1.37e-3 - 6.0).collect();
+            let transposed: Vec<f32> = (0..total_rows * cols).map(|k| src[(k % total_rows) * cols + k / total_rows]).collect();
+            fn feed(src: &[f32], total_rows: usize, cols: usize, step: usize, sink: &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> {
+                for row0 in (0..total_rows).step_by(step) {
+                    let rows = step.min(total_rows - row0);
+                    sink(Chunk::Strip { src: &src[row0 * cols..(row0 + rows) * cols], row0, rows, total_rows, cols, first: 0, count: cols })?;
+                }
+                Ok(())
+            }
+            let strips = |sink: &mut dyn FnMut(Chunk) -> Result<()>| feed(&src, total_rows, cols, step, sink);
+            let owned = src.clone();
+            let e = ExportTensor::chunked("w".into(), vec![cols, total_rows], move |_, sink| feed(&owned, total_rows, cols, step, sink));
+            assert_eq!(e.values(), transposed, "{total_rows}x{cols}");
+            for dtype in [SaveDtype::F32, SaveDtype::BF16, SaveDtype::F16] {
+                let mut out = vec![0u8; total_rows * cols * dtype.width()];
+                strips(&mut |c| {
+                    let Chunk::Strip { src, row0, rows, total_rows, cols, first, count } = c else { unreachable!() };
+                    encode_strip(dtype, src, row0, rows, total_rows, cols, first, count, &mut out);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(out, dtype.encode(&transposed), "{dtype:?} {total_rows}x{cols}");
+                // Bytes not aligned for words: the value-by-value path, the same bytes.
+                let mut odd = vec![0u8; out.len() + 1];
+                strips(&mut |c| {
+                    let Chunk::Strip { src, row0, rows, total_rows, cols, first, count } = c else { unreachable!() };
+                    encode_strip(dtype, src, row0, rows, total_rows, cols, first, count, &mut odd[1..]);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(odd[1..], out[..], "{dtype:?} {total_rows}x{cols}, unaligned");
+            }
+        }
     }
 
     /// The tiled, threaded transposing decode against the plain definition, on shapes that
