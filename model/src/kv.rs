@@ -263,3 +263,44 @@ pub fn cohort_decode_attention<B: Backend>(q: Tensor<B, 4>, kv: &CohortKv<B>, la
     let out = (aa * wa + ab * wb) / l;
     out.cast(dtype).reshape([n, h, 1, d])
 }
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorPrimitive;
+
+    /// Where the tensor's values live.
+    fn address(t: &Tensor<Flex, 4>) -> usize {
+        let TensorPrimitive::Float(p) = t.clone().into_primitive() else { unreachable!("a float tensor") };
+        p.storage::<f32>().as_ptr() as usize
+    }
+
+    /// Each step's keys and values go into the preallocated buffers themselves (no copy of the
+    /// cache per token: burn-flex's slice_assign copied before the vendored fix).
+    #[test]
+    fn own_tokens_are_written_in_place() {
+        let device = Default::default();
+        let zeros = || Tensor::<Flex, 4>::zeros([2, 1, 3, 4], &device);
+        let valid = vec![vec![false, true, true], vec![true; 3]];
+        let mut kv = CohortKv::new(vec![(zeros(), zeros())], &valid, &[0, 0], &[2, 1], 5).unwrap();
+        let at = |kv: &CohortKv<Flex>| kv.own[0].as_ref().map(|(k, v)| (address(k), address(v))).unwrap();
+        let before = at(&kv);
+        for step in 0..3 {
+            let k = Tensor::<Flex, 4>::full([3, 1, 1, 4], step as f32 + 1.0, &device);
+            kv.write(0, k.clone(), k.neg()).unwrap();
+            kv.len += 1;
+            assert_eq!(at(&kv), before, "step {step}: the buffers moved (copied)");
+        }
+        kv.len -= 1;
+        let (k, v) = kv.own_filled(0);
+        let k: Vec<f32> = k.into_data().to_vec().unwrap();
+        let v: Vec<f32> = v.into_data().to_vec().unwrap();
+        // Row 0, position p holds p + 1 (and its negation in v).
+        assert_eq!(&k[..12], &[1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]);
+        assert!(k.iter().zip(&v).all(|(a, b)| *a == -b));
+        assert_eq!(kv.prefix_lens, [2, 3]);
+        // Own token 2 of group 0 (prompt of 2 after 1 pad, offset 0 + 1) and of group 1 (3 + 0).
+        assert_eq!(kv.next_positions(), [5, 5, 5]);
+    }
+}

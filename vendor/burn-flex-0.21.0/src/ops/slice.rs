@@ -233,7 +233,14 @@ fn slice_write_impl<E: Element + bytemuck::Pod>(
     slices: &[Slice],
     source: WriteSource<'_, E>,
 ) -> FlexTensor {
-    let mut tensor = tensor.to_contiguous();
+    // `to_contiguous` of a contiguous tensor is a clone of its `Arc`: drop the original before
+    // `storage_mut`, else the buffer is shared and copied (`Arc::make_mut`) on every call, and
+    // writing into a uniquely held tensor is never in place.
+    let mut tensor = {
+        let contiguous = tensor.to_contiguous();
+        drop(tensor);
+        contiguous
+    };
     let dst_layout = tensor.layout().clone();
     let ndims = dst_layout.num_dims();
 
