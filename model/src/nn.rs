@@ -315,3 +315,35 @@ mod tests {
         assert_eq!(e.values(), v);
     }
 }
+
+/// The vendored burn-flex walks permuted and broadcast tensors a contiguous row at a time
+/// (`vendor/README.md`): the same values as ndarray, bit for bit, for the layouts the model
+/// makes (a `[b, t, h, d]` projection viewed as `[b, h, t, d]`, cos/sin broadcast over heads).
+#[cfg(all(test, feature = "flex"))]
+mod flex_rows {
+    use super::*;
+    use burn::backend::{Flex, NdArray};
+
+    fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    fn both(shape: [usize; 4]) -> (Tensor<Flex, 4>, Tensor<NdArray<f32>, 4>) {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 5.0).collect();
+        (Tensor::from_data(TensorData::new(v.clone(), shape), &Default::default()), Tensor::from_data(TensorData::new(v, shape), &Default::default()))
+    }
+
+    #[test]
+    fn permuted_and_broadcast_rows_match_ndarray() {
+        let (xf, xn) = both([3, 5, 4, 16]); // [b, t, h, d]
+        let (cf, cn) = both([3, 1, 5, 16]); // [b, 1, t, d]
+        let (sf, sn) = both([3, 1, 5, 16]);
+        let f = apply_rotary(xf.clone().swap_dims(1, 2), cf.clone(), sf);
+        let n = apply_rotary(xn.clone().swap_dims(1, 2), cn.clone(), sn);
+        assert_eq!(host(f), host(n));
+        assert_eq!(host(xf.clone().swap_dims(1, 2) * cf.clone()), host(xn.clone().swap_dims(1, 2) * cn.clone()));
+        assert_eq!(host(xf.clone().swap_dims(1, 2).mul_scalar(-1.5)), host(xn.clone().swap_dims(1, 2).mul_scalar(-1.5)));
+        assert_eq!(host(xf.swap_dims(1, 2).reshape([3, 4, 80])), host(xn.swap_dims(1, 2).reshape([3, 4, 80])));
+    }
+}

@@ -97,3 +97,44 @@ mod tests {
         assert_eq!(indices, vec![1, 2, 5, 6]);
     }
 }
+
+/// Rows of at least this many contiguous elements are walked row by row (slices) instead of
+/// element by element by [`row_offsets`]' users.
+pub(crate) const MIN_ROW: usize = 8;
+
+/// For a layout whose innermost dimension is contiguous (stride 1) and whose strides are all
+/// non-negative: the row length and the storage offset of every row, in the row-major order of
+/// the outer dimensions (broadcast dims have stride 0 and repeat rows). `None` otherwise, or when
+/// rows are shorter than [`MIN_ROW`]. Walking rows as slices lets permuted (inner dim kept) and
+/// broadcast tensors be copied and combined with memcpy / vectorised loops instead of one
+/// [`StridedIter`] step per element (infimed: `vendor/README.md`).
+pub(crate) fn row_offsets(layout: &Layout) -> Option<(usize, Vec<usize>)> {
+    let shape = layout.shape();
+    let strides = layout.strides();
+    let nd = shape.num_dims();
+    if nd == 0 || strides[nd - 1] != 1 || strides.iter().any(|&s| s < 0) {
+        return None;
+    }
+    let row = shape[nd - 1];
+    if row < MIN_ROW {
+        return None;
+    }
+    let rows: usize = (0..nd - 1).map(|d| shape[d]).product();
+    let mut out = Vec::with_capacity(rows);
+    let mut index = vec![0usize; nd - 1];
+    let mut offset = layout.start_offset();
+    for _ in 0..rows {
+        out.push(offset);
+        // Odometer over the outer dims, last fastest.
+        for d in (0..nd - 1).rev() {
+            index[d] += 1;
+            offset += strides[d] as usize;
+            if index[d] < shape[d] {
+                break;
+            }
+            offset -= strides[d] as usize * shape[d];
+            index[d] = 0;
+        }
+    }
+    Some((row, out))
+}

@@ -377,6 +377,12 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if let Some((row, rows)) = crate::strided_index::row_offsets(&self.layout) {
+            // ND layouts whose inner dim is contiguous (e.g. `[b, t, h, d]` viewed as
+            // `[b, h, t, d]`): one slice copy per row.
+            for &o in &rows {
+                dst.extend_from_slice(&src[o..o + row]);
+            }
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.

@@ -388,15 +388,26 @@ where
         _ if lhs.layout().num_dims() == 2 => {
             apply_2d_strided(lhs_storage, rhs_storage, lhs.layout(), rhs.layout(), op)
         }
-        // General fallback
-        _ => {
-            let lhs_iter = StridedIter::new(lhs.layout());
-            let rhs_iter = StridedIter::new(rhs.layout());
-            lhs_iter
-                .zip(rhs_iter)
-                .map(|(li, ri)| op(lhs_storage[li], rhs_storage[ri]))
-                .collect()
-        }
+        // General fallback; rows as slices where both walk contiguous rows of one length (a
+        // permutation that keeps the inner dim, a broadcast of outer dims).
+        _ => match (crate::strided_index::row_offsets(lhs.layout()), crate::strided_index::row_offsets(rhs.layout())) {
+            (Some((l_row, l_rows)), Some((r_row, r_rows))) if l_row == r_row => {
+                let mut out = Vec::with_capacity(l_row * l_rows.len());
+                for (&a, &b) in l_rows.iter().zip(&r_rows) {
+                    let (x, y) = (&lhs_storage[a..a + l_row], &rhs_storage[b..b + l_row]);
+                    out.extend(x.iter().zip(y).map(|(&x, &y)| op(x, y)));
+                }
+                out
+            }
+            _ => {
+                let lhs_iter = StridedIter::new(lhs.layout());
+                let rhs_iter = StridedIter::new(rhs.layout());
+                lhs_iter
+                    .zip(rhs_iter)
+                    .map(|(li, ri)| op(lhs_storage[li], rhs_storage[ri]))
+                    .collect()
+            }
+        },
     };
 
     make_tensor(result, shape, dtype)
@@ -494,9 +505,19 @@ where
 
     let result: Vec<E> = match tensor.layout().contiguous_offsets() {
         Some((start, end)) => storage[start..end].iter().map(|&x| op(x, scalar)).collect(),
-        None => StridedIter::new(tensor.layout())
-            .map(|i| op(storage[i], scalar))
-            .collect(),
+        None => match crate::strided_index::row_offsets(tensor.layout()) {
+            // Contiguous rows (e.g. a permuted view that keeps its inner dim): a slice per row.
+            Some((row, rows)) => {
+                let mut out = Vec::with_capacity(row * rows.len());
+                for &o in &rows {
+                    out.extend(storage[o..o + row].iter().map(|&x| op(x, scalar)));
+                }
+                out
+            }
+            None => StridedIter::new(tensor.layout())
+                .map(|i| op(storage[i], scalar))
+                .collect(),
+        },
     };
 
     make_tensor(result, shape, dtype)
