@@ -4,6 +4,8 @@
 # once, so both start from the same memory state: files cached, the rest of memory free.
 #
 #   bash benches/load_ab.sh DIR [ROUNDS]      # DIR from: python tests/fixtures/make_fixtures.py --big3b DIR
+#
+# INFIMED_OLD=PATH adds a second infimed binary (an earlier build) to each round, before the first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$1
@@ -18,6 +20,11 @@ prep() {
   cat "$dir"/*.safetensors > /dev/null
 }
 for _ in $(seq "$rounds"); do
+  if [[ -n "${INFIMED_OLD:-}" ]]; then
+    prep
+    echo -n "old: "
+    "$INFIMED_OLD" bench load --model "$dir" --save-to "$out/infimed"
+  fi
   prep
   "$infimed" bench load --model "$dir" --save-to "$out/infimed"
   prep

@@ -613,22 +613,37 @@ impl Blocks<'_> {
     }
 }
 
-/// Run `produce`, which hands bytes to its [`Blocks`], while a second thread writes them to `file`
-/// (`path` for errors): encoding the next block overlaps writing the last (a save is bounded by
-/// the disk, whose page cache throttles writers to its speed, or by the encoding, not by both
-/// one after the other). At most two blocks wait. Returns the file, all bytes written.
-fn write_behind(file: File, path: &Path, produce: impl FnOnce(&mut Blocks) -> Result<()>) -> Result<File> {
-    use std::io::Write;
+/// Files at least this large are written around the page cache (`O_DIRECT`, see [`DirectSink`]).
+const DIRECT_MIN_BYTES: usize = 64 << 20;
+/// The size of each of [`DirectSink`]'s staging buffers.
+const DIRECT_STAGE_BYTES: usize = 32 << 20;
+
+/// Create `path` and run `produce`, which hands bytes to its [`Blocks`], while a second thread
+/// writes them (`len` bytes in all, for the choice of the write path): encoding the next block
+/// overlaps writing the last (a save is bounded by the disk or by the encoding, not by both one
+/// after the other). At most two blocks wait. Returns the file, all bytes written.
+fn write_behind(path: &Path, len: usize, produce: impl FnOnce(&mut Blocks) -> Result<()>) -> Result<File> {
+    let direct = if len >= DIRECT_MIN_BYTES { DirectSink::create(path, DIRECT_STAGE_BYTES) } else { None };
+    match direct {
+        Some(sink) => write_behind_to(Sink::Direct(sink), path, produce),
+        None => {
+            let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            write_behind_to(Sink::Buffered(std::io::BufWriter::with_capacity(1 << 22, file)), path, produce)
+        }
+    }
+}
+
+/// [`write_behind`] into a given sink.
+fn write_behind_to(mut sink: Sink, path: &Path, produce: impl FnOnce(&mut Blocks) -> Result<()>) -> Result<File> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
     let (spare_tx, spare) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> Result<File> {
-            let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
             for block in rx {
-                w.write_all(&block).with_context(|| format!("writing {}", path.display()))?;
+                sink.write(&block).with_context(|| format!("writing {}", path.display()))?;
                 let _ = spare_tx.send(block);
             }
-            w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+            sink.finish().with_context(|| format!("writing {}", path.display()))
         });
         let produced = produce(&mut Blocks { tx, spare, pool: vec![], path });
         let written = writer.join().map_err(|_| anyhow::anyhow!("writing {}: the writer thread panicked", path.display()))?;
@@ -637,6 +652,166 @@ fn write_behind(file: File, path: &Path, produce: impl FnOnce(&mut Blocks) -> Re
         produced?;
         Ok(file)
     })
+}
+
+/// Where [`write_behind`]'s writer thread puts the bytes.
+enum Sink {
+    /// Through the page cache.
+    Buffered(std::io::BufWriter<File>),
+    /// Around it.
+    Direct(DirectSink),
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        match self {
+            Sink::Buffered(w) => w.write_all(bytes),
+            Sink::Direct(d) => d.write(bytes),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<File> {
+        match self {
+            Sink::Buffered(w) => w.into_inner().map_err(|e| e.into_error()),
+            Sink::Direct(d) => d.finish(),
+        }
+    }
+}
+
+/// 4 KiB, aligned as `O_DIRECT` wants its buffers.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+/// Writes a file with `O_DIRECT`, around the page cache: the bytes are copied into page-aligned
+/// staging buffers, and a full buffer is written by a thread of its own while the next fills.
+/// Through the page cache, a 3B save (7.5 GB) spent about 5 s of CPU in the kernel copying into
+/// freshly allocated cache pages, on a machine whose model already holds most of the memory, and
+/// the writer was throttled to the disk's speed anyway once the dirty-page limit was reached; a
+/// copy into a reused aligned buffer is a fraction of that (BENCHMARKS.md, "Checkpoints"). The
+/// file is padded to whole pages while written and cut to its length at the end. A file system
+/// that refuses a direct write (`EINVAL`) gets this one and the rest through its page cache.
+struct DirectSink {
+    /// Filling now, and how many of its bytes are filled.
+    stage: Vec<Page>,
+    filled: usize,
+    /// Full buffers to the I/O thread; emptied ones back.
+    full: Option<std::sync::mpsc::SyncSender<(Vec<Page>, usize)>>,
+    empty: std::sync::mpsc::Receiver<Vec<Page>>,
+    io: Option<std::thread::JoinHandle<std::io::Result<File>>>,
+    len: u64,
+}
+
+impl DirectSink {
+    /// Create `path` for direct writes, `None` where that cannot be opened (the caller writes
+    /// through the page cache).
+    #[cfg(target_os = "linux")]
+    fn create(path: &Path, stage_bytes: usize) -> Option<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(path).ok()?;
+        let pages = stage_bytes.div_ceil(4096).max(1);
+        let (full, rx) = std::sync::mpsc::sync_channel::<(Vec<Page>, usize)>(1);
+        let (empty_tx, empty) = std::sync::mpsc::channel::<Vec<Page>>();
+        // Two buffers in all: one filling, one being written.
+        empty_tx.send(vec![Page([0; 4096]); pages]).ok()?;
+        let io = std::thread::spawn(move || -> std::io::Result<File> {
+            use std::os::unix::fs::FileExt;
+            let (mut at, mut direct) = (0u64, true);
+            for (stage, n) in rx {
+                // Whole pages: the tail of the last buffer is padded (cut off again in `finish`).
+                let bytes = &Self::bytes(&stage)[..n.div_ceil(4096) * 4096];
+                match file.write_all_at(bytes, at) {
+                    Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                        // Refused by this file system: this buffer again and the rest through
+                        // the page cache.
+                        direct = false;
+                        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&file);
+                        // SAFETY: fcntl on a descriptor this thread owns.
+                        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+                        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        file.write_all_at(bytes, at)?;
+                    }
+                    r => r?,
+                }
+                at += n as u64;
+                if empty_tx.send(stage).is_err() {
+                    break;
+                }
+            }
+            Ok(file)
+        });
+        Some(DirectSink { stage: vec![Page([0; 4096]); pages], filled: 0, full: Some(full), empty, io: Some(io), len: 0 })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn create(_: &Path, _: usize) -> Option<Self> {
+        None
+    }
+
+    fn bytes(stage: &[Page]) -> &[u8] {
+        // SAFETY: `Page` is 4096 plain bytes, without padding.
+        unsafe { std::slice::from_raw_parts(stage.as_ptr() as *const u8, stage.len() * 4096) }
+    }
+
+    fn bytes_mut(stage: &mut [Page]) -> &mut [u8] {
+        // SAFETY: as in `bytes`.
+        unsafe { std::slice::from_raw_parts_mut(stage.as_mut_ptr() as *mut u8, stage.len() * 4096) }
+    }
+
+    fn write(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        self.len += bytes.len() as u64;
+        while !bytes.is_empty() {
+            let room = self.stage.len() * 4096 - self.filled;
+            let n = room.min(bytes.len());
+            Self::bytes_mut(&mut self.stage)[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            bytes = &bytes[n..];
+            if self.filled == self.stage.len() * 4096 {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand the filled buffer to the I/O thread and take an empty one.
+    fn flush(&mut self) -> std::io::Result<()> {
+        let sent = self.full.as_ref().map(|full| full.send((std::mem::take(&mut self.stage), self.filled)));
+        self.filled = 0;
+        match (sent, self.empty.recv()) {
+            (Some(Ok(())), Ok(stage)) => {
+                self.stage = stage;
+                Ok(())
+            }
+            // The I/O thread stopped: its error.
+            _ => Err(self.stop().err().unwrap_or_else(|| std::io::Error::other("the writer thread stopped"))),
+        }
+    }
+
+    /// Close the queue and wait for the I/O thread.
+    fn stop(&mut self) -> std::io::Result<File> {
+        self.full = None;
+        match self.io.take().map(|io| io.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(std::io::Error::other("the writer thread panicked")),
+            None => Err(std::io::Error::other("the writer thread stopped")),
+        }
+    }
+
+    /// Write what is left, wait for it, and cut the file to the bytes written.
+    fn finish(mut self) -> std::io::Result<File> {
+        if self.filled > 0 {
+            let sent = self.full.as_ref().map(|full| full.send((std::mem::take(&mut self.stage), self.filled)));
+            if !matches!(sent, Some(Ok(()))) {
+                return Err(self.stop().err().unwrap_or_else(|| std::io::Error::other("the writer thread stopped")));
+            }
+        }
+        let file = self.stop()?;
+        file.set_len(self.len)?;
+        Ok(file)
+    }
 }
 
 /// Write a model's tensors as HF safetensors into `dir` (see [`save_safetensors`] for the
@@ -673,8 +848,7 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
         head.resize(head.len().div_ceil(8) * 8, b' ');
         let path = dir.join(&file_name);
         let tmp = dir.join(format!(".{file_name}.tmp"));
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let file = write_behind(file, &tmp, |blocks| {
+        let file = write_behind(&tmp, 8 + head.len() + offset, |blocks| {
             let mut b = blocks.take(8 + head.len());
             b.extend_from_slice(&(head.len() as u64).to_le_bytes());
             b.extend_from_slice(&head);
@@ -807,6 +981,38 @@ mod tests {
         assert_eq!(canonical_name("model.layers.1.self_attn.q_proj.bias"), "model.layers.1.self_attn.q_proj.bias");
         assert_eq!(canonical_name("lm_head.weight"), "lm_head.weight");
         assert_eq!(canonical_name("visual.merger.mlp.0.weight"), "visual.merger.mlp.0.weight");
+    }
+
+    /// Bytes written around the page cache, in blocks of odd sizes through staging buffers of a
+    /// few pages, read back the same, the file cut to its length (on file systems without
+    /// `O_DIRECT`, the page-cache fallback is what runs).
+    #[test]
+    fn direct_writes_read_back_the_same() {
+        let dir = std::env::temp_dir().join(format!("infimed-direct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (stage, sizes) in [(4096, vec![1usize, 4095, 4096, 4097, 9000, 3]), (3 * 4096, vec![5000; 7]), (8192, vec![8192, 8192]), (4096, vec![])] {
+            let path = dir.join("f");
+            let want: Vec<u8> = (0..sizes.iter().sum::<usize>()).map(|i| (i * 31 % 251) as u8).collect();
+            let sink = match DirectSink::create(&path, stage) {
+                Some(d) => Sink::Direct(d),
+                None => continue,
+            };
+            let want2 = want.clone();
+            let sizes2 = sizes.clone();
+            write_behind_to(sink, &path, move |blocks| {
+                let mut at = 0;
+                for n in sizes2 {
+                    let mut b = blocks.take(n);
+                    b.extend_from_slice(&want2[at..at + n]);
+                    at += n;
+                    blocks.send(b)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), want, "stage {stage}, blocks {sizes:?}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// A linear weight saved strip by strip (transposed and encoded in one pass) is the bytes of
