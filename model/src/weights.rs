@@ -778,16 +778,28 @@ impl DirectSink {
 
     /// Hand the filled buffer to the I/O thread and take an empty one.
     fn flush(&mut self) -> std::io::Result<()> {
-        let sent = self.full.as_ref().map(|full| full.send((std::mem::take(&mut self.stage), self.filled)));
-        self.filled = 0;
-        match (sent, self.empty.recv()) {
-            (Some(Ok(())), Ok(stage)) => {
+        self.hand_over()?;
+        match self.empty.recv() {
+            Ok(stage) => {
                 self.stage = stage;
                 Ok(())
             }
-            // The I/O thread stopped: its error.
-            _ => Err(self.stop().err().unwrap_or_else(|| std::io::Error::other("the writer thread stopped"))),
+            Err(_) => Err(self.stopped()),
         }
+    }
+
+    /// Queue the filled part of the buffer for the I/O thread.
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        let job = (std::mem::take(&mut self.stage), std::mem::replace(&mut self.filled, 0));
+        match self.full.as_ref().map(|full| full.send(job)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.stopped()),
+        }
+    }
+
+    /// Why the I/O thread stopped early: its error.
+    fn stopped(&mut self) -> std::io::Error {
+        self.stop().err().unwrap_or_else(|| std::io::Error::other("the writer thread stopped"))
     }
 
     /// Close the queue and wait for the I/O thread.
@@ -803,10 +815,7 @@ impl DirectSink {
     /// Write what is left, wait for it, and cut the file to the bytes written.
     fn finish(mut self) -> std::io::Result<File> {
         if self.filled > 0 {
-            let sent = self.full.as_ref().map(|full| full.send((std::mem::take(&mut self.stage), self.filled)));
-            if !matches!(sent, Some(Ok(()))) {
-                return Err(self.stop().err().unwrap_or_else(|| std::io::Error::other("the writer thread stopped")));
-            }
+            self.hand_over()?;
         }
         let file = self.stop()?;
         file.set_len(self.len)?;
