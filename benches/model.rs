@@ -47,13 +47,18 @@ fn bench(c: &mut Criterion) {
     // One 448 x 448 image: 32 x 32 patches = 1024 patches, 256 merged tokens.
     let grid = [1usize, 32, 32];
     let n = grid.iter().product::<usize>();
-    let pixels: Vec<f32> = (0..n * cfg.vision.patch_dim()).map(|i| ((i % 255) as f32 / 127.5) - 1.0).collect();
+    let pixels: Vec<f32> = (0..n * cfg.vision.patch_dim())
+        .map(|i| ((i % 255) as f32 / 127.5) - 1.0)
+        .collect();
     let mut g = c.benchmark_group("vision_forward");
     g.sample_size(10);
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function("1024_patches", |b| {
         b.iter(|| {
-            let px = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(pixels.clone(), [n, cfg.vision.patch_dim()]), &device);
+            let px = Tensor::<B, 2>::from_data(
+                burn::tensor::TensorData::new(pixels.clone(), [n, cfg.vision.patch_dim()]),
+                &device,
+            );
             let _ = model.visual.forward(px, &[grid]).into_data();
         })
     });

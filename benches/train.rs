@@ -17,13 +17,13 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use infimed::data::encode::Encoded;
-use infimed::generate::{rng_from_seed, Prompt, SamplingConfig};
 use infimed::engine::generate;
-use infimed::model::{Qwen25VL, Qwen25VlConfig};
-use infimed::learn::optim::OptimizerConfig;
+use infimed::generate::{rng_from_seed, Prompt, SamplingConfig};
 use infimed::learn::batch::collate;
 use infimed::learn::logprobs::token_nll_sum;
+use infimed::learn::optim::OptimizerConfig;
 use infimed::learn::optim::{adamw, clip_grad_norm};
+use infimed::model::{Qwen25VL, Qwen25VlConfig};
 
 type B = NdArray<f32>;
 type AD = Autodiff<B>;
@@ -43,9 +43,19 @@ fn small_config() -> Qwen25VlConfig {
 }
 
 fn text_sample(len: usize, seed: u32) -> Encoded {
-    let ids: Vec<u32> = (0..len as u32).map(|i| (i * 37 + seed * 101) % 4000).collect();
-    let labels = ids.iter().enumerate().map(|(i, &t)| (i >= len / 2).then_some(t)).collect();
-    Encoded { input_ids: ids, labels, ..Default::default() }
+    let ids: Vec<u32> = (0..len as u32)
+        .map(|i| (i * 37 + seed * 101) % 4000)
+        .collect();
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| (i >= len / 2).then_some(t))
+        .collect();
+    Encoded {
+        input_ids: ids,
+        labels,
+        ..Default::default()
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -65,7 +75,9 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(4 * 256));
     g.bench_function("4x256_tokens", |b| {
         b.iter(|| {
-            let loss = token_nll_sum(&model, &mb).unwrap().div_scalar(mb.target_tokens as f64);
+            let loss = token_nll_sum(&model, &mb)
+                .unwrap()
+                .div_scalar(mb.target_tokens as f64);
             let mut grads = GradientsParams::from_grads(loss.backward(), &model);
             clip_grad_norm(&model, &mut grads, 1.0);
             model = optim.step(1e-5, model.clone(), grads);
@@ -80,17 +92,35 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for batch in [1usize, 16] {
         let prompts: Vec<Prompt> = (0..batch)
-            .map(|i| Prompt { input_ids: text_sample(64, i as u32).input_ids, ..Default::default() })
+            .map(|i| Prompt {
+                input_ids: text_sample(64, i as u32).input_ids,
+                ..Default::default()
+            })
             .collect();
         // Count what is really generated (greedy can stop early at the eos id).
-        let produced: usize = generate(&inner, &prompts, &SamplingConfig::greedy(new), &[4092], &mut rng_from_seed(0))
-            .unwrap()
-            .iter()
-            .map(|o| o.tokens.len())
-            .sum();
+        let produced: usize = generate(
+            &inner,
+            &prompts,
+            &SamplingConfig::greedy(new),
+            &[4092],
+            &mut rng_from_seed(0),
+        )
+        .unwrap()
+        .iter()
+        .map(|o| o.tokens.len())
+        .sum();
         g.throughput(Throughput::Elements(produced as u64));
         g.bench_function(format!("batch_{batch}_prompt_64_new_{new}"), |b| {
-            b.iter(|| generate(&inner, &prompts, &SamplingConfig::greedy(new), &[4092], &mut rng_from_seed(0)).unwrap())
+            b.iter(|| {
+                generate(
+                    &inner,
+                    &prompts,
+                    &SamplingConfig::greedy(new),
+                    &[4092],
+                    &mut rng_from_seed(0),
+                )
+                .unwrap()
+            })
         });
     }
     g.finish();
@@ -98,7 +128,17 @@ fn bench(c: &mut Criterion) {
     // A whole GRPO step of the demo model.
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    infimed::demo::write_demo_data(&data, &infimed::demo::DemoDataConfig { seed: 0, train: 64, val: 8, image_size: 56, image_pool: None }).unwrap();
+    infimed::demo::write_demo_data(
+        &data,
+        &infimed::demo::DemoDataConfig {
+            seed: 0,
+            train: 64,
+            val: 8,
+            image_size: 56,
+            image_pool: None,
+        },
+    )
+    .unwrap();
     let text = format!(
         "model = \"builtin:demo-tiny\"\ndata = \"{}\"\nmax_prompt_len = 256\nmax_response_len = 8\nmax_steps = 1\noutput_dir = \"{}\"\n\
          [optimizer]\nlr = 1e-4\n[rollout]\nprompts_per_step = 8\nn = 4\n[ppo]\nmini_batch = 4\nmicro_batch = 16\n\

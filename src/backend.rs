@@ -24,7 +24,12 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 4] = [BackendKind::Ndarray, BackendKind::Flex, BackendKind::Wgpu, BackendKind::Cuda];
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::Ndarray,
+        BackendKind::Flex,
+        BackendKind::Wgpu,
+        BackendKind::Cuda,
+    ];
 
     pub fn is_compiled(self) -> bool {
         match self {
@@ -164,7 +169,11 @@ pub struct BackendArgs {
 
 impl Default for BackendArgs {
     fn default() -> Self {
-        Self { backend: BackendKind::cpu_default(), device: None, precision: Precision::F32 }
+        Self {
+            backend: BackendKind::cpu_default(),
+            device: None,
+            precision: Precision::F32,
+        }
     }
 }
 
@@ -189,7 +198,10 @@ pub trait AutodiffJob {
 }
 
 fn not_compiled(kind: BackendKind) -> anyhow::Error {
-    let compiled: Vec<String> = BackendKind::compiled().iter().map(|b| b.to_string()).collect();
+    let compiled: Vec<String> = BackendKind::compiled()
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
     anyhow::anyhow!(
         "backend `{kind}` is not compiled into this binary (compiled: {}); rebuild with `cargo build --release --features {kind}`",
         compiled.join(", ")
@@ -213,7 +225,9 @@ pub fn dispatch<J: BackendJob>(args: BackendArgs, job: J) -> Result<J::Output> {
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => job.run::<WgpuBackend>(wgpu_device(args.device)),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => job.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(args.device.unwrap_or(0))),
+        BackendKind::Cuda => job.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(
+            args.device.unwrap_or(0),
+        )),
         #[allow(unreachable_patterns)]
         other => Err(not_compiled(other)),
     }
@@ -225,13 +239,24 @@ pub fn dispatch<J: BackendJob>(args: BackendArgs, job: J) -> Result<J::Output> {
 /// ones (elementwise activations, norms' pieces, rotary, masks, layout changes) from them when
 /// the backward pass needs them, instead of keeping every intermediate alive from the forward
 /// pass to the backward pass. Same gradients; less activation memory; some recomputation.
-pub type CheckpointedAutodiff<B> = burn::backend::Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+pub type CheckpointedAutodiff<B> = burn::backend::Autodiff<
+    B,
+    burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
+>;
 
 /// Run `job` on the selected backend wrapped in `Autodiff` (with balanced gradient
 /// checkpointing: [`CheckpointedAutodiff`]; per-layer checkpointing is the learner's, on plain
 /// `Autodiff`).
-pub fn dispatch_autodiff<J: AutodiffJob>(args: BackendArgs, gradient_checkpointing: GradientCheckpointing, job: J) -> Result<J::Output> {
-    fn on<B: ModelBackend, J: AutodiffJob>(job: J, device: B::Device, checkpointing: bool) -> Result<J::Output> {
+pub fn dispatch_autodiff<J: AutodiffJob>(
+    args: BackendArgs,
+    gradient_checkpointing: GradientCheckpointing,
+    job: J,
+) -> Result<J::Output> {
+    fn on<B: ModelBackend, J: AutodiffJob>(
+        job: J,
+        device: B::Device,
+        checkpointing: bool,
+    ) -> Result<J::Output> {
         if checkpointing {
             job.run::<CheckpointedAutodiff<B>>(device)
         } else {
@@ -246,7 +271,11 @@ pub fn dispatch_autodiff<J: AutodiffJob>(args: BackendArgs, gradient_checkpointi
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => on::<WgpuBackend, J>(job, wgpu_device(args.device), ck),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => on::<CudaBackend, J>(job, burn::backend::cuda::CudaDevice::new(args.device.unwrap_or(0)), ck),
+        BackendKind::Cuda => on::<CudaBackend, J>(
+            job,
+            burn::backend::cuda::CudaDevice::new(args.device.unwrap_or(0)),
+            ck,
+        ),
         #[allow(unreachable_patterns)]
         other => Err(not_compiled(other)),
     }
@@ -330,7 +359,10 @@ mod tests {
 
     #[test]
     fn parses_names_and_reports_missing_backends() {
-        assert_eq!("NDARRAY".parse::<BackendKind>().unwrap(), BackendKind::Ndarray);
+        assert_eq!(
+            "NDARRAY".parse::<BackendKind>().unwrap(),
+            BackendKind::Ndarray
+        );
         assert!("tpu".parse::<BackendKind>().is_err());
         struct Nop;
         impl BackendJob for Nop {
@@ -340,7 +372,13 @@ mod tests {
             }
         }
         for kind in BackendKind::ALL {
-            let r = dispatch(BackendArgs { backend: kind, ..Default::default() }, Nop);
+            let r = dispatch(
+                BackendArgs {
+                    backend: kind,
+                    ..Default::default()
+                },
+                Nop,
+            );
             if !kind.is_compiled() {
                 let msg = r.unwrap_err().to_string();
                 assert!(msg.contains("not compiled"), "{msg}");

@@ -21,7 +21,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::backend::{check_precision, dispatch_autodiff, AutodiffJob, BackendArgs, GradientCheckpointing, Precision};
+use crate::backend::{
+    check_precision, dispatch_autodiff, AutodiffJob, BackendArgs, GradientCheckpointing, Precision,
+};
 use crate::data::encode::Encoded;
 use crate::learn::batch::{collate, collate_packed, MicroBatch};
 use crate::learn::freeze::{apply_freeze, assign_stable_param_ids, FreezeConfig};
@@ -149,17 +151,31 @@ impl crate::backend::BackendJob for GenerateBenchJob {
         let cfg = shape_config(&a.shape)?;
         check_precision::<B>(a.backend.precision, &device)?;
         B::seed(&device, 0);
-        let model = crate::backend::compute_model(&Qwen25VL::<B>::init(&cfg, &device), a.backend.precision);
+        let model =
+            crate::backend::compute_model(&Qwen25VL::<B>::init(&cfg, &device), a.backend.precision);
         let vocab = cfg.text.vocab_size;
         let requests: Vec<Request> = (0..a.batch)
-            .map(|i| Request { prompt: Prompt { input_ids: bench_ids(a.prompt_len, i, vocab), ..Default::default() }, n: a.n, seed: i as u64 })
+            .map(|i| Request {
+                prompt: Prompt {
+                    input_ids: bench_ids(a.prompt_len, i, vocab),
+                    ..Default::default()
+                },
+                n: a.n,
+                seed: i as u64,
+            })
             .collect();
         let rows = a.batch * a.n;
         let engine = EngineConfig::rows(rows);
-        let sampling = |new: usize| SamplingConfig { temperature: a.temperature, top_k: 0, top_p: 1.0, max_new_tokens: new };
+        let sampling = |new: usize| SamplingConfig {
+            temperature: a.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: new,
+        };
         let time = |new: usize| -> Result<(f64, crate::engine::EngineStats)> {
             let t0 = Instant::now();
-            let (_, stats) = generate_requests(&model, &requests, &sampling(new), &[], &engine, |_, _| {})?;
+            let (_, stats) =
+                generate_requests(&model, &requests, &sampling(new), &[], &engine, |_, _| {})?;
             B::sync(&device).map_err(|e| anyhow::anyhow!("{e:?}"))?;
             Ok((t0.elapsed().as_secs_f64(), stats))
         };
@@ -169,8 +185,12 @@ impl crate::backend::BackendJob for GenerateBenchJob {
             v.sort_by(|x, y| x.partial_cmp(y).unwrap());
             v[v.len() / 2]
         };
-        let prefill: Vec<f64> = (0..a.repeat.max(1)).map(|_| time(1).map(|t| t.0)).collect::<Result<_>>()?;
-        let full: Vec<(f64, crate::engine::EngineStats)> = (0..a.repeat.max(1)).map(|_| time(a.new_tokens)).collect::<Result<_>>()?;
+        let prefill: Vec<f64> = (0..a.repeat.max(1))
+            .map(|_| time(1).map(|t| t.0))
+            .collect::<Result<_>>()?;
+        let full: Vec<(f64, crate::engine::EngineStats)> = (0..a.repeat.max(1))
+            .map(|_| time(a.new_tokens))
+            .collect::<Result<_>>()?;
         let (tp, tf) = (median(prefill), median(full.iter().map(|x| x.0).collect()));
         let stats = full[0].1;
         let decoded = rows * a.new_tokens.saturating_sub(1);
@@ -223,11 +243,16 @@ impl crate::backend::BackendJob for LoadBenchJob {
 pub fn shape_config(shape: &str) -> Result<Qwen25VlConfig> {
     let candidates = [
         PathBuf::from("benches/shapes").join(format!("{shape}.json")),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/shapes").join(format!("{shape}.json")),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("benches/shapes")
+            .join(format!("{shape}.json")),
     ];
     if let Some(p) = candidates.iter().find(|p| p.exists()) {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        return Qwen25VlConfig::from_json(serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?);
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        return Qwen25VlConfig::from_json(
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?,
+        );
     }
     let dir = Path::new(shape);
     if dir.join("config.json").exists() {
@@ -238,7 +263,9 @@ pub fn shape_config(shape: &str) -> Result<Qwen25VlConfig> {
 
 /// Deterministic token ids below `vocab - 16` (clear of the special ids at the top).
 pub fn bench_ids(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7919 + seed * 104_729 + 13) % (vocab - 16)) as u32).collect()
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729 + 13) % (vocab - 16)) as u32)
+        .collect()
 }
 
 /// The bench's micro-batch: `batch` rows of `seq` tokens, labels on the second half of each
@@ -251,8 +278,16 @@ pub fn sft_batch(vocab: usize, batch: usize, seq: usize, packing: bool) -> Micro
             (0..per_row)
                 .map(|k| {
                     let input_ids = bench_ids(len, r * per_row + k, vocab);
-                    let labels = input_ids.iter().enumerate().map(|(i, &x)| (i >= len / 2).then_some(x)).collect();
-                    Encoded { input_ids, labels, ..Default::default() }
+                    let labels = input_ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &x)| (i >= len / 2).then_some(x))
+                        .collect();
+                    Encoded {
+                        input_ids,
+                        labels,
+                        ..Default::default()
+                    }
                 })
                 .collect()
         })
@@ -274,11 +309,27 @@ pub struct SftStepper<B: TrainBackend> {
 }
 
 impl<B: TrainBackend> SftStepper<B> {
-    pub fn new(cfg: &Qwen25VlConfig, freeze: &FreezeConfig, batch: MicroBatch, precision: Precision, checkpointing: GradientCheckpointing, attention: AttentionImpl, device: &B::Device) -> Self {
+    pub fn new(
+        cfg: &Qwen25VlConfig,
+        freeze: &FreezeConfig,
+        batch: MicroBatch,
+        precision: Precision,
+        checkpointing: GradientCheckpointing,
+        attention: AttentionImpl,
+        device: &B::Device,
+    ) -> Self {
         B::seed(device, 0);
-        let model = apply_freeze(assign_stable_param_ids(Qwen25VL::<B>::init(cfg, device).with_attention(attention)), freeze);
+        let model = apply_freeze(
+            assign_stable_param_ids(Qwen25VL::<B>::init(cfg, device).with_attention(attention)),
+            freeze,
+        );
         let trainee = Trainee::new(model, &OptimizerConfig::with_lr(1e-5));
-        Self { trainee, batch, precision, checkpointing }
+        Self {
+            trainee,
+            batch,
+            precision,
+            checkpointing,
+        }
     }
 
     /// One optimizer step; the loss.
@@ -286,9 +337,15 @@ impl<B: TrainBackend> SftStepper<B> {
         let denom = self.batch.target_tokens.max(1) as f64;
         let inputs: Vec<&ModelInput> = vec![&self.batch.input];
         let batch = &self.batch;
-        let (loss, grads) = accumulate_gradients(self.trainee.model(), self.precision, self.checkpointing, &inputs, 0, |_| "bench".into(), |m, _, hidden| {
-            Ok(token_nll_sum_of(m, batch, hidden).div_scalar(denom))
-        })?;
+        let (loss, grads) = accumulate_gradients(
+            self.trainee.model(),
+            self.precision,
+            self.checkpointing,
+            &inputs,
+            0,
+            |_| "bench".into(),
+            |m, _, hidden| Ok(token_nll_sum_of(m, batch, hidden).div_scalar(denom)),
+        )?;
         self.trainee.update(grads, 1e-5, 1.0);
         Ok(loss)
     }
@@ -296,7 +353,9 @@ impl<B: TrainBackend> SftStepper<B> {
 
 /// Resident-set size and its high-water mark in MiB (Linux `/proc/self/status`).
 pub fn rss_mib() -> (Option<f64>, Option<f64>) {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return (None, None) };
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return (None, None);
+    };
     let field = |name: &str| -> Option<f64> {
         let line = s.lines().find(|l| l.starts_with(name))?;
         Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
@@ -328,7 +387,11 @@ pub fn sft_step_flops(cfg: &Qwen25VlConfig, batch: &MicroBatch) -> f64 {
             n.values().map(|l| l * (l + 1.0) / 2.0).sum::<f64>()
         })
         .sum();
-    let attn = 6.0 * 2.0 * (t.num_attention_heads * t.head_dim) as f64 * pairs * t.num_hidden_layers as f64;
+    let attn = 6.0
+        * 2.0
+        * (t.num_attention_heads * t.head_dim) as f64
+        * pairs
+        * t.num_hidden_layers as f64;
     6.0 * matmul_params * tokens + attn
 }
 
@@ -344,12 +407,24 @@ impl AutodiffJob for SftBenchJob {
             "reference" => AttentionImpl::Reference,
             other => bail!("--attention must be flash or reference, got {other}"),
         };
-        let freeze = FreezeConfig { vision_tower: !a.train_vision, projector: !a.train_vision, language_model: false };
+        let freeze = FreezeConfig {
+            vision_tower: !a.train_vision,
+            projector: !a.train_vision,
+            language_model: false,
+        };
         let baseline = rss_mib().0;
         let batch = sft_batch(cfg.text.vocab_size, a.batch, a.seq, a.packing);
         let flops = sft_step_flops(&cfg, &batch);
         let tokens = batch.input.real_tokens();
-        let mut stepper = SftStepper::<B>::new(&cfg, &freeze, batch, a.backend.precision, a.gradient_checkpointing, attention, &device);
+        let mut stepper = SftStepper::<B>::new(
+            &cfg,
+            &freeze,
+            batch,
+            a.backend.precision,
+            a.gradient_checkpointing,
+            attention,
+            &device,
+        );
         let sync = |d: &B::Device| B::sync(d).map_err(|e| anyhow::anyhow!("{e:?}"));
         sync(&device)?;
         let model_rss = rss_mib().0;
@@ -373,7 +448,10 @@ impl AutodiffJob for SftBenchJob {
         secs.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let step_s = secs[secs.len() / 2];
         let (_, peak) = rss_mib();
-        let cpu = matches!(a.backend.backend, crate::backend::BackendKind::Ndarray | crate::backend::BackendKind::Flex);
+        let cpu = matches!(
+            a.backend.backend,
+            crate::backend::BackendKind::Ndarray | crate::backend::BackendKind::Flex
+        );
         let shape = ActivationShape {
             batch: a.batch,
             seq: a.seq,
@@ -393,14 +471,22 @@ impl AutodiffJob for SftBenchJob {
         if cpu {
             let o = out.as_object_mut().expect("object");
             o.insert("baseline_mib".into(), json!(baseline));
-            o.insert("model_mib".into(), json!(model_rss.zip(baseline).map(|(m, b)| m - b)));
+            o.insert(
+                "model_mib".into(),
+                json!(model_rss.zip(baseline).map(|(m, b)| m - b)),
+            );
             o.insert("optimizer_mib".into(), json!(optimizer_mib));
             o.insert("peak_mib".into(), json!(peak));
             // What the step adds on top of the process, the model and AdamW's moments.
-            o.insert("activation_mib".into(), json!(peak.zip(model_rss).map(|(p, m)| p - m - optimizer_mib)));
+            o.insert(
+                "activation_mib".into(),
+                json!(peak.zip(model_rss).map(|(p, m)| p - m - optimizer_mib)),
+            );
         }
         if let Some(tf) = a.peak_tflops {
-            out.as_object_mut().expect("object").insert("mfu".into(), json!(flops / step_s / (tf * 1e12)));
+            out.as_object_mut()
+                .expect("object")
+                .insert("mfu".into(), json!(flops / step_s / (tf * 1e12)));
         }
         Ok(out)
     }

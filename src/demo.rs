@@ -82,7 +82,13 @@ pub struct DemoDataConfig {
 
 impl Default for DemoDataConfig {
     fn default() -> Self {
-        Self { seed: 0, train: 1200, val: 200, image_size: 56, image_pool: None }
+        Self {
+            seed: 0,
+            train: 1200,
+            val: 200,
+            image_size: 56,
+            image_pool: None,
+        }
     }
 }
 
@@ -98,7 +104,13 @@ pub enum DemoTask {
 }
 
 impl DemoTask {
-    pub const ALL: [DemoTask; 5] = [DemoTask::Presence, DemoTask::Count, DemoTask::Side, DemoTask::TextMcq, DemoTask::TextYesNo];
+    pub const ALL: [DemoTask; 5] = [
+        DemoTask::Presence,
+        DemoTask::Count,
+        DemoTask::Side,
+        DemoTask::TextMcq,
+        DemoTask::TextYesNo,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -191,7 +203,10 @@ pub struct DemoDataSummary {
 impl DemoDataSummary {
     /// A few human-readable lines.
     pub fn to_text(&self) -> String {
-        let mut s = format!("demo data: seed {}, {} images of {}x{}\n", self.seed, self.images, self.image_size, self.image_size);
+        let mut s = format!(
+            "demo data: seed {}, {} images of {}x{}\n",
+            self.seed, self.images, self.image_size, self.image_size
+        );
         for (name, split) in [("train", &self.train), ("val", &self.val)] {
             s += &format!(
                 "{name}: {} records ({} with image, {} text-only), chance accuracy {:.1}%\n",
@@ -201,8 +216,14 @@ impl DemoDataSummary {
                 100.0 * split.chance_accuracy
             );
             for (task, st) in &split.tasks {
-                let labels: Vec<String> = st.labels.iter().map(|(k, v)| format!("{k}:{v}")).collect();
-                s += &format!("  {task:<12} {:>5}  chance {:>5.1}%  [{}]\n", st.records, 100.0 * st.chance_accuracy, labels.join(" "));
+                let labels: Vec<String> =
+                    st.labels.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                s += &format!(
+                    "  {task:<12} {:>5}  chance {:>5.1}%  [{}]\n",
+                    st.records,
+                    100.0 * st.chance_accuracy,
+                    labels.join(" ")
+                );
             }
         }
         s += &format!("files: {}\n", self.files.join(", "));
@@ -243,7 +264,10 @@ impl DemoRecord {
     /// the demo model was trained on.
     pub fn prompt(&self) -> String {
         let tag = if self.image.is_some() { "<image>" } else { "" };
-        format!("{tag}{}", crate::eval::build_prompt(&bench_record(self), crate::eval::Mode::Direct))
+        format!(
+            "{tag}{}",
+            crate::eval::build_prompt(&bench_record(self), crate::eval::Mode::Direct)
+        )
     }
 
     pub fn images(&self) -> Vec<String> {
@@ -256,26 +280,106 @@ impl DemoRecord {
 
 /// (question, correct answer, three distractors).
 const MCQ_FACTS: [(&str, &str, [&str; 3]); 20] = [
-    ("Which organ produces insulin?", "pancreas", ["liver", "kidney", "spleen"]),
-    ("Which organ filters blood to make urine?", "kidney", ["liver", "lung", "stomach"]),
-    ("Which blood cells carry oxygen?", "red blood cells", ["white blood cells", "platelets", "plasma cells"]),
-    ("Which vitamin deficiency causes scurvy?", "vitamin C", ["vitamin A", "vitamin D", "vitamin K"]),
-    ("Which is the longest bone in the human body?", "femur", ["tibia", "humerus", "radius"]),
-    ("Which heart chamber pumps blood to the body?", "left ventricle", ["right atrium", "right ventricle", "left atrium"]),
-    ("Which imaging method uses a strong magnetic field?", "MRI", ["CT", "X-ray", "ultrasound"]),
-    ("Which gland produces thyroxine?", "thyroid", ["adrenal", "pituitary", "pancreas"]),
-    ("Which organ stores bile?", "gallbladder", ["pancreas", "spleen", "appendix"]),
-    ("Which hormone raises blood glucose?", "glucagon", ["insulin", "melatonin", "oxytocin"]),
-    ("Which vessel carries blood from the heart to the lungs?", "pulmonary artery", ["aorta", "vena cava", "pulmonary vein"]),
-    ("Where does gas exchange mainly happen?", "alveoli", ["bronchi", "trachea", "pleura"]),
-    ("Which part of the brain coordinates balance?", "cerebellum", ["frontal lobe", "thalamus", "hypothalamus"]),
-    ("Which mineral is needed to make hemoglobin?", "iron", ["calcium", "zinc", "sodium"]),
-    ("Which drugs treat bacterial infections?", "antibiotics", ["antivirals", "antacids", "antihistamines"]),
-    ("What is the medical term for high blood pressure?", "hypertension", ["hypotension", "anemia", "hypoglycemia"]),
-    ("Which parasite causes malaria?", "Plasmodium", ["Giardia", "Toxoplasma", "Leishmania"]),
-    ("Which test records the heart's electrical activity?", "ECG", ["EEG", "EMG", "MRI"]),
-    ("Which cells produce antibodies?", "B cells", ["red blood cells", "platelets", "neurons"]),
-    ("Which organ produces bile?", "liver", ["gallbladder", "pancreas", "stomach"]),
+    (
+        "Which organ produces insulin?",
+        "pancreas",
+        ["liver", "kidney", "spleen"],
+    ),
+    (
+        "Which organ filters blood to make urine?",
+        "kidney",
+        ["liver", "lung", "stomach"],
+    ),
+    (
+        "Which blood cells carry oxygen?",
+        "red blood cells",
+        ["white blood cells", "platelets", "plasma cells"],
+    ),
+    (
+        "Which vitamin deficiency causes scurvy?",
+        "vitamin C",
+        ["vitamin A", "vitamin D", "vitamin K"],
+    ),
+    (
+        "Which is the longest bone in the human body?",
+        "femur",
+        ["tibia", "humerus", "radius"],
+    ),
+    (
+        "Which heart chamber pumps blood to the body?",
+        "left ventricle",
+        ["right atrium", "right ventricle", "left atrium"],
+    ),
+    (
+        "Which imaging method uses a strong magnetic field?",
+        "MRI",
+        ["CT", "X-ray", "ultrasound"],
+    ),
+    (
+        "Which gland produces thyroxine?",
+        "thyroid",
+        ["adrenal", "pituitary", "pancreas"],
+    ),
+    (
+        "Which organ stores bile?",
+        "gallbladder",
+        ["pancreas", "spleen", "appendix"],
+    ),
+    (
+        "Which hormone raises blood glucose?",
+        "glucagon",
+        ["insulin", "melatonin", "oxytocin"],
+    ),
+    (
+        "Which vessel carries blood from the heart to the lungs?",
+        "pulmonary artery",
+        ["aorta", "vena cava", "pulmonary vein"],
+    ),
+    (
+        "Where does gas exchange mainly happen?",
+        "alveoli",
+        ["bronchi", "trachea", "pleura"],
+    ),
+    (
+        "Which part of the brain coordinates balance?",
+        "cerebellum",
+        ["frontal lobe", "thalamus", "hypothalamus"],
+    ),
+    (
+        "Which mineral is needed to make hemoglobin?",
+        "iron",
+        ["calcium", "zinc", "sodium"],
+    ),
+    (
+        "Which drugs treat bacterial infections?",
+        "antibiotics",
+        ["antivirals", "antacids", "antihistamines"],
+    ),
+    (
+        "What is the medical term for high blood pressure?",
+        "hypertension",
+        ["hypotension", "anemia", "hypoglycemia"],
+    ),
+    (
+        "Which parasite causes malaria?",
+        "Plasmodium",
+        ["Giardia", "Toxoplasma", "Leishmania"],
+    ),
+    (
+        "Which test records the heart's electrical activity?",
+        "ECG",
+        ["EEG", "EMG", "MRI"],
+    ),
+    (
+        "Which cells produce antibodies?",
+        "B cells",
+        ["red blood cells", "platelets", "neurons"],
+    ),
+    (
+        "Which organ produces bile?",
+        "liver",
+        ["gallbladder", "pancreas", "stomach"],
+    ),
 ];
 
 const YES_FACTS: [&str; 9] = [
@@ -407,13 +511,28 @@ fn letter(i: usize) -> String {
 fn make_record(cfg: &DemoDataConfig, index: usize, slot: Slot) -> DemoRecord {
     let mut rng = Rng::new(cfg.seed, STREAM_RECORD, index as u64);
     let label = slot.task.labels()[slot.label].to_string();
-    let image = slot.task.has_image().then(|| format!("images/{index:05}.png"));
-    let mut rec = DemoRecord { index, task: slot.task, stem: String::new(), options: Vec::new(), answer: label, image, lesions: Vec::new() };
+    let image = slot
+        .task
+        .has_image()
+        .then(|| format!("images/{index:05}.png"));
+    let mut rec = DemoRecord {
+        index,
+        task: slot.task,
+        stem: String::new(),
+        options: Vec::new(),
+        answer: label,
+        image,
+        lesions: Vec::new(),
+    };
     // Lesion sides: false = left, true = right.
     let sides: Vec<bool> = match slot.task {
         DemoTask::Presence => {
             rec.stem = PRESENCE_QUESTION.into();
-            let n = if rec.answer == "yes" { 1 + rng.below(3) } else { 0 };
+            let n = if rec.answer == "yes" {
+                1 + rng.below(3)
+            } else {
+                0
+            };
             (0..n).map(|_| rng.below(2) == 1).collect()
         }
         DemoTask::Count => {
@@ -423,7 +542,11 @@ fn make_record(cfg: &DemoDataConfig, index: usize, slot: Slot) -> DemoRecord {
         }
         DemoTask::Side => {
             rec.stem = SIDE_QUESTION.into();
-            rec.options = SIDE_OPTIONS.iter().enumerate().map(|(i, t)| (letter(i), t.to_string())).collect();
+            rec.options = SIDE_OPTIONS
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (letter(i), t.to_string()))
+                .collect();
             vec![slot.label == 1]
         }
         DemoTask::TextMcq => {
@@ -432,17 +555,28 @@ fn make_record(cfg: &DemoDataConfig, index: usize, slot: Slot) -> DemoRecord {
             rng.shuffle(&mut others);
             others.insert(slot.label, correct);
             rec.stem = q.into();
-            rec.options = others.iter().enumerate().map(|(i, t)| (letter(i), t.to_string())).collect();
+            rec.options = others
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (letter(i), t.to_string()))
+                .collect();
             Vec::new()
         }
         DemoTask::TextYesNo => {
-            let bank: &[&str] = if rec.answer == "yes" { &YES_FACTS } else { &NO_FACTS };
+            let bank: &[&str] = if rec.answer == "yes" {
+                &YES_FACTS
+            } else {
+                &NO_FACTS
+            };
             rec.stem = bank[rng.below(bank.len())].into();
             Vec::new()
         }
     };
     if rec.image.is_some() {
-        rec.lesions = sides.iter().map(|&right| (if right { 1.0 } else { -1.0 }, 0.0)).collect();
+        rec.lesions = sides
+            .iter()
+            .map(|&right| (if right { 1.0 } else { -1.0 }, 0.0))
+            .collect();
     }
     rec
 }
@@ -497,7 +631,10 @@ fn render_scan(seed: u64, index: usize, size: u32, sides: &[f64]) -> (Vec<u8>, V
                     continue;
                 }
                 let (x, y) = (lcx + 0.65 * lung_a * u, lung_cy + 0.65 * lung_b * v);
-                if lesions.iter().all(|&(px, py, _, _)| ((px - x).powi(2) + (py - y).powi(2)).sqrt() >= min_dist) {
+                if lesions
+                    .iter()
+                    .all(|&(px, py, _, _)| ((px - x).powi(2) + (py - y).powi(2)).sqrt() >= min_dist)
+                {
                     lesions.push((x, y, rng.uniform(1.8, 2.4) * k, rng.uniform(150.0, 190.0)));
                     placed = true;
                     break;
@@ -552,12 +689,8 @@ fn encode_png(pixels: &[u8], size: u32) -> Result<Vec<u8>> {
     use image::codecs::png::{CompressionType, FilterType, PngEncoder};
     use image::{ExtendedColorType, ImageEncoder};
     let mut buf = Vec::new();
-    PngEncoder::new_with_quality(&mut buf, CompressionType::Default, FilterType::Adaptive).write_image(
-        pixels,
-        size,
-        size,
-        ExtendedColorType::L8,
-    )?;
+    PngEncoder::new_with_quality(&mut buf, CompressionType::Default, FilterType::Adaptive)
+        .write_image(pixels, size, size, ExtendedColorType::L8)?;
     Ok(buf)
 }
 
@@ -585,7 +718,8 @@ struct RlRecord {
 }
 
 fn bench_record(rec: &DemoRecord) -> BenchRecord {
-    let options = (!rec.options.is_empty()).then(|| rec.options.iter().cloned().collect::<BTreeMap<_, _>>());
+    let options =
+        (!rec.options.is_empty()).then(|| rec.options.iter().cloned().collect::<BTreeMap<_, _>>());
     let mut meta = serde_json::Map::new();
     meta.insert("task".into(), rec.task.as_str().into());
     if rec.image.is_some() {
@@ -611,7 +745,8 @@ fn write_jsonl<T: Serialize>(path: &Path, items: impl IntoIterator<Item = T>) ->
         serde_json::to_writer(&mut w, &item)?;
         w.write_all(b"\n")?;
     }
-    w.flush().with_context(|| format!("writing {}", path.display()))?;
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -619,7 +754,8 @@ fn split_summary(records: &[DemoRecord]) -> SplitSummary {
     let mut tasks = BTreeMap::new();
     for task in DemoTask::ALL {
         let recs: Vec<&DemoRecord> = records.iter().filter(|r| r.task == task).collect();
-        let mut labels: BTreeMap<String, usize> = task.labels().iter().map(|l| (l.to_string(), 0)).collect();
+        let mut labels: BTreeMap<String, usize> =
+            task.labels().iter().map(|l| (l.to_string(), 0)).collect();
         for r in &recs {
             *labels.entry(r.answer.clone()).or_default() += 1;
         }
@@ -657,10 +793,19 @@ fn split_summary(records: &[DemoRecord]) -> SplitSummary {
 /// Generates the demo data set into `out_dir` (created if needed; existing files of the same
 /// names are overwritten, nothing else is removed). See the module docs for the layout.
 pub fn write_demo_data(out_dir: &Path, cfg: &DemoDataConfig) -> Result<DemoDataSummary> {
-    ensure!(cfg.image_size >= 28 && cfg.image_size % 28 == 0, "image_size must be a positive multiple of 28, got {}", cfg.image_size);
-    let distinct = cfg.image_pool.map_or(cfg.train + cfg.val, |p| p.min(cfg.train + cfg.val));
+    ensure!(
+        cfg.image_size >= 28 && cfg.image_size % 28 == 0,
+        "image_size must be a positive multiple of 28, got {}",
+        cfg.image_size
+    );
+    let distinct = cfg
+        .image_pool
+        .map_or(cfg.train + cfg.val, |p| p.min(cfg.train + cfg.val));
     ensure!(cfg.image_pool != Some(0), "image_pool must be at least 1");
-    ensure!(distinct <= 100_000, "at most 100000 distinct records (5-digit image names), got {distinct} (use an image pool)");
+    ensure!(
+        distinct <= 100_000,
+        "at most 100000 distinct records (5-digit image names), got {distinct} (use an image pool)"
+    );
     let img_dir = out_dir.join("images");
     fs::create_dir_all(&img_dir).with_context(|| format!("creating {}", img_dir.display()))?;
 
@@ -672,24 +817,39 @@ pub fn write_demo_data(out_dir: &Path, cfg: &DemoDataConfig) -> Result<DemoDataS
         let (pixels, centres) = render_scan(cfg.seed, rec.index, cfg.image_size, &sides);
         rec.lesions = centres;
         let path = out_dir.join(rel);
-        fs::write(&path, encode_png(&pixels, cfg.image_size)?).with_context(|| format!("writing {}", path.display()))?;
+        fs::write(&path, encode_png(&pixels, cfg.image_size)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         images += 1;
     }
     let (train, val) = records.split_at(cfg.train);
 
     let sft = |r: &DemoRecord| SftRecord {
         messages: vec![
-            SftMessage { role: "user", content: r.prompt() },
-            SftMessage { role: "assistant", content: r.answer.clone() },
+            SftMessage {
+                role: "user",
+                content: r.prompt(),
+            },
+            SftMessage {
+                role: "assistant",
+                content: r.answer.clone(),
+            },
         ],
         images: r.images(),
     };
-    let rl = |r: &DemoRecord| RlRecord { problem: r.prompt(), answer: r.answer.clone(), images: r.images(), task: r.task.rl_task() };
+    let rl = |r: &DemoRecord| RlRecord {
+        problem: r.prompt(),
+        answer: r.answer.clone(),
+        images: r.images(),
+        task: r.task.rl_task(),
+    };
     write_jsonl(&out_dir.join("train.jsonl"), train.iter().map(sft))?;
     write_jsonl(&out_dir.join("val.jsonl"), val.iter().map(sft))?;
     write_jsonl(&out_dir.join("rl_train.jsonl"), train.iter().map(rl))?;
     write_jsonl(&out_dir.join("rl_val.jsonl"), val.iter().map(rl))?;
-    write_jsonl(&out_dir.join("bench_val.jsonl"), val.iter().map(bench_record))?;
+    write_jsonl(
+        &out_dir.join("bench_val.jsonl"),
+        val.iter().map(bench_record),
+    )?;
 
     let summary = DemoDataSummary {
         seed: cfg.seed,
@@ -697,20 +857,35 @@ pub fn write_demo_data(out_dir: &Path, cfg: &DemoDataConfig) -> Result<DemoDataS
         images,
         train: split_summary(train),
         val: split_summary(val),
-        rl_tasks: DemoTask::ALL.iter().map(|t| (t.as_str().to_string(), t.rl_task().to_string())).collect(),
+        rl_tasks: DemoTask::ALL
+            .iter()
+            .map(|t| (t.as_str().to_string(), t.rl_task().to_string()))
+            .collect(),
         answer_types: DemoTask::ALL
             .iter()
             .map(|t| {
                 let v = serde_json::to_value(t.answer_type()).expect("answer type serialises");
-                (t.as_str().to_string(), v.as_str().unwrap_or_default().to_string())
+                (
+                    t.as_str().to_string(),
+                    v.as_str().unwrap_or_default().to_string(),
+                )
             })
             .collect(),
-        files: ["images/*.png", "train.jsonl", "val.jsonl", "rl_train.jsonl", "rl_val.jsonl", "bench_val.jsonl", "summary.json"]
-            .map(String::from)
-            .to_vec(),
+        files: [
+            "images/*.png",
+            "train.jsonl",
+            "val.jsonl",
+            "rl_train.jsonl",
+            "rl_val.jsonl",
+            "bench_val.jsonl",
+            "summary.json",
+        ]
+        .map(String::from)
+        .to_vec(),
     };
     let path = out_dir.join("summary.json");
-    fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(summary)
 }
 
@@ -726,15 +901,24 @@ mod tests {
         let s = split_summary(&recs[..1200]);
         assert_eq!(s.text_only, 240);
         for t in s.tasks.values() {
-            let (min, max) = (t.labels.values().min().unwrap(), t.labels.values().max().unwrap());
+            let (min, max) = (
+                t.labels.values().min().unwrap(),
+                t.labels.values().max().unwrap(),
+            );
             assert!(max - min <= 1, "{t:?}");
         }
-        assert_eq!(s.tasks["presence"].records + s.tasks["count"].records + s.tasks["side"].records, 960);
+        assert_eq!(
+            s.tasks["presence"].records + s.tasks["count"].records + s.tasks["side"].records,
+            960
+        );
     }
 
     #[test]
     fn mcq_letters_vary_and_options_hold_the_answer() {
-        let recs = demo_records(&DemoDataConfig { seed: 3, ..Default::default() });
+        let recs = demo_records(&DemoDataConfig {
+            seed: 3,
+            ..Default::default()
+        });
         for r in recs.iter().filter(|r| r.task == DemoTask::TextMcq) {
             assert_eq!(r.options.len(), 4);
             let (_, correct, _) = MCQ_FACTS.iter().find(|f| f.0 == r.stem).unwrap();
@@ -747,7 +931,15 @@ mod tests {
     #[test]
     fn lesions_land_on_their_side() {
         let size = 56;
-        for (i, sides) in [vec![-1.0], vec![1.0], vec![-1.0, 1.0, 1.0], vec![-1.0, -1.0, -1.0]].iter().enumerate() {
+        for (i, sides) in [
+            vec![-1.0],
+            vec![1.0],
+            vec![-1.0, 1.0, 1.0],
+            vec![-1.0, -1.0, -1.0],
+        ]
+        .iter()
+        .enumerate()
+        {
             let (px, centres) = render_scan(7, i, size, sides);
             assert_eq!(px.len(), 56 * 56);
             assert_eq!(centres.len(), sides.len());
@@ -763,6 +955,13 @@ mod tests {
     #[test]
     fn rejects_bad_image_size() {
         let dir = std::env::temp_dir().join("infimed-demo-bad-size");
-        assert!(write_demo_data(&dir, &DemoDataConfig { image_size: 50, ..Default::default() }).is_err());
+        assert!(write_demo_data(
+            &dir,
+            &DemoDataConfig {
+                image_size: 50,
+                ..Default::default()
+            }
+        )
+        .is_err());
     }
 }

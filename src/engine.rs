@@ -38,7 +38,15 @@ pub fn generate<B: ModelBackend>(
     stop: &[u32],
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<Generation>> {
-    generate_batched(model, prompts, cfg, stop, rng, prompts.len().max(1), |_, _| {})
+    generate_batched(
+        model,
+        prompts,
+        cfg,
+        stop,
+        rng,
+        prompts.len().max(1),
+        |_, _| {},
+    )
 }
 
 /// Generate for many prompts with the rollout engine ([`crate::engine`]): at most `batch_size`
@@ -59,9 +67,23 @@ pub fn generate_batched<B: ModelBackend>(
         bail!("batch size must be at least 1");
     }
     let base: u64 = rng.random();
-    let requests: Vec<Request> =
-        prompts.iter().enumerate().map(|(i, p)| Request { prompt: p.clone(), n: 1, seed: base.wrapping_add(i as u64) }).collect();
-    let (out, _) = generate_requests(model, &requests, cfg, stop, &EngineConfig::rows(batch_size), |i, g| on_batch(&[i], g))?;
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            prompt: p.clone(),
+            n: 1,
+            seed: base.wrapping_add(i as u64),
+        })
+        .collect();
+    let (out, _) = generate_requests(
+        model,
+        &requests,
+        cfg,
+        stop,
+        &EngineConfig::rows(batch_size),
+        |i, g| on_batch(&[i], g),
+    )?;
     Ok(out.into_iter().map(|mut g| g.remove(0)).collect())
 }
 
@@ -87,7 +109,10 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     pub fn rows(max_rows: usize) -> Self {
-        Self { max_rows, max_batch_tokens: 0 }
+        Self {
+            max_rows,
+            max_batch_tokens: 0,
+        }
     }
 }
 
@@ -109,7 +134,10 @@ pub struct EngineStats {
 
 /// The RNG of sample `j` of a request seeded `seed`.
 pub fn sample_rng(seed: u64, j: usize) -> ChaCha8Rng {
-    let mut z = seed ^ (j as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut z = seed
+        ^ (j as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ChaCha8Rng::seed_from_u64(z ^ (z >> 31))
@@ -162,7 +190,13 @@ pub fn generate_requests<B: ModelBackend>(
     order.sort_by_key(|&i| requests[i].prompt.input_ids.len());
     for i in order {
         if requests[i].n == 0 || cfg.max_new_tokens == 0 {
-            let gens = vec![Generation { tokens: vec![], stopped: false }; requests[i].n];
+            let gens = vec![
+                Generation {
+                    tokens: vec![],
+                    stopped: false
+                };
+                requests[i].n
+            ];
             on_done(i, &gens);
             out[i] = Some(gens);
         } else {
@@ -176,14 +210,21 @@ pub fn generate_requests<B: ModelBackend>(
     let mut cohorts: Vec<Cohort<B>> = vec![];
     while !queue.is_empty() || !cohorts.is_empty() {
         // Admit waiting requests while rows and the token budget allow (always one if idle).
-        let running = || cohorts.iter().flat_map(|c| c.groups.iter().zip(&c.kv.prefix_lens));
+        let running = || {
+            cohorts
+                .iter()
+                .flat_map(|c| c.groups.iter().zip(&c.kv.prefix_lens))
+        };
         let mut rows: usize = running().map(|(g, _)| g.live.len()).sum();
-        let mut tokens: usize = running().map(|(g, &p)| p + requests[g.request].n * cfg.max_new_tokens).sum();
+        let mut tokens: usize = running()
+            .map(|(g, &p)| p + requests[g.request].n * cfg.max_new_tokens)
+            .sum();
         let mut admit = vec![];
         while let Some(&i) = queue.front() {
             let n = requests[i].n;
             let fits_rows = rows + n <= engine.max_rows;
-            let fits_tokens = engine.max_batch_tokens == 0 || tokens + cost(i) <= engine.max_batch_tokens;
+            let fits_tokens =
+                engine.max_batch_tokens == 0 || tokens + cost(i) <= engine.max_batch_tokens;
             if !(fits_rows && fits_tokens) && !(cohorts.is_empty() && admit.is_empty()) {
                 break;
             }
@@ -201,17 +242,37 @@ pub fn generate_requests<B: ModelBackend>(
             stats.prefill_prompts += admit.len();
             stats.prefill_tokens += prompts.iter().map(|p| p.input_ids.len()).sum::<usize>();
             // First tokens: every sample of a group draws from the prompt's last position.
-            let rows_of: Vec<usize> = admit.iter().enumerate().flat_map(|(g, &i)| std::iter::repeat_n(g, requests[i].n)).collect();
+            let rows_of: Vec<usize> = admit
+                .iter()
+                .enumerate()
+                .flat_map(|(g, &i)| std::iter::repeat_n(g, requests[i].n))
+                .collect();
             let device = last.device();
-            let hidden = if rows_of.len() == admit.len() { last } else { last.select(0, crate::model::nn::int1::<B>(&rows_of, &device)) };
+            let hidden = if rows_of.len() == admit.len() {
+                last
+            } else {
+                last.select(0, crate::model::nn::int1::<B>(&rows_of, &device))
+            };
             let mut seqs: Vec<Seq> = admit
                 .iter()
                 .flat_map(|&i| (0..requests[i].n).map(move |j| (i, j)))
-                .map(|(i, j)| Seq { sample: j, tokens: vec![], rng: sample_rng(requests[i].seed, j), stopped: false })
+                .map(|(i, j)| Seq {
+                    sample: j,
+                    tokens: vec![],
+                    rng: sample_rng(requests[i].seed, j),
+                    stopped: false,
+                })
                 .collect();
             let next = next_tokens(&head, &banned, hidden, cfg, &mut seqs);
             let mut seqs = seqs.into_iter();
-            let groups: Vec<Running> = admit.iter().map(|&i| Running { request: i, live: seqs.by_ref().take(requests[i].n).collect(), done: vec![] }).collect();
+            let groups: Vec<Running> = admit
+                .iter()
+                .map(|&i| Running {
+                    request: i,
+                    live: seqs.by_ref().take(requests[i].n).collect(),
+                    done: vec![],
+                })
+                .collect();
             let mut cohort = Cohort { groups, kv };
             for g in push_tokens(&mut cohort, &next, stop, cfg.max_new_tokens, &mut stats) {
                 complete(g, &mut on_done, &mut out);
@@ -222,19 +283,37 @@ pub fn generate_requests<B: ModelBackend>(
         if cohorts.is_empty() {
             continue;
         }
-        let (p, o) = cohorts.iter().map(|c| c.kv.bytes()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (p, o) = cohorts
+            .iter()
+            .map(|c| c.kv.bytes())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         stats.peak_prefix_bytes = stats.peak_prefix_bytes.max(p);
         stats.peak_own_bytes = stats.peak_own_bytes.max(o);
         // One decode step of every live row.
-        let feed: Vec<u32> =
-            cohorts.iter().flat_map(|c| c.groups.iter().flat_map(|g| g.live.iter().map(|s| *s.tokens.last().expect("a live row has a token")))).collect();
+        let feed: Vec<u32> = cohorts
+            .iter()
+            .flat_map(|c| {
+                c.groups.iter().flat_map(|g| {
+                    g.live
+                        .iter()
+                        .map(|s| *s.tokens.last().expect("a live row has a token"))
+                })
+            })
+            .collect();
         stats.peak_rows = stats.peak_rows.max(feed.len());
         let hidden = {
             let mut kvs: Vec<&mut CohortKv<B>> = cohorts.iter_mut().map(|c| &mut c.kv).collect();
             model.decode_groups(&feed, &mut kvs)?
         };
         stats.decode_steps += 1;
-        let mut seqs: Vec<Seq> = cohorts.iter_mut().flat_map(|c| c.groups.iter_mut().flat_map(|g| std::mem::take(&mut g.live))).collect();
+        let mut seqs: Vec<Seq> = cohorts
+            .iter_mut()
+            .flat_map(|c| {
+                c.groups
+                    .iter_mut()
+                    .flat_map(|g| std::mem::take(&mut g.live))
+            })
+            .collect();
         let next = next_tokens(&head, &banned, hidden, cfg, &mut seqs);
         let (mut seqs, mut next) = (seqs.into_iter(), next.as_slice());
         for c in cohorts.iter_mut() {
@@ -249,14 +328,29 @@ pub fn generate_requests<B: ModelBackend>(
         }
         cohorts.retain(|c| !c.groups.is_empty());
     }
-    Ok((out.into_iter().map(|g| g.expect("every request generated")).collect(), stats))
+    Ok((
+        out.into_iter()
+            .map(|g| g.expect("every request generated"))
+            .collect(),
+        stats,
+    ))
 }
 
 /// A group whose samples are all done: its generations, in sample order, to `on_done` and `out`.
-fn complete(g: Running, on_done: &mut impl FnMut(usize, &[Generation]), out: &mut [Option<Vec<Generation>>]) {
+fn complete(
+    g: Running,
+    on_done: &mut impl FnMut(usize, &[Generation]),
+    out: &mut [Option<Vec<Generation>>],
+) {
     let mut done = g.done;
     done.sort_by_key(|s| s.sample);
-    let gens: Vec<Generation> = done.into_iter().map(|s| Generation { tokens: s.tokens, stopped: s.stopped }).collect();
+    let gens: Vec<Generation> = done
+        .into_iter()
+        .map(|s| Generation {
+            tokens: s.tokens,
+            stopped: s.stopped,
+        })
+        .collect();
     on_done(g.request, &gens);
     out[g.request] = Some(gens);
 }
@@ -264,7 +358,13 @@ fn complete(g: Running, on_done: &mut impl FnMut(usize, &[Generation]), out: &mu
 /// Append each live row's next token (`next`: the cohort's rows, group by group); rows that stop
 /// or reach `max_new` move to their group's `done` and their cache rows are dropped. Returns the
 /// groups left without live rows, which leave the cohort (and its cache).
-fn push_tokens<B: ModelBackend>(c: &mut Cohort<B>, next: &[u32], stop: &[u32], max_new: usize, stats: &mut EngineStats) -> Vec<Running> {
+fn push_tokens<B: ModelBackend>(
+    c: &mut Cohort<B>,
+    next: &[u32],
+    stop: &[u32],
+    max_new: usize,
+    stats: &mut EngineStats,
+) -> Vec<Running> {
     let mut next = next.iter();
     let mut keep: Vec<Vec<usize>> = Vec::with_capacity(c.groups.len());
     for g in c.groups.iter_mut() {
@@ -286,7 +386,9 @@ fn push_tokens<B: ModelBackend>(c: &mut Cohort<B>, next: &[u32], stop: &[u32], m
         keep.push(kept);
     }
     c.kv.retain(&keep);
-    let (live, finished) = std::mem::take(&mut c.groups).into_iter().partition(|g| !g.live.is_empty());
+    let (live, finished) = std::mem::take(&mut c.groups)
+        .into_iter()
+        .partition(|g| !g.live.is_empty());
     c.groups = live;
     finished
 }
@@ -295,12 +397,15 @@ fn push_tokens<B: ModelBackend>(c: &mut Cohort<B>, next: &[u32], stop: &[u32], m
 /// an image slot without pixels), 0 elsewhere: `[1, V]`.
 fn banned_row<B: ModelBackend>(model: &Qwen25VL<B>, head: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     let v = head.dims()[1];
-    let banned: Vec<usize> = [model.config.tokens.image_token_id, model.config.tokens.video_token_id]
-        .into_iter()
-        .flatten()
-        .map(|t| t as usize)
-        .filter(|&t| t < v)
-        .collect();
+    let banned: Vec<usize> = [
+        model.config.tokens.image_token_id,
+        model.config.tokens.video_token_id,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|t| t as usize)
+    .filter(|&t| t < v)
+    .collect();
     if banned.is_empty() {
         return None;
     }
@@ -308,28 +413,47 @@ fn banned_row<B: ModelBackend>(model: &Qwen25VL<B>, head: &Tensor<B, 2>) -> Opti
     for t in banned {
         row[t] = f32::NEG_INFINITY;
     }
-    Some(Tensor::from_data(TensorData::new(row, [1, v]), &head.device()))
+    Some(Tensor::from_data(
+        TensorData::new(row, [1, v]),
+        &head.device(),
+    ))
 }
 
 /// The next token of every row from its final hidden state `[rows, C]`, on the device; each
 /// sampling row draws one uniform number from its own RNG.
-fn next_tokens<B: ModelBackend>(head: &Tensor<B, 2>, banned: &Option<Tensor<B, 2>>, hidden: Tensor<B, 2>, cfg: &SamplingConfig, seqs: &mut [Seq]) -> Vec<u32> {
+fn next_tokens<B: ModelBackend>(
+    head: &Tensor<B, 2>,
+    banned: &Option<Tensor<B, 2>>,
+    hidden: Tensor<B, 2>,
+    cfg: &SamplingConfig,
+    seqs: &mut [Seq],
+) -> Vec<u32> {
     let logits = crate::model::nn::upcast(hidden.matmul(head.clone()));
     let logits = match banned {
         Some(b) => logits + b.clone(),
         None => logits,
     };
-    let u: Vec<f64> = if cfg.is_greedy() { vec![] } else { seqs.iter_mut().map(|s| s.rng.random::<f64>()).collect() };
+    let u: Vec<f64> = if cfg.is_greedy() {
+        vec![]
+    } else {
+        seqs.iter_mut().map(|s| s.rng.random::<f64>()).collect()
+    };
     sample_on_device(logits, cfg, &u)
 }
 
 /// Choose one token per row of `logits [rows, V]` on the device: greedy (argmax) or, with the
 /// uniform numbers `u` (one per row), temperature, top-k (ties with the k-th kept), top-p (the
 /// smallest prefix of the sorted distribution whose mass reaches `top_p`) and an inverse-CDF draw.
-pub fn sample_on_device<B: Backend>(logits: Tensor<B, 2>, cfg: &SamplingConfig, u: &[f64]) -> Vec<u32> {
+pub fn sample_on_device<B: Backend>(
+    logits: Tensor<B, 2>,
+    cfg: &SamplingConfig,
+    u: &[f64],
+) -> Vec<u32> {
     let [rows, v] = logits.dims();
     let device = logits.device();
-    let ids = |t: Tensor<B, 2, Int>| -> Vec<u32> { t.into_data().iter::<i64>().map(|x| x as u32).collect() };
+    let ids = |t: Tensor<B, 2, Int>| -> Vec<u32> {
+        t.into_data().iter::<i64>().map(|x| x as u32).collect()
+    };
     if cfg.is_greedy() {
         return ids(logits.argmax(1));
     }
@@ -343,7 +467,8 @@ pub fn sample_on_device<B: Backend>(logits: Tensor<B, 2>, cfg: &SamplingConfig, 
     };
     let z = if cfg.top_k > 0 && cfg.top_k < v {
         let kth = z.clone().narrow(1, cfg.top_k - 1, 1);
-        z.clone().mask_fill(z.lower(kth.expand([rows, v])), f32::NEG_INFINITY)
+        z.clone()
+            .mask_fill(z.lower(kth.expand([rows, v])), f32::NEG_INFINITY)
     } else {
         z
     };
@@ -354,8 +479,15 @@ pub fn sample_on_device<B: Backend>(logits: Tensor<B, 2>, cfg: &SamplingConfig, 
     }
     let c = p.cumsum(1);
     let total = c.clone().narrow(1, v - 1, 1);
-    let target = Tensor::<B, 2>::from_data(TensorData::new(u.iter().map(|&x| x as f32).collect::<Vec<_>>(), [rows, 1]), &device) * total;
-    let j = c.lower_equal(target.expand([rows, v])).int().sum_dim(1).clamp_max(v as i64 - 1);
+    let target = Tensor::<B, 2>::from_data(
+        TensorData::new(u.iter().map(|&x| x as f32).collect::<Vec<_>>(), [rows, 1]),
+        &device,
+    ) * total;
+    let j = c
+        .lower_equal(target.expand([rows, v]))
+        .int()
+        .sum_dim(1)
+        .clamp_max(v as i64 - 1);
     match order {
         Some(order) => ids(order.gather(1, j)),
         None => ids(j),

@@ -29,13 +29,21 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: 512 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 512,
+        }
     }
 }
 
 impl SamplingConfig {
     pub fn greedy(max_new_tokens: usize) -> Self {
-        Self { max_new_tokens, ..Self::default() }
+        Self {
+            max_new_tokens,
+            ..Self::default()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -76,10 +84,14 @@ pub fn stop_tokens(model_dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
     let mut out: Vec<u32> = config_eos.to_vec();
     let gc = model_dir.join("generation_config.json");
     if gc.exists() {
-        let text = std::fs::read_to_string(&gc).with_context(|| format!("reading {}", gc.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gc.display()))?;
+        let text =
+            std::fs::read_to_string(&gc).with_context(|| format!("reading {}", gc.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", gc.display()))?;
         match v.get("eos_token_id") {
-            Some(serde_json::Value::Array(a)) => out.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+            Some(serde_json::Value::Array(a)) => {
+                out.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+            }
             Some(x) => out.extend(x.as_u64().map(|x| x as u32)),
             None => {}
         }
@@ -92,7 +104,10 @@ pub fn stop_tokens(model_dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
 /// Left-pad prompts into one model input (pad id is irrelevant: padding is masked).
 pub fn left_padded_batch(prompts: &[&Prompt], pad_id: u32) -> ModelInput {
     let max_len = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
-    let mut input = ModelInput { attention_mask: Some(vec![]), ..Default::default() };
+    let mut input = ModelInput {
+        attention_mask: Some(vec![]),
+        ..Default::default()
+    };
     for p in prompts {
         let pad = max_len - p.input_ids.len();
         let mut ids = vec![pad_id; pad];
@@ -115,15 +130,25 @@ pub fn sample_from_logits(logits: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha
     let t = cfg.temperature as f64;
     // Candidates sorted by logit, descending (stable: lower id first on ties).
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| logits[b as usize].partial_cmp(&logits[a as usize]).unwrap_or(std::cmp::Ordering::Equal));
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .partial_cmp(&logits[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     if cfg.top_k > 0 && cfg.top_k < idx.len() {
         // Keep ties with the k-th logit, as transformers' `< kth value` filter does.
         let kth = logits[idx[cfg.top_k - 1] as usize];
-        let keep = idx.iter().take_while(|&&i| logits[i as usize] >= kth).count();
+        let keep = idx
+            .iter()
+            .take_while(|&&i| logits[i as usize] >= kth)
+            .count();
         idx.truncate(keep);
     }
     let max = logits[idx[0] as usize] as f64;
-    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / t).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) / t).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if cfg.top_p < 1.0 {
@@ -169,9 +194,16 @@ pub fn rng_from_seed(seed: u64) -> ChaCha8Rng {
 /// The tokens a top-p filter keeps for `logits` at temperature `t` (for tests and debugging).
 pub fn nucleus(logits: &[f32], temperature: f32, top_p: f32) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| logits[b as usize].partial_cmp(&logits[a as usize]).unwrap_or(std::cmp::Ordering::Equal));
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .partial_cmp(&logits[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     let max = logits[idx[0] as usize] as f64;
-    let probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / temperature as f64).exp()).collect();
+    let probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) / temperature as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     let mut cum = 0.0;
     let mut out = vec![];
@@ -192,10 +224,17 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
-        let cfg = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 1.0, max_new_tokens: 1 };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 1,
+        };
         let draw = |seed| {
             let mut rng = rng_from_seed(seed);
-            (0..100).map(|_| sample_from_logits(&logits, &cfg, &mut rng)).collect::<Vec<_>>()
+            (0..100)
+                .map(|_| sample_from_logits(&logits, &cfg, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -204,7 +243,12 @@ mod tests {
     #[test]
     fn temperature_one_matches_softmax_chi_square() {
         let logits = [1.0f32, 0.0, -1.0, 2.0, 0.5, -0.5];
-        let cfg = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 1.0, max_new_tokens: 1 };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 1,
+        };
         let mut rng = rng_from_seed(42);
         let n = 60_000;
         let mut counts = [0usize; 6];
@@ -228,12 +272,20 @@ mod tests {
     fn top_p_never_leaves_the_nucleus() {
         let logits: Vec<f32> = (0..40).map(|i| (i as f32 * 0.77).sin() * 3.0).collect();
         for &top_p in &[0.1f32, 0.5, 0.9] {
-            let cfg = SamplingConfig { temperature: 0.7, top_k: 0, top_p, max_new_tokens: 1 };
+            let cfg = SamplingConfig {
+                temperature: 0.7,
+                top_k: 0,
+                top_p,
+                max_new_tokens: 1,
+            };
             let allowed = nucleus(&logits, 0.7, top_p);
             let mut rng = rng_from_seed(1);
             for _ in 0..5000 {
                 let t = sample_from_logits(&logits, &cfg, &mut rng);
-                assert!(allowed.contains(&t), "top_p {top_p}: token {t} outside nucleus {allowed:?}");
+                assert!(
+                    allowed.contains(&t),
+                    "top_p {top_p}: token {t} outside nucleus {allowed:?}"
+                );
             }
         }
     }
@@ -241,7 +293,12 @@ mod tests {
     #[test]
     fn top_k_keeps_k_best() {
         let logits = [0.0f32, 5.0, 1.0, 4.0, 2.0];
-        let cfg = SamplingConfig { temperature: 1.0, top_k: 2, top_p: 1.0, max_new_tokens: 1 };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            max_new_tokens: 1,
+        };
         let mut rng = rng_from_seed(3);
         for _ in 0..2000 {
             let t = sample_from_logits(&logits, &cfg, &mut rng);

@@ -16,12 +16,16 @@ use crate::model::{Qwen25VL, Qwen25VlConfig};
 pub fn builtin_dir(name: &str) -> Result<PathBuf> {
     let candidates = [
         PathBuf::from("assets").join(name),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join(name),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("assets")
+            .join(name),
     ];
     candidates
         .into_iter()
         .find(|p| p.join("config.json").exists())
-        .with_context(|| format!("unknown builtin model `builtin:{name}` (no assets/{name}/config.json)"))
+        .with_context(|| {
+            format!("unknown builtin model `builtin:{name}` (no assets/{name}/config.json)")
+        })
 }
 
 /// Where the model's config, tokenizer and processor files live.
@@ -53,17 +57,21 @@ pub fn load_model<B: Backend>(model: &str, seed: u64, device: &B::Device) -> Res
             let model = Qwen25VL::init(&cfg, device);
             struct Touch;
             impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
-                fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<B, D>>) {
+                fn visit_float<const D: usize>(
+                    &mut self,
+                    param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+                ) {
                     let _ = param.val();
                 }
             }
             burn::module::Module::visit(&model, &mut Touch);
             Ok(model)
         }
-        ModelSource::Dir(d) => Qwen25VL::load(&d, device).with_context(|| format!("loading model {}", d.display())),
+        ModelSource::Dir(d) => {
+            Qwen25VL::load(&d, device).with_context(|| format!("loading model {}", d.display()))
+        }
     }
 }
-
 
 /// A model for inference in the compute precision: its weights (an HF folder, or
 /// `builtin:NAME` seeded by `seed`), cast to bf16 under `Precision::Bf16` (an error on a
@@ -75,7 +83,10 @@ pub fn load_inference_model<B: Backend>(
     device: &B::Device,
 ) -> Result<Qwen25VL<B>> {
     check_precision::<B>(precision, device)?;
-    Ok(compute_model(&load_model::<B>(model, seed, device)?, precision))
+    Ok(compute_model(
+        &load_model::<B>(model, seed, device)?,
+        precision,
+    ))
 }
 
 /// A model ready to generate: its weights (see [`load_inference_model`]), its processor and

@@ -115,7 +115,10 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        Self { seed: 0, min_accuracy: 1.0 }
+        Self {
+            seed: 0,
+            min_accuracy: 1.0,
+        }
     }
 }
 
@@ -151,22 +154,31 @@ pub fn candidate_correct(item: &SynthItem, cand: &Candidate, min_accuracy: f64) 
     if let Some(c) = cand.correct {
         return c;
     }
-    let task = item.task.unwrap_or_else(|| rewards::infer_task(&item.answer));
-    let Some(span) = rewards::extract_answer(FormatKind::None, &cand.text) else { return false };
+    let task = item
+        .task
+        .unwrap_or_else(|| rewards::infer_task(&item.answer));
+    let Some(span) = rewards::extract_answer(FormatKind::None, &cand.text) else {
+        return false;
+    };
     rewards::accuracy(task, &span, &item.answer) >= min_accuracy
 }
 
 /// Apply the rules to one item (`None` when m = 0).
 pub fn synthesize(item: &SynthItem, cfg: &SynthConfig) -> Option<Synthesized> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ fnv1a(&item.id));
-    let (correct, incorrect): (Vec<&Candidate>, Vec<&Candidate>) =
-        item.candidates.iter().partition(|c| candidate_correct(item, c, cfg.min_accuracy));
+    let (correct, incorrect): (Vec<&Candidate>, Vec<&Candidate>) = item
+        .candidates
+        .iter()
+        .partition(|c| candidate_correct(item, c, cfg.min_accuracy));
     let m = correct.len();
     if m == 0 {
         return None;
     }
     let score = |c: &Candidate| c.score.filter(|s| s.is_finite()).unwrap_or(0.0);
-    let top = correct.iter().map(|c| score(c)).fold(f64::NEG_INFINITY, f64::max);
+    let top = correct
+        .iter()
+        .map(|c| score(c))
+        .fold(f64::NEG_INFINITY, f64::max);
     let best: Vec<&&Candidate> = correct.iter().filter(|c| score(c) == top).collect();
     let y_pos = best[rng.random_range(0..best.len())];
     let unscored_correct = correct.iter().filter(|c| c.score.is_none()).count();
@@ -180,7 +192,13 @@ pub fn synthesize(item: &SynthItem, cfg: &SynthConfig) -> Option<Synthesized> {
         });
     }
     let y_neg = incorrect[rng.random_range(0..incorrect.len())];
-    Some(Synthesized { rule: Rule::Reflective, text: reflective_text(&y_neg.text, &y_pos.text), m, no_incorrect: false, unscored_correct })
+    Some(Synthesized {
+        rule: Rule::Reflective,
+        text: reflective_text(&y_neg.text, &y_pos.text),
+        m,
+        no_incorrect: false,
+        unscored_correct,
+    })
 }
 
 /// The sharegpt SFT record of a synthesized item.
@@ -218,18 +236,30 @@ impl SynthItem {
             Some(Value::Array(a)) => a
                 .iter()
                 .enumerate()
-                .map(|(i, v)| v.as_str().map(str::to_string).with_context(|| format!("images[{i}] must be a string")))
+                .map(|(i, v)| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .with_context(|| format!("images[{i}] must be a string"))
+                })
                 .collect::<Result<_>>()?,
             Some(other) => bail!("`images` must be a list of paths, got {other}"),
         };
         let (messages, question) = if let Some(m) = o.get("messages") {
             let mut msgs = m.as_array().context("`messages` must be a list")?.clone();
-            while msgs.last().and_then(|m| m.get("role")).and_then(Value::as_str) == Some("assistant") {
+            while msgs
+                .last()
+                .and_then(|m| m.get("role"))
+                .and_then(Value::as_str)
+                == Some("assistant")
+            {
                 msgs.pop();
             }
             let mut question = None;
             for (i, m) in msgs.iter().enumerate() {
-                let role = m.get("role").and_then(Value::as_str).with_context(|| format!("messages[{i}] has no string `role`"))?;
+                let role = m
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .with_context(|| format!("messages[{i}] has no string `role`"))?;
                 ensure!(m.get("content").is_some(), "messages[{i}] has no `content`");
                 if role == "user" {
                     question = Some(content_text(&m["content"]));
@@ -238,18 +268,34 @@ impl SynthItem {
             let q = question.context("`messages` has no user turn")?;
             (msgs, q.replace(IMAGE_TAG, "").trim().to_string())
         } else if let Some(q) = o.get("question") {
-            let q = q.as_str().context("`question` must be a string")?.to_string();
-            let content = if q.contains(IMAGE_TAG) { q.clone() } else { format!("{}{q}", IMAGE_TAG.repeat(images.len())) };
-            (vec![json!({"role": "user", "content": content})], q.replace(IMAGE_TAG, "").trim().to_string())
+            let q = q
+                .as_str()
+                .context("`question` must be a string")?
+                .to_string();
+            let content = if q.contains(IMAGE_TAG) {
+                q.clone()
+            } else {
+                format!("{}{q}", IMAGE_TAG.repeat(images.len()))
+            };
+            (
+                vec![json!({"role": "user", "content": content})],
+                q.replace(IMAGE_TAG, "").trim().to_string(),
+            )
         } else {
             bail!("record has neither `messages` nor `question`");
         };
-        let cands = o.get("candidates").and_then(Value::as_array).context("missing `candidates` list")?;
+        let cands = o
+            .get("candidates")
+            .and_then(Value::as_array)
+            .context("missing `candidates` list")?;
         let candidates = cands
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let text = c.get("text").and_then(Value::as_str).with_context(|| format!("candidates[{i}] has no string `text`"))?;
+                let text = c
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .with_context(|| format!("candidates[{i}] has no string `text`"))?;
                 let correct = match c.get("correct") {
                     None | Some(Value::Null) => None,
                     Some(Value::Bool(b)) => Some(*b),
@@ -257,19 +303,37 @@ impl SynthItem {
                 };
                 let score = match c.get("score") {
                     None | Some(Value::Null) => None,
-                    Some(v) => Some(v.as_f64().filter(|s| s.is_finite()).with_context(|| format!("candidates[{i}].score must be a number, got {v}"))?),
+                    Some(v) => Some(v.as_f64().filter(|s| s.is_finite()).with_context(|| {
+                        format!("candidates[{i}].score must be a number, got {v}")
+                    })?),
                 };
-                Ok(Candidate { text: text.to_string(), correct, score })
+                Ok(Candidate {
+                    text: text.to_string(),
+                    correct,
+                    score,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(SynthItem { id, messages, images, question, answer, task, candidates })
+        Ok(SynthItem {
+            id,
+            messages,
+            images,
+            question,
+            answer,
+            task,
+            candidates,
+        })
     }
 }
 
 fn content_text(c: &Value) -> String {
     match c {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join(""),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
         other => other.to_string(),
     }
 }
@@ -291,7 +355,12 @@ pub struct SynthSummary {
 }
 
 /// Read `input`, synthesize, write the SFT records to `out`; returns the counts.
-pub fn synthesize_file(input: &Path, out: &Path, cfg: &SynthConfig, skip_invalid: bool) -> Result<SynthSummary> {
+pub fn synthesize_file(
+    input: &Path,
+    out: &Path,
+    cfg: &SynthConfig,
+    skip_invalid: bool,
+) -> Result<SynthSummary> {
     let mut summary = SynthSummary::default();
     for r in ["best", "reflective"] {
         summary.rules.insert(r.to_string(), 0);
@@ -304,7 +373,10 @@ pub fn synthesize_file(input: &Path, out: &Path, cfg: &SynthConfig, skip_invalid
         match synthesize(&item, cfg) {
             None => summary.dropped_no_correct += 1,
             Some(s) => {
-                *summary.rules.entry(s.rule.as_str().to_string()).or_insert(0) += 1;
+                *summary
+                    .rules
+                    .entry(s.rule.as_str().to_string())
+                    .or_insert(0) += 1;
                 summary.best_no_incorrect += usize::from(s.no_incorrect);
                 summary.unscored_correct_candidates += s.unscored_correct;
                 records.push(sft_record(&item, &s));
@@ -316,12 +388,15 @@ pub fn synthesize_file(input: &Path, out: &Path, cfg: &SynthConfig, skip_invalid
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut f = std::io::BufWriter::new(std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?);
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+    );
     for r in &records {
         serde_json::to_writer(&mut f, r)?;
         f.write_all(b"\n")?;
     }
-    f.flush().with_context(|| format!("writing {}", out.display()))?;
+    f.flush()
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(summary)
 }
 
@@ -344,8 +419,10 @@ pub fn judge_prompt(question: &str, response: &str) -> String {
     )
 }
 
-static SCORE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r#"(?i)["']?\bscore\b["']?\s*[:=]\s*["']?\s*(-?\d+(?:\.\d+)?)"#).expect("valid regex"));
+static SCORE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r#"(?i)["']?\bscore\b["']?\s*[:=]\s*["']?\s*(-?\d+(?:\.\d+)?)"#)
+        .expect("valid regex")
+});
 
 /// The score of a judge reply like `{'score': 8, 'justification': '...'}`: single or double quotes
 /// (or none) around the key, text around the dict, the value as a number or a quoted number; the
@@ -366,7 +443,11 @@ mod tests {
     fn item(n_correct: usize, n_total: usize) -> SynthItem {
         let candidates = (0..n_total)
             .map(|i| Candidate {
-                text: if i < n_correct { format!("reasoning {i}. The answer is (B).") } else { format!("reasoning {i}. The answer is (A).") },
+                text: if i < n_correct {
+                    format!("reasoning {i}. The answer is (B).")
+                } else {
+                    format!("reasoning {i}. The answer is (A).")
+                },
                 correct: None,
                 score: Some((i % 3) as f64 + 5.0),
             })
@@ -384,7 +465,10 @@ mod tests {
 
     #[test]
     fn rule_by_m() {
-        let cfg = SynthConfig { seed: 7, min_accuracy: 1.0 };
+        let cfg = SynthConfig {
+            seed: 7,
+            min_accuracy: 1.0,
+        };
         assert_eq!(synthesize(&item(0, 10), &cfg), None);
         for m in [1, 5] {
             let s = synthesize(&item(m, 10), &cfg).unwrap();
@@ -397,7 +481,14 @@ mod tests {
             let s = synthesize(&item(m, 10), &cfg).unwrap();
             assert_eq!((s.rule, s.m), (Rule::Best, m));
             // highest score among the correct ones: i % 3 == 2
-            let i: usize = s.text.split_whitespace().nth(1).unwrap().trim_end_matches('.').parse().unwrap();
+            let i: usize = s
+                .text
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .trim_end_matches('.')
+                .parse()
+                .unwrap();
             assert!(i < m && i % 3 == 2, "{}", s.text);
         }
         // m = 1: y+ is the only correct one
@@ -419,19 +510,51 @@ mod tests {
     #[test]
     fn seeded_determinism() {
         let it = item(4, 10);
-        let a: Vec<_> = (0..5).map(|_| synthesize(&it, &SynthConfig { seed: 1, min_accuracy: 1.0 })).collect();
+        let a: Vec<_> = (0..5)
+            .map(|_| {
+                synthesize(
+                    &it,
+                    &SynthConfig {
+                        seed: 1,
+                        min_accuracy: 1.0,
+                    },
+                )
+            })
+            .collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
         // different seeds eventually pick a different y-
-        let texts: std::collections::HashSet<String> =
-            (0..20).map(|s| synthesize(&it, &SynthConfig { seed: s, min_accuracy: 1.0 }).unwrap().text).collect();
+        let texts: std::collections::HashSet<String> = (0..20)
+            .map(|s| {
+                synthesize(
+                    &it,
+                    &SynthConfig {
+                        seed: s,
+                        min_accuracy: 1.0,
+                    },
+                )
+                .unwrap()
+                .text
+            })
+            .collect();
         assert!(texts.len() > 1);
     }
 
     #[test]
     fn judge_reply_parsing() {
-        assert_eq!(parse_judge_reply("{'score': 8, 'justification': 'good'}"), Some(8));
-        assert_eq!(parse_judge_reply("Here it is:\n```json\n{\"score\": 10, \"justification\": \"x\"}\n```"), Some(10));
-        assert_eq!(parse_judge_reply("{ 'score' : '7', 'justification': 'a score: 3'}"), Some(7));
+        assert_eq!(
+            parse_judge_reply("{'score': 8, 'justification': 'good'}"),
+            Some(8)
+        );
+        assert_eq!(
+            parse_judge_reply(
+                "Here it is:\n```json\n{\"score\": 10, \"justification\": \"x\"}\n```"
+            ),
+            Some(10)
+        );
+        assert_eq!(
+            parse_judge_reply("{ 'score' : '7', 'justification': 'a score: 3'}"),
+            Some(7)
+        );
         assert_eq!(parse_judge_reply("{score: 3}"), Some(3));
         assert_eq!(parse_judge_reply("{'score': 9.0}"), Some(9));
         assert_eq!(parse_judge_reply("{'score': 11}"), None);
@@ -450,14 +573,22 @@ mod tests {
         let v = json!({"id": 3, "question": "What?", "images": ["a.png", "b.png"], "answer": "B",
                        "candidates": [{"text": "B", "score": 2}]});
         let it = SynthItem::from_value(&v).unwrap();
-        assert_eq!(it.messages, vec![json!({"role": "user", "content": "<image><image>What?"})]);
+        assert_eq!(
+            it.messages,
+            vec![json!({"role": "user", "content": "<image><image>What?"})]
+        );
         assert_eq!(it.id, "3");
         let v = json!({"id": "x", "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "old"}],
                        "images": ["a.png"], "answer": "B", "candidates": []});
         let it = SynthItem::from_value(&v).unwrap();
         assert_eq!(it.messages.len(), 1);
         assert_eq!(it.question, "Q");
-        assert!(SynthItem::from_value(&json!({"id": "x", "answer": "B", "candidates": []})).is_err());
-        assert!(SynthItem::from_value(&json!({"id": "x", "question": "q", "answer": "B", "candidates": [{"text": 1}]})).is_err());
+        assert!(
+            SynthItem::from_value(&json!({"id": "x", "answer": "B", "candidates": []})).is_err()
+        );
+        assert!(SynthItem::from_value(
+            &json!({"id": "x", "question": "q", "answer": "B", "candidates": [{"text": 1}]})
+        )
+        .is_err());
     }
 }

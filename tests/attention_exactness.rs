@@ -33,7 +33,10 @@ fn grads_of(model: &Qwen25VL<B>, grads: &GradientsParams) -> Vec<Vec<f32>> {
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for Collect<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
             let g = self.grads.get::<AB::InnerBackend, D>(param.id);
-            self.out.push(g.map(|g| g.into_data().to_vec::<f32>().unwrap()).unwrap_or_default());
+            self.out.push(
+                g.map(|g| g.into_data().to_vec::<f32>().unwrap())
+                    .unwrap_or_default(),
+            );
         }
     }
     let mut v = Collect { grads, out: vec![] };
@@ -43,7 +46,9 @@ fn grads_of(model: &Qwen25VL<B>, grads: &GradientsParams) -> Vec<Vec<f32>> {
 
 /// Mean token NLL of `batch` and every parameter's gradient.
 fn loss_and_grads(model: &Qwen25VL<B>, batch: &MicroBatch) -> (f32, Vec<Vec<f32>>) {
-    let loss = token_nll_sum(model, batch).unwrap().div_scalar(batch.target_tokens as f64);
+    let loss = token_nll_sum(model, batch)
+        .unwrap()
+        .div_scalar(batch.target_tokens as f64);
     let value = loss.clone().into_scalar().elem::<f32>();
     let grads = GradientsParams::from_grads(loss.backward(), model);
     (value, grads_of(model, &grads))
@@ -52,18 +57,28 @@ fn loss_and_grads(model: &Qwen25VL<B>, batch: &MicroBatch) -> (f32, Vec<Vec<f32>
 /// Largest |a - b| / (1 + |b|) over the gradients; every parameter must have one in both.
 fn compare(what: &str, (la, ga): &(f32, Vec<Vec<f32>>), (lb, gb): &(f32, Vec<Vec<f32>>)) -> f32 {
     assert!(la.is_finite() && *la > 0.0, "{what}: loss {la}");
-    assert!((la - lb).abs() / (1.0 + lb.abs()) <= 1e-5, "{what}: loss {la} vs {lb}");
+    assert!(
+        (la - lb).abs() / (1.0 + lb.abs()) <= 1e-5,
+        "{what}: loss {la} vs {lb}"
+    );
     assert_eq!(ga.len(), gb.len());
     let mut worst = 0f32;
     for (i, (a, b)) in ga.iter().zip(gb).enumerate() {
-        assert_eq!(a.len(), b.len(), "{what}: parameter {i} has a gradient in one run only");
+        assert_eq!(
+            a.len(),
+            b.len(),
+            "{what}: parameter {i} has a gradient in one run only"
+        );
         assert!(!a.is_empty(), "{what}: parameter {i} has no gradient");
         for (x, y) in a.iter().zip(b) {
             worst = worst.max((x - y).abs() / (1.0 + y.abs()));
         }
     }
     assert!(worst <= 1e-5, "{what}: max gradient difference {worst}");
-    eprintln!("{what}: loss {la}, {} parameters, max gradient difference {worst:e}", ga.len());
+    eprintln!(
+        "{what}: loss {la}, {} parameters, max gradient difference {worst:e}",
+        ga.len()
+    );
     worst
 }
 
@@ -89,8 +104,14 @@ fn collate_left(samples: &[&Encoded], pad_id: u32) -> MicroBatch {
 fn fixture_samples(model: &str) -> (Processor, Vec<Encoded>) {
     let processor = Processor::from_dir(&common::model_dir(model), None).unwrap();
     let convs = read_sharegpt(common::fixtures().join("samples.jsonl")).unwrap();
-    let enc: Vec<Encoded> = convs.iter().map(|c| processor.encode(c, TrainOn::AllAssistant).unwrap()).collect();
-    assert!(enc.iter().any(|e| !e.image_grids.is_empty()) && enc.iter().any(|e| e.image_grids.is_empty()));
+    let enc: Vec<Encoded> = convs
+        .iter()
+        .map(|c| processor.encode(c, TrainOn::AllAssistant).unwrap())
+        .collect();
+    assert!(
+        enc.iter().any(|e| !e.image_grids.is_empty())
+            && enc.iter().any(|e| e.image_grids.is_empty())
+    );
     (processor, enc)
 }
 
@@ -99,31 +120,62 @@ fn flash_equals_reference_on_the_fixture_checkpoints() {
     let device = Default::default();
     // GQA ratio 1, 2 and 4; full-attention vision blocks at 1 / 1, 3 / 0, windows of 112 / 56 / 112 px.
     for name in ["tiny-mha-newlayout", "tiny-gqa2", "tiny-gqa4-untied"] {
-        let flash = Qwen25VL::<B>::load(&common::model_dir(name), &device).unwrap().with_attention(AttentionImpl::Flash(Tiles { q: 7, k: 5 }));
+        let flash = Qwen25VL::<B>::load(&common::model_dir(name), &device)
+            .unwrap()
+            .with_attention(AttentionImpl::Flash(Tiles { q: 7, k: 5 }));
         let reference = flash.clone().with_attention(AttentionImpl::Reference);
         let (processor, enc) = fixture_samples(name);
         let pad = processor.tokenizer.special().pad();
         let refs: Vec<&Encoded> = enc.iter().collect();
         let right = collate(&refs, pad);
-        compare(&format!("{name}, right padding"), &loss_and_grads(&flash, &right), &loss_and_grads(&reference, &right));
+        compare(
+            &format!("{name}, right padding"),
+            &loss_and_grads(&flash, &right),
+            &loss_and_grads(&reference, &right),
+        );
         let left = collate_left(&refs, pad);
-        compare(&format!("{name}, left padding"), &loss_and_grads(&flash, &left), &loss_and_grads(&reference, &left));
-        let rows: Vec<Vec<&Encoded>> = refs.chunks(refs.len().div_ceil(2)).map(|c| c.to_vec()).collect();
+        compare(
+            &format!("{name}, left padding"),
+            &loss_and_grads(&flash, &left),
+            &loss_and_grads(&reference, &left),
+        );
+        let rows: Vec<Vec<&Encoded>> = refs
+            .chunks(refs.len().div_ceil(2))
+            .map(|c| c.to_vec())
+            .collect();
         let packed = collate_packed(&rows, pad);
-        compare(&format!("{name}, packed rows"), &loss_and_grads(&flash, &packed), &loss_and_grads(&reference, &packed));
+        compare(
+            &format!("{name}, packed rows"),
+            &loss_and_grads(&flash, &packed),
+            &loss_and_grads(&reference, &packed),
+        );
         // The default tiles (one tile pair per row at these lengths) agree too.
         let default = flash.clone().with_attention(AttentionImpl::default());
-        compare(&format!("{name}, default tiles"), &loss_and_grads(&default, &right), &loss_and_grads(&reference, &right));
+        compare(
+            &format!("{name}, default tiles"),
+            &loss_and_grads(&default, &right),
+            &loss_and_grads(&reference, &right),
+        );
     }
 }
 
 fn demo_samples(n: usize) -> (Processor, Vec<Encoded>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = infimed::demo::DemoDataConfig { seed: 3, train: n, val: 0, image_size: 56, image_pool: None };
+    let cfg = infimed::demo::DemoDataConfig {
+        seed: 3,
+        train: n,
+        val: 0,
+        image_size: 56,
+        image_pool: None,
+    };
     infimed::demo::write_demo_data(dir.path(), &cfg).unwrap();
-    let processor = Processor::from_dir(&infimed::models::builtin_dir("demo-tiny").unwrap(), None).unwrap();
+    let processor =
+        Processor::from_dir(&infimed::models::builtin_dir("demo-tiny").unwrap(), None).unwrap();
     let convs = read_sharegpt(dir.path().join("train.jsonl")).unwrap();
-    let enc = convs.iter().map(|c| processor.encode(c, TrainOn::AllAssistant).unwrap()).collect();
+    let enc = convs
+        .iter()
+        .map(|c| processor.encode(c, TrainOn::AllAssistant).unwrap())
+        .collect();
     (processor, enc, dir)
 }
 
@@ -132,21 +184,43 @@ fn packed_and_unpacked_demo_batches_have_the_same_loss() {
     let device = Default::default();
     let (processor, enc, _dir) = demo_samples(24);
     let pad = processor.tokenizer.special().pad();
-    let model: Qwen25VL<NdArray<f32>> = infimed::models::load_model("builtin:demo-tiny", 1, &device).unwrap();
+    let model: Qwen25VL<NdArray<f32>> =
+        infimed::models::load_model("builtin:demo-tiny", 1, &device).unwrap();
     let refs: Vec<&Encoded> = enc.iter().collect();
     let cutoff = 256;
     let lengths: Vec<usize> = refs.iter().map(|e| e.input_ids.len()).collect();
-    let rows: Vec<Vec<&Encoded>> = infimed::learn::batch::pack_rows(&lengths, cutoff, 64).into_iter().map(|r| r.into_iter().map(|i| refs[i]).collect()).collect();
-    assert!(rows.len() < refs.len() / 2, "{} rows for {} samples", rows.len(), refs.len());
-    assert!(rows.iter().all(|r| r.iter().map(|e| e.input_ids.len()).sum::<usize>() <= cutoff));
+    let rows: Vec<Vec<&Encoded>> = infimed::learn::batch::pack_rows(&lengths, cutoff, 64)
+        .into_iter()
+        .map(|r| r.into_iter().map(|i| refs[i]).collect())
+        .collect();
+    assert!(
+        rows.len() < refs.len() / 2,
+        "{} rows for {} samples",
+        rows.len(),
+        refs.len()
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r.iter().map(|e| e.input_ids.len()).sum::<usize>() <= cutoff));
     let packed = collate_packed(&rows, pad);
     let unpacked = collate(&refs, pad);
     assert_eq!(packed.target_tokens, unpacked.target_tokens);
     assert_eq!(packed.samples, unpacked.samples);
-    let mean = |mb: &MicroBatch| token_nll_sum(&model, mb).unwrap().into_scalar().elem::<f64>() / mb.target_tokens as f64;
+    let mean = |mb: &MicroBatch| {
+        token_nll_sum(&model, mb)
+            .unwrap()
+            .into_scalar()
+            .elem::<f64>()
+            / mb.target_tokens as f64
+    };
     let (a, b) = (mean(&packed), mean(&unpacked));
-    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "packed {a} vs unpacked {b}");
-    let pad_frac = |mb: &MicroBatch, real: usize| 1.0 - real as f64 / (mb.input.batch_size() * mb.input.seq_len()) as f64;
+    assert!(
+        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+        "packed {a} vs unpacked {b}"
+    );
+    let pad_frac = |mb: &MicroBatch, real: usize| {
+        1.0 - real as f64 / (mb.input.batch_size() * mb.input.seq_len()) as f64
+    };
     let real: usize = lengths.iter().sum();
     eprintln!(
         "loss packed {a:.7} unpacked {b:.7}; padding {:.1}% packed ({} rows) vs {:.1}% unpacked ({} rows)",
@@ -164,16 +238,32 @@ fn layer_checkpointing_gives_the_gradients_of_plain_autodiff() {
     let pad = processor.tokenizer.special().pad();
     let refs: Vec<&Encoded> = enc.iter().collect();
     let model = Qwen25VL::<B>::load(&common::model_dir("tiny-gqa2"), &device).unwrap();
-    for (what, mb) in [("right-padded", collate(&refs, pad)), ("packed", collate_packed(&[refs[..3].to_vec(), refs[3..].to_vec()], pad))] {
+    for (what, mb) in [
+        ("right-padded", collate(&refs, pad)),
+        (
+            "packed",
+            collate_packed(&[refs[..3].to_vec(), refs[3..].to_vec()], pad),
+        ),
+    ] {
         let denom = mb.target_tokens as f64;
         let run = |ck: GradientCheckpointing| {
             let inputs: Vec<&ModelInput> = vec![&mb.input];
-            let (loss, grads) = accumulate_gradients(&model, Precision::F32, ck, &inputs, 1, |_| "test".into(), |m, _, hidden| {
-                Ok(token_nll_sum_of(m, &mb, hidden).div_scalar(denom))
-            })
+            let (loss, grads) = accumulate_gradients(
+                &model,
+                Precision::F32,
+                ck,
+                &inputs,
+                1,
+                |_| "test".into(),
+                |m, _, hidden| Ok(token_nll_sum_of(m, &mb, hidden).div_scalar(denom)),
+            )
             .unwrap();
             (loss as f32, grads_of(&model, &grads))
         };
-        compare(&format!("layer checkpointing, {what}"), &run(GradientCheckpointing::Layer), &run(GradientCheckpointing::Off));
+        compare(
+            &format!("layer checkpointing, {what}"),
+            &run(GradientCheckpointing::Layer),
+            &run(GradientCheckpointing::Off),
+        );
     }
 }

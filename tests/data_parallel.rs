@@ -22,14 +22,20 @@ fn root() -> PathBuf {
 
 fn demo_data(tmp: &Path, train: usize) -> PathBuf {
     let dir = tmp.join("data");
-    let o = infimed().args(["demo-data", "--out"]).arg(&dir).args(["--train", &train.to_string(), "--val", "4"]).output().unwrap();
+    let o = infimed()
+        .args(["demo-data", "--out"])
+        .arg(&dir)
+        .args(["--train", &train.to_string(), "--val", "4"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     dir.join("train.jsonl")
 }
 
 fn sft(data: &Path, out: &Path, sets: &[String], extra: &[&str]) -> Command {
     let mut c = infimed();
-    c.current_dir(root()).args(["sft", "--recipe", "recipes/demo-sft.toml"]);
+    c.current_dir(root())
+        .args(["sft", "--recipe", "recipes/demo-sft.toml"]);
     let base = [
         format!("data.0.path={}", data.display()),
         "eval_data=[]".into(),
@@ -59,7 +65,11 @@ fn weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
         .into_iter()
         .map(|(name, view)| {
             assert_eq!(view.dtype(), safetensors::Dtype::F32);
-            let v = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             (name, v)
         })
         .collect()
@@ -67,7 +77,9 @@ fn weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
 
 fn max_abs_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    a.iter().flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
+    a.iter()
+        .flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -77,7 +89,12 @@ fn n_ranks_of_b_equal_one_rank_of_n_times_b() {
     let data = demo_data(&tmp, 48);
     let init = {
         let out = tmp.join("init");
-        run_ok(sft(&data, &out, &["max_steps=1".into(), "optimizer.lr=1e-30".into()], &[]));
+        run_ok(sft(
+            &data,
+            &out,
+            &["max_steps=1".into(), "optimizer.lr=1e-30".into()],
+            &[],
+        ));
         weights(&out)
     };
     for accum in [1, 2] {
@@ -94,11 +111,17 @@ fn n_ranks_of_b_equal_one_rank_of_n_times_b() {
             weights(&out)
         };
         let one = run(1, 8);
-        assert!(max_abs_diff(&one, &init) > 1e-4, "the steps changed the weights");
+        assert!(
+            max_abs_diff(&one, &init) > 1e-4,
+            "the steps changed the weights"
+        );
         for (n, b) in [(2, 4), (4, 2)] {
             let d = max_abs_diff(&one, &run(n, b));
             eprintln!("grad_accum {accum}: {n} ranks x {b} vs 1 rank x 8: max |diff| = {d:e}");
-            assert!(d <= 1e-5, "grad_accum {accum}: {n} ranks x {b} differ from 1 rank x 8 by {d}");
+            assert!(
+                d <= 1e-5,
+                "grad_accum {accum}: {n} ranks x {b} differ from 1 rank x 8 by {d}"
+            );
         }
     }
 }
@@ -106,11 +129,16 @@ fn n_ranks_of_b_equal_one_rank_of_n_times_b() {
 /// The samples of the steps a run's `samples.jsonl` lists, by epoch.
 fn samples_by_epoch(out: &Path) -> BTreeMap<u64, Vec<(u64, u64)>> {
     let mut by = BTreeMap::<u64, Vec<(u64, u64)>>::new();
-    for l in std::fs::read_to_string(out.join("samples.jsonl")).unwrap().lines() {
+    for l in std::fs::read_to_string(out.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+    {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         let e = v["epoch"].as_u64().unwrap();
         for p in v["samples"].as_array().unwrap() {
-            by.entry(e).or_default().push((p[0].as_u64().unwrap(), p[1].as_u64().unwrap()));
+            by.entry(e)
+                .or_default()
+                .push((p[0].as_u64().unwrap(), p[1].as_u64().unwrap()));
         }
     }
     for v in by.values_mut() {
@@ -162,16 +190,42 @@ fn a_run_resumed_on_another_number_of_ranks_sees_every_sample_once_per_epoch() {
         child.wait().unwrap();
         assert!(out.join("checkpoint-3/trainer_state.json").exists());
         let err = run_ok(sft(&data, &out, &sets(then), &["--resume"]));
-        assert!(err.contains(&format!("the run was on {first} rank(s), continues on {then}")), "{err}");
-        assert_eq!(samples_by_epoch(&out), whole, "{first} ranks resumed on {then}: the samples seen differ");
+        assert!(
+            err.contains(&format!(
+                "the run was on {first} rank(s), continues on {then}"
+            )),
+            "{err}"
+        );
+        assert_eq!(
+            samples_by_epoch(&out),
+            whole,
+            "{first} ranks resumed on {then}: the samples seen differ"
+        );
     }
 }
 
-fn grpo_recipe(data: &Path, out: &Path, devices: usize, loss_agg: &str, ppo_epochs: usize) -> infimed::grpo::GrpoRecipe {
-    infimed::grpo::GrpoRecipe::from_str_with(&grpo_recipe_text(data, out, devices, loss_agg, ppo_epochs), "test.toml", &[]).unwrap()
+fn grpo_recipe(
+    data: &Path,
+    out: &Path,
+    devices: usize,
+    loss_agg: &str,
+    ppo_epochs: usize,
+) -> infimed::grpo::GrpoRecipe {
+    infimed::grpo::GrpoRecipe::from_str_with(
+        &grpo_recipe_text(data, out, devices, loss_agg, ppo_epochs),
+        "test.toml",
+        &[],
+    )
+    .unwrap()
 }
 
-fn grpo_recipe_text(data: &Path, out: &Path, devices: usize, loss_agg: &str, ppo_epochs: usize) -> String {
+fn grpo_recipe_text(
+    data: &Path,
+    out: &Path,
+    devices: usize,
+    loss_agg: &str,
+    ppo_epochs: usize,
+) -> String {
     format!(
         r#"
 model = "builtin:demo-tiny"
@@ -220,18 +274,34 @@ fn grpo_on_n_ranks_equals_one_rank() {
     for (loss_agg, ppo_epochs) in [("token_mean", 1), ("seq_mean_token_mean", 2)] {
         let run = |devices: usize| {
             let out = tmp.join(format!("{loss_agg}-{devices}"));
-            let s = infimed::grpo::train_grpo::<B>(&grpo_recipe(&data, &out, devices, loss_agg, ppo_epochs), false, &Default::default()).unwrap();
+            let s = infimed::grpo::train_grpo::<B>(
+                &grpo_recipe(&data, &out, devices, loss_agg, ppo_epochs),
+                false,
+                &Default::default(),
+            )
+            .unwrap();
             assert_eq!(s.steps, 3);
-            (weights(&out), std::fs::read_to_string(out.join("metrics.jsonl")).unwrap())
+            (
+                weights(&out),
+                std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+            )
         };
         let (one, m1) = run(1);
         for n in [2, 4] {
             let (w, m) = run(n);
             let d = max_abs_diff(&one, &w);
-            eprintln!("grpo {loss_agg}, {ppo_epochs} ppo epoch(s): {n} ranks vs 1: max |diff| = {d:e}");
+            eprintln!(
+                "grpo {loss_agg}, {ppo_epochs} ppo epoch(s): {n} ranks vs 1: max |diff| = {d:e}"
+            );
             assert!(d <= 1e-5, "grpo {loss_agg}: {n} ranks differ from 1 by {d}");
             // The same rollouts and rewards (the samples are seeded per prompt).
-            let rewards = |m: &str| m.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reward_mean"].clone()).collect::<Vec<_>>();
+            let rewards = |m: &str| {
+                m.lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["reward_mean"].clone()
+                    })
+                    .collect::<Vec<_>>()
+            };
             assert_eq!(rewards(&m1), rewards(&m));
         }
     }
@@ -249,7 +319,11 @@ fn wait_bounded(mut child: std::process::Child, secs: u64) -> (bool, String, f64
     let t0 = std::time::Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            return (status.success(), reader.join().unwrap(), t0.elapsed().as_secs_f64());
+            return (
+                status.success(),
+                reader.join().unwrap(),
+                t0.elapsed().as_secs_f64(),
+            );
         }
         if t0.elapsed().as_secs() > secs {
             child.kill().unwrap();
@@ -275,9 +349,21 @@ fn steps_where_some_ranks_have_images_and_others_text_do_not_hang() {
     let train = demo_data(&tmp, 8);
     // Even records with an image, odd ones text only; the vision tower trains (its gradients
     // then exist on the ranks that saw an image only).
-    let lines: Vec<String> = std::fs::read_to_string(&train).unwrap().lines().map(String::from).collect();
+    let lines: Vec<String> = std::fs::read_to_string(&train)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     let text = r#"{"messages":[{"role":"user","content":"Is a lesion usually visible on a scan?"},{"role":"assistant","content":"often"}]}"#;
-    let mixed: Vec<String> = (0..8).map(|i| if i % 2 == 0 { lines[i].clone() } else { text.to_string() }).collect();
+    let mixed: Vec<String> = (0..8)
+        .map(|i| {
+            if i % 2 == 0 {
+                lines[i].clone()
+            } else {
+                text.to_string()
+            }
+        })
+        .collect();
     let data = train.with_file_name("mixed.jsonl");
     std::fs::write(&data, mixed.join("\n") + "\n").unwrap();
     let run = |devices: usize, b: usize| {
@@ -290,23 +376,38 @@ fn steps_where_some_ranks_have_images_and_others_text_do_not_hang() {
             "freeze.projector=false".into(),
             "log_samples=true".into(),
         ];
-        let child = sft(&data, &out, &sets, &[]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let child = sft(&data, &out, &sets, &[])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
         let (ok, err, _) = wait_bounded(child, 600);
         assert!(ok, "{err}");
         out
     };
     let two = run(2, 1);
     // Some step put an image record on one rank and a text record on the other.
-    let steps: Vec<serde_json::Value> =
-        std::fs::read_to_string(two.join("samples.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(two.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let mixed_steps = steps
         .iter()
         .filter(|v| {
-            let recs: Vec<u64> = v["samples"].as_array().unwrap().iter().map(|p| p[1].as_u64().unwrap() % 2).collect();
+            let recs: Vec<u64> = v["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[1].as_u64().unwrap() % 2)
+                .collect();
             recs.contains(&0) && recs.contains(&1)
         })
         .count();
-    assert!(mixed_steps > 0, "no step mixed an image record with a text one: {steps:?}");
+    assert!(
+        mixed_steps > 0,
+        "no step mixed an image record with a text one: {steps:?}"
+    );
     let d = max_abs_diff(&weights(&two), &weights(&run(1, 2)));
     eprintln!("mixed image/text steps ({mixed_steps} of 4), vision tower trained: 2 ranks vs 1, max |diff| = {d:e}");
     assert!(d <= 1e-5, "{d}");
@@ -322,11 +423,25 @@ fn a_rank_that_fails_stops_the_others_with_an_error_naming_it() {
     let img = data.parent().unwrap().join("images/00005.png");
     let bytes = std::fs::read(&img).unwrap();
     std::fs::write(&img, &bytes[..100]).unwrap();
-    let sets = ["per_device_batch=2".to_string(), "parallel.devices=2".into(), "epochs=1".into()];
-    let child = sft(&data, &tmp.join("out"), &sets, &[]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let sets = [
+        "per_device_batch=2".to_string(),
+        "parallel.devices=2".into(),
+        "epochs=1".into(),
+    ];
+    let child = sft(&data, &tmp.join("out"), &sets, &[])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let (ok, err, secs) = wait_bounded(child, 300);
     assert!(!ok, "the run should fail");
-    eprintln!("failed after {secs:.1} s: {}", err.lines().filter(|l| l.contains("rank")).collect::<Vec<_>>().join(" | "));
+    eprintln!(
+        "failed after {secs:.1} s: {}",
+        err.lines()
+            .filter(|l| l.contains("rank"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     assert!(err.contains("00005.png"), "the error names the file: {err}");
     assert!(err.contains(" of 2"), "the error names the rank: {err}");
     assert!(!err.contains("another rank failed") || err.contains("00005.png"));
@@ -339,11 +454,21 @@ fn free_ports() -> u16 {
     let free = |p: u16| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok();
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let start = 20000 + (std::process::id() % 10000) as u16 + 3000 * call;
-    (0..2000u16).map(|i| start + 3 * i).find(|&p| (p..p + 3).all(free)).expect("three free ports")
+    (0..2000u16)
+        .map(|i| start + 3 * i)
+        .find(|&p| (p..p + 3).all(free))
+        .expect("three free ports")
 }
 
 /// Node `node_rank` of a 2-node x 2-rank run meeting at 127.0.0.1:`port`.
-fn node(data: &Path, out: &Path, port: u16, node_rank: usize, sets: &[String], extra: &[&str]) -> std::process::Child {
+fn node(
+    data: &Path,
+    out: &Path,
+    port: u16,
+    node_rank: usize,
+    sets: &[String],
+    extra: &[&str],
+) -> std::process::Child {
     let mut sets = sets.to_vec();
     sets.extend([
         "parallel.devices=2".to_string(),
@@ -351,7 +476,11 @@ fn node(data: &Path, out: &Path, port: u16, node_rank: usize, sets: &[String], e
         format!("parallel.node_rank={node_rank}"),
         format!("parallel.coordinator=127.0.0.1:{port}"),
     ]);
-    sft(data, out, &sets, extra).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap()
+    sft(data, out, &sets, extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 #[test]
@@ -368,7 +497,10 @@ fn two_processes_of_two_ranks_equal_one_process_of_four() {
     // Both nodes write to one output folder, as on a shared file system; rank 0 alone writes there.
     let two = tmp.join("two");
     let port = free_ports();
-    let err0 = wait_nodes([node(&data, &two, port, 0, &sets, &[]), node(&data, &two, port, 1, &sets, &[])]);
+    let err0 = wait_nodes([
+        node(&data, &two, port, 0, &sets, &[]),
+        node(&data, &two, port, 1, &sets, &[]),
+    ]);
     assert!(err0.contains("on 4 rank(s)"), "{err0}");
     let d = max_abs_diff(&weights(&one), &weights(&two));
     eprintln!("2 processes x 2 ranks vs 1 process x 4 ranks, 3 steps: max |diff| = {d:e}");
@@ -380,11 +512,18 @@ fn a_killed_node_stops_the_other_with_an_error_naming_its_ranks_and_the_run_resu
     let tmp = std::env::temp_dir().join(format!("infimed-dp-nodekill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let data = demo_data(&tmp, 24);
-    let sets = vec!["max_steps=400".to_string(), "per_device_batch=1".into(), "save_every=2".into()];
+    let sets = vec![
+        "max_steps=400".to_string(),
+        "per_device_batch=1".into(),
+        "save_every=2".into(),
+    ];
     for victim in [1, 0] {
         let out = tmp.join(format!("kill{victim}"));
         let port = free_ports();
-        let mut nodes = [node(&data, &out, port, 0, &sets, &[]), node(&data, &out, port, 1, &sets, &[])];
+        let mut nodes = [
+            node(&data, &out, port, 0, &sets, &[]),
+            node(&data, &out, port, 1, &sets, &[]),
+        ];
         let t0 = std::time::Instant::now();
         while !out.join("checkpoint-4/trainer_state.json").exists() {
             assert!(t0.elapsed().as_secs() < 300, "no checkpoint-4 after 300 s");
@@ -395,25 +534,63 @@ fn a_killed_node_stops_the_other_with_an_error_naming_its_ranks_and_the_run_resu
         let [n0, n1] = nodes;
         let survivor = if victim == 1 { n0 } else { n1 };
         let (ok, err, secs) = wait_bounded(survivor, 120);
-        let lost = if victim == 1 { "node 1 (ranks 2-3)" } else { "node 0 (ranks 0-1)" };
-        eprintln!("node {victim} killed: the other exited after {secs:.1} s: {}", err.lines().filter(|l| l.contains("lost")).last().unwrap_or(""));
+        let lost = if victim == 1 {
+            "node 1 (ranks 2-3)"
+        } else {
+            "node 0 (ranks 0-1)"
+        };
+        eprintln!(
+            "node {victim} killed: the other exited after {secs:.1} s: {}",
+            err.lines()
+                .filter(|l| l.contains("lost"))
+                .last()
+                .unwrap_or("")
+        );
         assert!(!ok, "the surviving node should fail");
-        assert!(err.contains(&format!("lost {lost}")), "the error names the lost ranks: {err}");
+        assert!(
+            err.contains(&format!("lost {lost}")),
+            "the error names the lost ranks: {err}"
+        );
         assert!(secs < 60.0, "{secs} s");
         if victim == 1 {
             // The newest complete checkpoint resumes (here on both nodes again) and the run ends.
             let last = std::fs::read_dir(&out)
                 .unwrap()
-                .filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("checkpoint-")?.parse::<usize>().ok())
-                .filter(|s| out.join(format!("checkpoint-{s}/trainer_state.json")).exists())
+                .filter_map(|e| {
+                    e.unwrap()
+                        .file_name()
+                        .to_str()?
+                        .strip_prefix("checkpoint-")?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .filter(|s| {
+                    out.join(format!("checkpoint-{s}/trainer_state.json"))
+                        .exists()
+                })
                 .max()
                 .unwrap();
             let port = free_ports();
-            let end = vec![format!("max_steps={}", last + 4), "per_device_batch=1".into(), "save_every=2".into()];
-            let err0 = wait_nodes([node(&data, &out, port, 0, &end, &["--resume"]), node(&data, &out, port, 1, &end, &["--resume"])]);
-            assert!(err0.contains(&format!("checkpoint-{last} (step {last})")), "{err0}");
-            let state: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(out.join(format!("checkpoint-{}/trainer_state.json", last + 4))).unwrap()).unwrap();
+            let end = vec![
+                format!("max_steps={}", last + 4),
+                "per_device_batch=1".into(),
+                "save_every=2".into(),
+            ];
+            let err0 = wait_nodes([
+                node(&data, &out, port, 0, &end, &["--resume"]),
+                node(&data, &out, port, 1, &end, &["--resume"]),
+            ]);
+            assert!(
+                err0.contains(&format!("checkpoint-{last} (step {last})")),
+                "{err0}"
+            );
+            let state: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(
+                    out.join(format!("checkpoint-{}/trainer_state.json", last + 4)),
+                )
+                .unwrap(),
+            )
+            .unwrap();
             assert_eq!(state["step"], last + 4, "{state}");
         }
     }
@@ -426,7 +603,12 @@ fn grpo_on_two_processes_of_two_ranks_equals_one_process_of_four() {
     let _ = std::fs::remove_dir_all(&tmp);
     let data = demo_data(&tmp, 16).parent().unwrap().to_path_buf();
     let one = tmp.join("one");
-    infimed::grpo::train_grpo::<B>(&grpo_recipe(&data, &one, 4, "token_mean", 1), false, &Default::default()).unwrap();
+    infimed::grpo::train_grpo::<B>(
+        &grpo_recipe(&data, &one, 4, "token_mean", 1),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     let two = tmp.join("two");
     let recipe = tmp.join("grpo.toml");
     std::fs::write(&recipe, grpo_recipe_text(&data, &two, 2, "token_mean", 1)).unwrap();
@@ -435,7 +617,14 @@ fn grpo_on_two_processes_of_two_ranks_equals_one_process_of_four() {
         infimed()
             .args(["grpo", "--recipe"])
             .arg(&recipe)
-            .args(["--set", "parallel.nodes=2", "--set", &format!("parallel.node_rank={k}"), "--set", &format!("parallel.coordinator=127.0.0.1:{port}")])
+            .args([
+                "--set",
+                "parallel.nodes=2",
+                "--set",
+                &format!("parallel.node_rank={k}"),
+                "--set",
+                &format!("parallel.coordinator=127.0.0.1:{port}"),
+            ])
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()

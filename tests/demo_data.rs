@@ -7,8 +7,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
-use infimed::data::{encode_conversation, read_sharegpt, ChatTemplate, ImageProcessorConfig, TextTokenizer, TrainOn};
-use infimed::demo::{write_demo_data, DemoDataConfig, DemoTask, COUNT_QUESTION, PRESENCE_QUESTION, SIDE_QUESTION};
+use infimed::data::{
+    encode_conversation, read_sharegpt, ChatTemplate, ImageProcessorConfig, TextTokenizer, TrainOn,
+};
+use infimed::demo::{
+    write_demo_data, DemoDataConfig, DemoTask, COUNT_QUESTION, PRESENCE_QUESTION, SIDE_QUESTION,
+};
 use infimed::eval::{read_bench_file, AnswerType};
 use infimed::model::{ModelInput, Qwen25VL, Qwen25VlConfig};
 use serde_json::Value;
@@ -18,7 +22,13 @@ fn demo_model_dir() -> PathBuf {
 }
 
 fn small_cfg(seed: u64) -> DemoDataConfig {
-    DemoDataConfig { seed, train: 120, val: 40, image_size: 56, image_pool: None }
+    DemoDataConfig {
+        seed,
+        train: 120,
+        val: 40,
+        image_size: 56,
+        image_pool: None,
+    }
 }
 
 fn read_jsonl(path: &Path) -> Vec<Value> {
@@ -37,7 +47,10 @@ fn all_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().to_string_lossy().into_owned(), fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_string_lossy().into_owned(),
+                    fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -61,20 +74,34 @@ fn task_of(question: &str, has_image: bool) -> DemoTask {
 
 #[test]
 fn same_seed_same_bytes_other_seed_other_bytes() {
-    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
     let t = std::time::Instant::now();
     write_demo_data(a.path(), &small_cfg(11)).unwrap();
     eprintln!("160 records in {:?}", t.elapsed());
     write_demo_data(b.path(), &small_cfg(11)).unwrap();
     write_demo_data(c.path(), &small_cfg(12)).unwrap();
-    let (fa, fb, fc) = (all_files(a.path()), all_files(b.path()), all_files(c.path()));
+    let (fa, fb, fc) = (
+        all_files(a.path()),
+        all_files(b.path()),
+        all_files(c.path()),
+    );
     assert!(fa.len() > 100);
     assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
     for (k, v) in &fa {
-        assert!(fb[k] == *v, "{k} differs between two runs with the same seed");
+        assert!(
+            fb[k] == *v,
+            "{k} differs between two runs with the same seed"
+        );
     }
     assert_ne!(fa["train.jsonl"], fc["train.jsonl"]);
-    let same_png = fa.iter().filter(|(k, v)| k.ends_with(".png") && fc.get(*k) == Some(*v)).count();
+    let same_png = fa
+        .iter()
+        .filter(|(k, v)| k.ends_with(".png") && fc.get(*k) == Some(*v))
+        .count();
     assert_eq!(same_png, 0);
 }
 
@@ -82,7 +109,10 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
 fn default_size_counts_schemas_and_labels() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
-    let cfg = DemoDataConfig { seed: 0, ..Default::default() };
+    let cfg = DemoDataConfig {
+        seed: 0,
+        ..Default::default()
+    };
     let t = std::time::Instant::now();
     let summary = write_demo_data(out, &cfg).unwrap();
     let took = t.elapsed();
@@ -95,22 +125,41 @@ fn default_size_counts_schemas_and_labels() {
     let rl_train = read_jsonl(&out.join("rl_train.jsonl"));
     let rl_val = read_jsonl(&out.join("rl_val.jsonl"));
     let bench = read_jsonl(&out.join("bench_val.jsonl"));
-    assert_eq!((train.len(), val.len(), rl_train.len(), rl_val.len(), bench.len()), (1200, 200, 1200, 200, 200));
+    assert_eq!(
+        (
+            train.len(),
+            val.len(),
+            rl_train.len(),
+            rl_val.len(),
+            bench.len()
+        ),
+        (1200, 200, 1200, 200, 200)
+    );
     assert_eq!(summary.train.records, 1200);
     assert_eq!(summary.val.records, 200);
     assert_eq!(summary.train.text_only, 240);
     assert_eq!(summary.val.text_only, 40);
     let pngs = fs::read_dir(out.join("images")).unwrap().count();
     assert_eq!(pngs, summary.images);
-    assert_eq!(summary.images, summary.train.with_image + summary.val.with_image);
-    let saved: Value = serde_json::from_str(&fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary.images,
+        summary.train.with_image + summary.val.with_image
+    );
+    let saved: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(saved, serde_json::to_value(&summary).unwrap());
     for split in [&summary.train, &summary.val] {
-        assert_eq!(split.tasks.values().map(|t| t.records).sum::<usize>(), split.records);
+        assert_eq!(
+            split.tasks.values().map(|t| t.records).sum::<usize>(),
+            split.records
+        );
         for (name, t) in &split.tasks {
             let task = DemoTask::from_name(name).unwrap();
             assert_eq!(t.chance_accuracy, 1.0 / task.labels().len() as f64);
-            let (lo, hi) = (t.labels.values().min().unwrap(), t.labels.values().max().unwrap());
+            let (lo, hi) = (
+                t.labels.values().min().unwrap(),
+                t.labels.values().max().unwrap(),
+            );
             assert!(hi - lo <= 1, "{name}: unbalanced {:?}", t.labels);
         }
     }
@@ -122,10 +171,18 @@ fn default_size_counts_schemas_and_labels() {
         for r in recs.iter() {
             let msgs = r["messages"].as_array().unwrap();
             assert_eq!(msgs.len(), 2);
-            assert_eq!((msgs[0]["role"].as_str(), msgs[1]["role"].as_str()), (Some("user"), Some("assistant")));
+            assert_eq!(
+                (msgs[0]["role"].as_str(), msgs[1]["role"].as_str()),
+                (Some("user"), Some("assistant"))
+            );
             let q = msgs[0]["content"].as_str().unwrap();
             let a = msgs[1]["content"].as_str().unwrap();
-            let images: Vec<&str> = r["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            let images: Vec<&str> = r["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
             assert_eq!(q.matches("<image>").count(), images.len(), "{q}");
             assert!(images.len() <= 1);
             for img in &images {
@@ -159,10 +216,16 @@ fn default_size_counts_schemas_and_labels() {
         assert_eq!(rl["problem"], sft["messages"][0]["content"]);
         assert_eq!(rl["answer"], sft["messages"][1]["content"]);
         assert_eq!(rl["images"], sft["images"]);
-        let task = task_of(rl["problem"].as_str().unwrap(), !rl["images"].as_array().unwrap().is_empty());
+        let task = task_of(
+            rl["problem"].as_str().unwrap(),
+            !rl["images"].as_array().unwrap().is_empty(),
+        );
         assert_eq!(rl["task"].as_str().unwrap(), task.rl_task());
         let p = rl["problem"].as_str().unwrap();
-        assert_eq!(p.matches("<image>").count(), rl["images"].as_array().unwrap().len());
+        assert_eq!(
+            p.matches("<image>").count(),
+            rl["images"].as_array().unwrap().len()
+        );
     }
 
     // Bench records: the repo's reader accepts them; MCQ without inline options.
@@ -171,10 +234,22 @@ fn default_size_counts_schemas_and_labels() {
     assert!(skipped.is_empty());
     assert_eq!(recs.len(), 200);
     for (b, sft) in recs.iter().zip(&val) {
-        assert_eq!(b.benchmark, format!("demo-{}", b.meta.as_ref().unwrap()["task"].as_str().unwrap()));
+        assert_eq!(
+            b.benchmark,
+            format!(
+                "demo-{}",
+                b.meta.as_ref().unwrap()["task"].as_str().unwrap()
+            )
+        );
         // The sharegpt prompt is MedEvalKit's direct prompt for the benchmark record.
-        let q = sft["messages"][0]["content"].as_str().unwrap().trim_start_matches("<image>");
-        assert_eq!(q, infimed::eval::build_prompt(b, infimed::eval::Mode::Direct));
+        let q = sft["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("<image>");
+        assert_eq!(
+            q,
+            infimed::eval::build_prompt(b, infimed::eval::Mode::Direct)
+        );
         assert_eq!(b.answer, sft["messages"][1]["content"].as_str().unwrap());
         assert_eq!(serde_json::to_value(&b.images).unwrap(), sft["images"]);
         for img in &b.images {
@@ -182,11 +257,18 @@ fn default_size_counts_schemas_and_labels() {
         }
         let task = DemoTask::from_name(b.meta.as_ref().unwrap()["task"].as_str().unwrap()).unwrap();
         assert_eq!(b.answer_type, task.answer_type());
-        assert!(!b.question.contains('\n') && !b.question.contains("<image>"), "{:?}", b.question);
+        assert!(
+            !b.question.contains('\n') && !b.question.contains("<image>"),
+            "{:?}",
+            b.question
+        );
         match b.answer_type {
             AnswerType::Mcq => {
                 let opts = b.options.as_ref().unwrap();
-                assert_eq!(opts.keys().cloned().collect::<Vec<_>>(), ["A", "B", "C", "D"]);
+                assert_eq!(
+                    opts.keys().cloned().collect::<Vec<_>>(),
+                    ["A", "B", "C", "D"]
+                );
                 assert!(opts.contains_key(&b.answer));
             }
             AnswerType::YesNo => assert!(b.answer == "yes" || b.answer == "no"),
@@ -196,7 +278,10 @@ fn default_size_counts_schemas_and_labels() {
     }
 
     // Images: 56x56 grayscale.
-    let first = train.iter().find(|r| !r["images"].as_array().unwrap().is_empty()).unwrap();
+    let first = train
+        .iter()
+        .find(|r| !r["images"].as_array().unwrap().is_empty())
+        .unwrap();
     let img = image::open(out.join(first["images"][0].as_str().unwrap())).unwrap();
     assert_eq!((img.width(), img.height()), (56, 56));
     assert_eq!(img.color(), image::ColorType::L8);
@@ -205,18 +290,49 @@ fn default_size_counts_schemas_and_labels() {
 #[test]
 fn demo_tiny_model_dir_loads_and_tokenises_the_demo() {
     let dir = demo_model_dir();
-    assert!(!dir.join("model.safetensors").exists(), "demo-tiny ships without weights");
+    assert!(
+        !dir.join("model.safetensors").exists(),
+        "demo-tiny ships without weights"
+    );
 
     // config.json
     let config = Qwen25VlConfig::from_dir(&dir).unwrap();
     config.validate().unwrap();
     let t = &config.text;
-    assert_eq!((t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads), (128, 4, 4, 2));
-    assert_eq!((t.head_dim, t.intermediate_size, t.vocab_size, t.tie_word_embeddings), (32, 256, 640, true));
+    assert_eq!(
+        (
+            t.hidden_size,
+            t.num_hidden_layers,
+            t.num_attention_heads,
+            t.num_key_value_heads
+        ),
+        (128, 4, 4, 2)
+    );
+    assert_eq!(
+        (
+            t.head_dim,
+            t.intermediate_size,
+            t.vocab_size,
+            t.tie_word_embeddings
+        ),
+        (32, 256, 640, true)
+    );
     assert_eq!(t.mrope_section.iter().sum::<usize>() * 2, t.head_dim);
     let v = &config.vision;
-    assert_eq!((v.depth, v.hidden_size, v.num_heads, v.intermediate_size, v.out_hidden_size), (2, 64, 4, 128, 128));
-    assert_eq!((v.window_size, v.fullatt_block_indexes.clone()), (56, vec![1]));
+    assert_eq!(
+        (
+            v.depth,
+            v.hidden_size,
+            v.num_heads,
+            v.intermediate_size,
+            v.out_hidden_size
+        ),
+        (2, 64, 4, 128, 128)
+    );
+    assert_eq!(
+        (v.window_size, v.fullatt_block_indexes.clone()),
+        (56, vec![1])
+    );
     assert_eq!(config.tokens.image_token_id, Some(612));
 
     // Tokenizer, template, processor.
@@ -228,7 +344,17 @@ fn demo_tiny_model_dir_loads_and_tokenises_the_demo() {
     assert_eq!(raw.get_vocab_size(true), 614);
 
     let out = tempfile::tempdir().unwrap();
-    write_demo_data(out.path(), &DemoDataConfig { seed: 5, train: 200, val: 50, image_size: 56, image_pool: None }).unwrap();
+    write_demo_data(
+        out.path(),
+        &DemoDataConfig {
+            seed: 5,
+            train: 200,
+            val: 50,
+            image_size: 56,
+            image_pool: None,
+        },
+    )
+    .unwrap();
     let convs = read_sharegpt(out.path().join("train.jsonl")).unwrap();
     // Per task: raw question / answer token counts (tokenizers crate) and full SFT sequence lengths.
     let mut stats: BTreeMap<DemoTask, (usize, usize, usize, usize, usize)> = BTreeMap::new(); // n, q, a, seq, max seq
@@ -239,8 +365,12 @@ fn demo_tiny_model_dir_loads_and_tokenises_the_demo() {
         let q_ids = raw.encode(q.as_str(), false).unwrap().get_ids().len();
         let a_ids = raw.encode(a.as_str(), false).unwrap().get_ids().len();
         assert!(a_ids <= 2, "answer {a:?} takes {a_ids} tokens");
-        let enc = encode_conversation(&tok, &template, &processor, c, TrainOn::AllAssistant).unwrap();
-        assert_eq!(enc.input_ids.iter().filter(|&&i| i == 612).count(), 4 * c.images.len());
+        let enc =
+            encode_conversation(&tok, &template, &processor, c, TrainOn::AllAssistant).unwrap();
+        assert_eq!(
+            enc.input_ids.iter().filter(|&&i| i == 612).count(),
+            4 * c.images.len()
+        );
         assert_eq!(enc.image_grids, vec![[1, 4, 4]; c.images.len()]);
         // Labels: the answer tokens + <|im_end|> + "\n".
         assert_eq!(enc.num_label_tokens(), a_ids + 2, "{a:?}");
@@ -254,7 +384,13 @@ fn demo_tiny_model_dir_loads_and_tokenises_the_demo() {
     eprintln!("task         n  question_tok  answer_tok  sft_seq_len(mean/max, incl. system prompt + 4 image tokens)");
     for (task, (n, q, a, s, m)) in &stats {
         let f = |x: usize| x as f64 / *n as f64;
-        eprintln!("{:<12} {n:>3}  {:>12.1}  {:>10.1}  {:>6.1} / {m}", task.as_str(), f(*q), f(*a), f(*s));
+        eprintln!(
+            "{:<12} {n:>3}  {:>12.1}  {:>10.1}  {:>6.1} / {m}",
+            task.as_str(),
+            f(*q),
+            f(*a),
+            f(*s)
+        );
         assert!(*m < 160, "{task:?}: sequences up to {m} tokens");
     }
 

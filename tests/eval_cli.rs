@@ -7,11 +7,17 @@ use std::process::Command;
 use serde_json::Value;
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/eval")
+        .join(p)
 }
 
 fn infimed(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_infimed")).args(args).env("INFIMED_LOG", "warn").output().expect("run infimed")
+    Command::new(env!("CARGO_BIN_EXE_infimed"))
+        .args(args)
+        .env("INFIMED_LOG", "warn")
+        .output()
+        .expect("run infimed")
 }
 
 fn s(p: &Path) -> &str {
@@ -33,12 +39,21 @@ fn forty_responses_match_hand_computed_accuracy() {
         "--out",
         s(&out),
     ]);
-    assert!(o.status.success(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("score40/expected.json")).unwrap()).unwrap();
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("score40/expected.json")).unwrap())
+            .unwrap();
 
     // per record
     let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    let results: Vec<Value> = results.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let results: Vec<Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let exp_records = expected["records"].as_object().unwrap();
     assert_eq!(results.len(), 42);
     assert_eq!(exp_records.len(), 42);
@@ -46,13 +61,18 @@ fn forty_responses_match_hand_computed_accuracy() {
         let id = r["id"].as_str().unwrap();
         assert_eq!(r["correct"], exp_records[id], "record {id}: {r}");
     }
-    let missing: Vec<&str> = results.iter().filter(|r| r["missing"] == true).map(|r| r["id"].as_str().unwrap()).collect();
+    let missing: Vec<&str> = results
+        .iter()
+        .filter(|r| r["missing"] == true)
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
     assert_eq!(missing, vec!["vr4", "pm6"]);
     let vr6 = results.iter().find(|r| r["id"] == "vr6").unwrap();
     assert!((vr6["f1"].as_f64().unwrap() - 0.8).abs() < 1e-12);
 
     // per benchmark and the average
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let exp_b = expected["benchmarks"].as_object().unwrap();
     let got_b = summary["benchmarks"].as_object().unwrap();
     assert_eq!(got_b.len(), 7, "{summary}");
@@ -60,7 +80,10 @@ fn forty_responses_match_hand_computed_accuracy() {
         let g = &got_b[name];
         assert_eq!(g["n"], e["n"], "{name}");
         assert_eq!(g["correct"], e["correct"], "{name}");
-        assert!((g["accuracy"].as_f64().unwrap() - e["accuracy"].as_f64().unwrap()).abs() < 1e-9, "{name}: {g}");
+        assert!(
+            (g["accuracy"].as_f64().unwrap() - e["accuracy"].as_f64().unwrap()).abs() < 1e-9,
+            "{name}: {g}"
+        );
     }
     let avg = summary["average"].as_f64().unwrap();
     assert!((avg - 1420.0 / 21.0).abs() < 1e-9, "{avg}");
@@ -77,14 +100,32 @@ fn forty_responses_match_hand_computed_accuracy() {
 
 #[test]
 fn library_path_gives_the_same_figures() {
-    let (records, skipped) =
-        infimed::eval::read_bench_files(&[fixture("score40/bench_a.jsonl"), fixture("score40/bench_b.jsonl")], false).unwrap();
+    let (records, skipped) = infimed::eval::read_bench_files(
+        &[
+            fixture("score40/bench_a.jsonl"),
+            fixture("score40/bench_b.jsonl"),
+        ],
+        false,
+    )
+    .unwrap();
     assert!(skipped.is_empty());
-    let (responses, _) = infimed::eval::read_responses(&fixture("score40/responses.jsonl"), false).unwrap();
+    let (responses, _) =
+        infimed::eval::read_responses(&fixture("score40/responses.jsonl"), false).unwrap();
     assert_eq!(responses.len(), 40);
     let rep = infimed::eval::score_responses(&records, &responses);
     let names: Vec<&str> = rep.benchmarks.iter().map(|b| b.name.as_str()).collect();
-    assert_eq!(names, vec!["MMMU-H&M", "VQA-RAD", "SLAKE", "PathVQA", "PMC-VQA", "OmniMedVQA", "MedXpertQA"]);
+    assert_eq!(
+        names,
+        vec![
+            "MMMU-H&M",
+            "VQA-RAD",
+            "SLAKE",
+            "PathVQA",
+            "PMC-VQA",
+            "OmniMedVQA",
+            "MedXpertQA"
+        ]
+    );
     let correct: Vec<usize> = rep.benchmarks.iter().map(|b| b.correct).collect();
     assert_eq!(correct, vec![3, 4, 6, 4, 4, 3, 4]);
     assert!((rep.average.unwrap() - 1420.0 / 21.0).abs() < 1e-9);
@@ -104,7 +145,11 @@ const GOOD: &str = r#"{"id": "a", "benchmark": "VQA-RAD", "question": "q", "answ
 #[test]
 fn bad_bench_lines_name_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    let resp = write(dir.path(), "r.jsonl", "{\"id\": \"a\", \"response\": \"yes\"}\n");
+    let resp = write(
+        dir.path(),
+        "r.jsonl",
+        "{\"id\": \"a\", \"response\": \"yes\"}\n",
+    );
     let cases = [
         ("malformed.jsonl", format!("{GOOD}\n\n{{\"id\": \"b\", oops\n"), ":3:", "malformed JSON"),
         (
@@ -124,17 +169,43 @@ fn bad_bench_lines_name_file_and_line() {
     for (name, text, line, what) in cases {
         let bench = write(dir.path(), name, &text);
         let out = dir.path().join(format!("out-{name}"));
-        let o = infimed(&["eval", "--responses", s(&resp), "--bench", s(&bench), "--out", s(&out)]);
+        let o = infimed(&[
+            "eval",
+            "--responses",
+            s(&resp),
+            "--bench",
+            s(&bench),
+            "--out",
+            s(&out),
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{name} should fail");
-        assert!(err.contains(&format!("{}{line}", bench.display())), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{}{line}", bench.display())),
+            "{name}: {err}"
+        );
         assert!(err.contains(what), "{name}: {err}");
         assert!(!err.contains("panicked"), "{err}");
 
         // --skip-invalid: counted and reported, the rest is scored
-        let o = infimed(&["eval", "--responses", s(&resp), "--bench", s(&bench), "--out", s(&out), "--skip-invalid"]);
-        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
-        let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        let o = infimed(&[
+            "eval",
+            "--responses",
+            s(&resp),
+            "--bench",
+            s(&bench),
+            "--out",
+            s(&out),
+            "--skip-invalid",
+        ]);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let summary: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                .unwrap();
         assert_eq!(summary["skipped_invalid"], 1, "{name}");
         assert_eq!(summary["benchmarks"]["VQA-RAD"]["correct"], 1, "{name}");
         let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
@@ -148,25 +219,75 @@ fn bad_responses_and_unmatched_ids() {
     let bench = write(dir.path(), "b.jsonl", &format!("{GOOD}\n"));
     let out = dir.path().join("out");
     // malformed response line
-    let resp = write(dir.path(), "r.jsonl", "{\"id\": \"a\", \"response\": \"yes\"}\nnot json\n");
-    let o = infimed(&["eval", "--responses", s(&resp), "--bench", s(&bench), "--out", s(&out)]);
+    let resp = write(
+        dir.path(),
+        "r.jsonl",
+        "{\"id\": \"a\", \"response\": \"yes\"}\nnot json\n",
+    );
+    let o = infimed(&[
+        "eval",
+        "--responses",
+        s(&resp),
+        "--bench",
+        s(&bench),
+        "--out",
+        s(&out),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("{}:2:", resp.display())));
     // an unmatched id is a counted warning
-    let resp = write(dir.path(), "r2.jsonl", "{\"id\": \"a\", \"response\": \"no\"}\n{\"id\": \"zz\", \"response\": \"yes\"}\n");
-    let o = infimed(&["eval", "--responses", s(&resp), "--bench", s(&bench), "--out", s(&out)]);
+    let resp = write(
+        dir.path(),
+        "r2.jsonl",
+        "{\"id\": \"a\", \"response\": \"no\"}\n{\"id\": \"zz\", \"response\": \"yes\"}\n",
+    );
+    let o = infimed(&[
+        "eval",
+        "--responses",
+        s(&resp),
+        "--bench",
+        s(&bench),
+        "--out",
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["unmatched_responses"], 1);
     assert_eq!(summary["benchmarks"]["VQA-RAD"]["accuracy"], 0.0);
     // no response matches at all: an error
-    let resp = write(dir.path(), "r3.jsonl", "{\"id\": \"zz\", \"response\": \"yes\"}\n");
-    let o = infimed(&["eval", "--responses", s(&resp), "--bench", s(&bench), "--out", s(&out)]);
+    let resp = write(
+        dir.path(),
+        "r3.jsonl",
+        "{\"id\": \"zz\", \"response\": \"yes\"}\n",
+    );
+    let o = infimed(&[
+        "eval",
+        "--responses",
+        s(&resp),
+        "--bench",
+        s(&bench),
+        "--out",
+        s(&out),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("matches a benchmark record"));
     // --model: a folder without a model is a clear error naming it
-    let o = infimed(&["eval", "--model", "no/such/model", "--mode", "reasoning", "--bench", s(&bench), "--out", s(&out)]);
+    let o = infimed(&[
+        "eval",
+        "--model",
+        "no/such/model",
+        "--mode",
+        "reasoning",
+        "--bench",
+        s(&bench),
+        "--out",
+        s(&out),
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("no/such/model") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("no/such/model") && !err.contains("panicked"),
+        "{err}"
+    );
 }

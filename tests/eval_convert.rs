@@ -7,7 +7,9 @@ use infimed::eval::convert::{convert, BenchFormat, ConvertOptions};
 use infimed::eval::{AnswerType, BenchRecord};
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/eval")
+        .join(p)
 }
 
 fn run(format: BenchFormat, input: &str, opts: ConvertOptions) -> Vec<BenchRecord> {
@@ -34,12 +36,22 @@ fn types(rs: &[BenchRecord]) -> Vec<AnswerType> {
 fn slake_english_only_unless_all_languages() {
     let rs = run(BenchFormat::Slake, "slake", ConvertOptions::default());
     assert_eq!(rs.len(), 3);
-    assert_eq!(types(&rs), vec![AnswerType::Open, AnswerType::Closed, AnswerType::Closed]);
+    assert_eq!(
+        types(&rs),
+        vec![AnswerType::Open, AnswerType::Closed, AnswerType::Closed]
+    );
     assert_eq!(rs[0].id, "slake/11934");
     assert_eq!(rs[0].answer, "Lung");
     assert!(rs[0].images[0].ends_with("slake/imgs/xmlab102/source.jpg"));
     assert_eq!(rs[0].lang, None);
-    let all = run(BenchFormat::Slake, "slake/test.json", ConvertOptions { all_languages: true, ..Default::default() });
+    let all = run(
+        BenchFormat::Slake,
+        "slake/test.json",
+        ConvertOptions {
+            all_languages: true,
+            ..Default::default()
+        },
+    );
     assert_eq!(all.len(), 4);
     assert_eq!(all[2].lang.as_deref(), Some("zh"));
     assert_eq!(all[2].answer, "肺");
@@ -51,13 +63,27 @@ fn vqa_rad_osf_test_split_and_hf_rows() {
     let ids: Vec<&str> = rs.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, vec!["vqa-rad/1", "vqa-rad/2", "vqa-rad/4"]);
     // yes/no -> yes_no (answer lowercased); everything else open, even OSF "CLOSED" ones
-    assert_eq!(types(&rs), vec![AnswerType::YesNo, AnswerType::Open, AnswerType::Open]);
+    assert_eq!(
+        types(&rs),
+        vec![AnswerType::YesNo, AnswerType::Open, AnswerType::Open]
+    );
     assert_eq!(rs[0].answer, "no");
     assert_eq!(rs[1].answer, "2");
     assert!(rs[0].images[0].ends_with("VQA_RAD Image Folder/synpic29265.jpg"));
-    let all = run(BenchFormat::VqaRad, "vqa-rad", ConvertOptions { split: Some("all".into()), ..Default::default() });
+    let all = run(
+        BenchFormat::VqaRad,
+        "vqa-rad",
+        ConvertOptions {
+            split: Some("all".into()),
+            ..Default::default()
+        },
+    );
     assert_eq!(all.len(), 5);
-    let rows = run(BenchFormat::VqaRad, "vqa-rad/hf_rows.jsonl", ConvertOptions::default());
+    let rows = run(
+        BenchFormat::VqaRad,
+        "vqa-rad/hf_rows.jsonl",
+        ConvertOptions::default(),
+    );
     assert_eq!(types(&rows), vec![AnswerType::YesNo, AnswerType::Open]);
     assert!(rows[0].images[0].ends_with("vqa-rad/images/test_0.jpg"));
     assert!(rows[1].images[0].ends_with("vqa-rad/images/test_1.jpg"));
@@ -65,13 +91,32 @@ fn vqa_rad_osf_test_split_and_hf_rows() {
 
 #[test]
 fn pathvqa_pickle_and_hf_rows() {
-    let rs = run(BenchFormat::PathVqa, "pathvqa/pvqa", ConvertOptions::default());
-    assert_eq!(types(&rs), vec![AnswerType::YesNo, AnswerType::Open, AnswerType::YesNo]);
+    let rs = run(
+        BenchFormat::PathVqa,
+        "pathvqa/pvqa",
+        ConvertOptions::default(),
+    );
+    assert_eq!(
+        types(&rs),
+        vec![AnswerType::YesNo, AnswerType::Open, AnswerType::YesNo]
+    );
     assert_eq!(rs[1].answer, "caseous necrosis");
-    assert!(rs[2].images[0].ends_with("pvqa/images/test/test_0001.jpg"), "{}", rs[2].images[0]);
-    let same = run(BenchFormat::PathVqa, "pathvqa/pvqa/qas/test/test_qa.pkl", ConvertOptions::default());
+    assert!(
+        rs[2].images[0].ends_with("pvqa/images/test/test_0001.jpg"),
+        "{}",
+        rs[2].images[0]
+    );
+    let same = run(
+        BenchFormat::PathVqa,
+        "pathvqa/pvqa/qas/test/test_qa.pkl",
+        ConvertOptions::default(),
+    );
     assert_eq!(same, rs);
-    let rows = run(BenchFormat::PathVqa, "pathvqa/hf_rows.json", ConvertOptions::default());
+    let rows = run(
+        BenchFormat::PathVqa,
+        "pathvqa/hf_rows.json",
+        ConvertOptions::default(),
+    );
     assert_eq!(types(&rows), vec![AnswerType::Open, AnswerType::YesNo]);
     assert_eq!(rows[1].answer, "no");
 }
@@ -84,7 +129,10 @@ fn pmc_vqa_csv() {
     assert_eq!(r.id, "pmc-vqa/0");
     assert_eq!(r.question, "What imaging modality is shown?");
     let opts = r.options.as_ref().unwrap();
-    assert_eq!(opts.values().cloned().collect::<Vec<_>>(), vec!["CT", "MRI", "X-ray", "Ultrasound"]);
+    assert_eq!(
+        opts.values().cloned().collect::<Vec<_>>(),
+        vec!["CT", "MRI", "X-ray", "Ultrasound"]
+    );
     assert_eq!(r.answer, "A");
     assert!(r.images[0].ends_with("pmc-vqa/images/PMC8253867_Fig2_41.jpg"));
     // answer given as option text
@@ -95,33 +143,65 @@ fn pmc_vqa_csv() {
 
 #[test]
 fn omnimedvqa_open_access_jsons() {
-    let rs = run(BenchFormat::OmniMedVqa, "omnimedvqa", ConvertOptions::default());
+    let rs = run(
+        BenchFormat::OmniMedVqa,
+        "omnimedvqa",
+        ConvertOptions::default(),
+    );
     let ids: Vec<&str> = rs.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(ids, vec!["omnimedvqa/Chest CT Scan_0000", "omnimedvqa/Chest CT Scan_0001", "omnimedvqa/Fundus_0000"]);
+    assert_eq!(
+        ids,
+        vec![
+            "omnimedvqa/Chest CT Scan_0000",
+            "omnimedvqa/Chest CT Scan_0001",
+            "omnimedvqa/Fundus_0000"
+        ]
+    );
     let answers: Vec<&str> = rs.iter().map(|r| r.answer.as_str()).collect();
     assert_eq!(answers, vec!["B", "B", "C"]); // the second matches "Adenocarcinoma" case-insensitively
     assert_eq!(rs[1].options.as_ref().unwrap().len(), 3);
-    assert!(rs[0].images[0].ends_with("omnimedvqa/Images/Chest CT Scan/test/0001.png"), "{}", rs[0].images[0]);
-    let one = run(BenchFormat::OmniMedVqa, "omnimedvqa/QA_information/Open-access/Fundus.json", ConvertOptions::default());
+    assert!(
+        rs[0].images[0].ends_with("omnimedvqa/Images/Chest CT Scan/test/0001.png"),
+        "{}",
+        rs[0].images[0]
+    );
+    let one = run(
+        BenchFormat::OmniMedVqa,
+        "omnimedvqa/QA_information/Open-access/Fundus.json",
+        ConvertOptions::default(),
+    );
     assert_eq!(one.len(), 1);
     assert_eq!(one[0].images, rs[2].images);
 }
 
 #[test]
 fn medxpertqa_mm_jsonl() {
-    let rs = run(BenchFormat::MedXpertQa, "medxpertqa", ConvertOptions::default());
+    let rs = run(
+        BenchFormat::MedXpertQa,
+        "medxpertqa",
+        ConvertOptions::default(),
+    );
     assert_eq!(rs.len(), 2);
     assert_eq!(rs[0].id, "medxpertqa/MM-0");
     assert_eq!(rs[0].answer, "B");
     assert_eq!(rs[0].options.as_ref().unwrap().len(), 5);
     assert_eq!(rs[0].images.len(), 2);
-    assert!(rs[0].images[1].ends_with("medxpertqa/images/MM-0-b.jpeg"), "{}", rs[0].images[1]);
+    assert!(
+        rs[0].images[1].ends_with("medxpertqa/images/MM-0-b.jpeg"),
+        "{}",
+        rs[0].images[1]
+    );
     assert!(rs[0].question.contains("Answer Choices:"));
 }
 
 #[test]
 fn mmmu_health_and_medicine_rows() {
-    let c = convert(BenchFormat::Mmmu, &fixture("mmmu"), &ConvertOptions::default()).unwrap();
+    let c = convert(
+        BenchFormat::Mmmu,
+        &fixture("mmmu"),
+        &ConvertOptions::default(),
+    )
+    .unwrap();
     assert_eq!(c.filtered, 1); // validation_Art_1
     let rs = run(BenchFormat::Mmmu, "mmmu", ConvertOptions::default());
     assert_eq!(types(&rs), vec![AnswerType::Mcq, AnswerType::Closed]);
@@ -144,9 +224,22 @@ fn invalid_records_error_or_skip() {
             {"question_id": "x2", "question": "q", "gt_answer": "b", "option_A": "a", "option_B": "b", "image_path": "i.png"}]"#,
     )
     .unwrap();
-    let e = convert(BenchFormat::OmniMedVqa, &f, &ConvertOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("Bad.json[0]") && e.contains("matches 0 of the options"), "{e}");
-    let c = convert(BenchFormat::OmniMedVqa, &f, &ConvertOptions { skip_invalid: true, ..Default::default() }).unwrap();
+    let e = convert(BenchFormat::OmniMedVqa, &f, &ConvertOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("Bad.json[0]") && e.contains("matches 0 of the options"),
+        "{e}"
+    );
+    let c = convert(
+        BenchFormat::OmniMedVqa,
+        &f,
+        &ConvertOptions {
+            skip_invalid: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!((c.records.len(), c.skipped.len()), (1, 1));
 }
 
@@ -155,11 +248,20 @@ fn bench_convert_cli_writes_jsonl() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("slake.jsonl");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_infimed"))
-        .args(["bench-convert", "--format", "slake", "--input", fixture("slake").to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "bench-convert",
+            "--format",
+            "slake",
+            "--input",
+            fixture("slake").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("SLAKE: 3 records (closed 2, open 1); 1 filtered out"));
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .contains("SLAKE: 3 records (closed 2, open 1); 1 filtered out"));
     let (rs, _) = infimed::eval::read_bench_files(&[out], false).unwrap();
     assert_eq!(rs.len(), 3);
 }
@@ -167,7 +269,10 @@ fn bench_convert_cli_writes_jsonl() {
 #[test]
 fn mmmu_parquet_as_published_with_embedded_images() {
     let media = tempfile::tempdir().unwrap();
-    let opts = ConvertOptions { media_dir: Some(media.path().to_path_buf()), ..Default::default() };
+    let opts = ConvertOptions {
+        media_dir: Some(media.path().to_path_buf()),
+        ..Default::default()
+    };
     let c = convert(BenchFormat::Mmmu, &fixture("mmmu_parquet"), &opts).unwrap();
     assert_eq!(c.filtered, 1); // validation_Art_1
     let rs = run(BenchFormat::Mmmu, "mmmu_parquet", opts);
@@ -182,22 +287,40 @@ fn mmmu_parquet_as_published_with_embedded_images() {
         let bytes = std::fs::read(img).unwrap();
         assert_eq!(&bytes[1..4], b"PNG", "{img}");
     }
-    assert!(rs[1].images[0].ends_with(".png") && rs[1].images[1].ends_with(".jpeg"), "{:?}", rs[1].images);
+    assert!(
+        rs[1].images[0].ends_with(".png") && rs[1].images[1].ends_with(".jpeg"),
+        "{:?}",
+        rs[1].images
+    );
 }
 
 #[test]
 fn vqa_rad_hugging_face_parquet() {
     let media = tempfile::tempdir().unwrap();
-    let opts = ConvertOptions { media_dir: Some(media.path().to_path_buf()), ..Default::default() };
-    let rs = run(BenchFormat::VqaRad, "vqa-rad/hf/test-00000-of-00001.parquet", opts);
+    let opts = ConvertOptions {
+        media_dir: Some(media.path().to_path_buf()),
+        ..Default::default()
+    };
+    let rs = run(
+        BenchFormat::VqaRad,
+        "vqa-rad/hf/test-00000-of-00001.parquet",
+        opts,
+    );
     assert_eq!(types(&rs), vec![AnswerType::YesNo, AnswerType::Open]);
     assert_eq!(rs[1].answer, "left lung");
     assert!(std::path::Path::new(&rs[0].images[0]).exists());
     // Without a folder for the embedded images: a clear error naming the file and row.
-    let e = convert(BenchFormat::VqaRad, &fixture("vqa-rad/hf/test-00000-of-00001.parquet"), &ConvertOptions::default())
-        .unwrap_err();
+    let e = convert(
+        BenchFormat::VqaRad,
+        &fixture("vqa-rad/hf/test-00000-of-00001.parquet"),
+        &ConvertOptions::default(),
+    )
+    .unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("test-00000-of-00001.parquet row 1") && e.contains("--media-dir"), "{e}");
+    assert!(
+        e.contains("test-00000-of-00001.parquet row 1") && e.contains("--media-dir"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -205,6 +328,12 @@ fn corrupt_parquet_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("validation-00000-of-00001.parquet");
     std::fs::write(&f, b"PAR1 not really").unwrap();
-    let e = format!("{:#}", convert(BenchFormat::Mmmu, &f, &ConvertOptions::default()).unwrap_err());
-    assert!(e.contains("validation-00000-of-00001.parquet") && e.contains("parquet"), "{e}");
+    let e = format!(
+        "{:#}",
+        convert(BenchFormat::Mmmu, &f, &ConvertOptions::default()).unwrap_err()
+    );
+    assert!(
+        e.contains("validation-00000-of-00001.parquet") && e.contains("parquet"),
+        "{e}"
+    );
 }

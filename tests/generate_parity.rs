@@ -5,8 +5,8 @@ mod common;
 
 use burn::backend::NdArray;
 use common::*;
-use infimed::generate::{rng_from_seed, stop_tokens, Prompt, SamplingConfig};
 use infimed::engine::generate;
+use infimed::generate::{rng_from_seed, stop_tokens, Prompt, SamplingConfig};
 use infimed::model::Qwen25VL;
 
 type B = NdArray<f32>;
@@ -17,7 +17,11 @@ fn prompt_of(sample_name: &str, ids: Vec<u32>) -> Prompt {
         Some(f) => read_tensor(f, "pixel_values").0,
         None => vec![],
     };
-    Prompt { input_ids: ids, pixel_values, image_grids: grids(&s["image_grid_thw"]) }
+    Prompt {
+        input_ids: ids,
+        pixel_values,
+        image_grids: grids(&s["image_grid_thw"]),
+    }
 }
 
 #[test]
@@ -40,20 +44,41 @@ fn greedy_generation_matches_transformers() {
             .map(|(i, name)| {
                 let ids = u32s(&batch["input_ids"][i]);
                 let mask = u32s(&batch["attention_mask"][i]);
-                let ids = ids.into_iter().zip(mask).filter(|(_, m)| *m == 1).map(|(x, _)| x).collect();
+                let ids = ids
+                    .into_iter()
+                    .zip(mask)
+                    .filter(|(_, m)| *m == 1)
+                    .map(|(x, _)| x)
+                    .collect();
                 prompt_of(name.as_str().unwrap(), ids)
             })
             .collect();
         let out = generate(&model, &prompts, &cfg, &stop, &mut rng_from_seed(0)).unwrap();
         for (i, row) in batch["rows"].as_array().unwrap().iter().enumerate() {
-            assert_eq!(out[i].tokens, u32s(&row["new_tokens"]), "{ckpt} batch row {i}");
-            assert_eq!(out[i].stopped, row["stopped_at_eos"].as_bool().unwrap(), "{ckpt} batch row {i} stop");
+            assert_eq!(
+                out[i].tokens,
+                u32s(&row["new_tokens"]),
+                "{ckpt} batch row {i}"
+            );
+            assert_eq!(
+                out[i].stopped,
+                row["stopped_at_eos"].as_bool().unwrap(),
+                "{ckpt} batch row {i} stop"
+            );
         }
         // Each prompt alone.
         for single in r["single"].as_array().unwrap() {
-            let p = prompt_of(single["sample"].as_str().unwrap(), u32s(&single["input_ids"]));
+            let p = prompt_of(
+                single["sample"].as_str().unwrap(),
+                u32s(&single["input_ids"]),
+            );
             let out = generate(&model, &[p], &cfg, &stop, &mut rng_from_seed(0)).unwrap();
-            assert_eq!(out[0].tokens, u32s(&single["new_tokens"]), "{ckpt} single {}", single["sample"]);
+            assert_eq!(
+                out[0].tokens,
+                u32s(&single["new_tokens"]),
+                "{ckpt} single {}",
+                single["sample"]
+            );
         }
     }
 }

@@ -8,9 +8,9 @@ use burn::prelude::*;
 use infimed::data::encode::{Encoded, TrainOn};
 use infimed::data::sharegpt::read_sharegpt;
 use infimed::inputs::Processor;
-use infimed::model::Qwen25VL;
 use infimed::learn::batch::{collate, MicroBatch};
 use infimed::learn::logprobs::token_nll_sum;
+use infimed::model::Qwen25VL;
 use infimed::models::{builtin_dir, load_model};
 
 type Inner = NdArray<f64>;
@@ -29,13 +29,20 @@ fn gradients_match_finite_differences() {
     let device = Default::default();
     let dir = builtin_dir("demo-tiny").unwrap();
     let processor = Processor::from_dir(&dir, None).unwrap();
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samples.jsonl");
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samples.jsonl");
     let convs = read_sharegpt(&fixtures).unwrap();
     // Two samples with images and different lengths (left/right padding in one batch).
-    let enc: Vec<Encoded> = convs[..3].iter().map(|c| processor.encode(c, TrainOn::AllAssistant).unwrap()).collect();
+    let enc: Vec<Encoded> = convs[..3]
+        .iter()
+        .map(|c| processor.encode(c, TrainOn::AllAssistant).unwrap())
+        .collect();
     let refs: Vec<&Encoded> = enc.iter().collect();
     let mb = collate(&refs, processor.tokenizer.special().pad());
-    assert!(!mb.input.image_grids.is_empty(), "the check needs an image in the batch");
+    assert!(
+        !mb.input.image_grids.is_empty(),
+        "the check needs an image in the batch"
+    );
 
     let model: Qwen25VL<B> = load_model("builtin:demo-tiny", 3, &device).unwrap();
     let grads = token_nll_sum(&model, &mb).unwrap().backward();
@@ -43,14 +50,46 @@ fn gradients_match_finite_differences() {
     let l0 = loss(&base, &mb);
 
     let checks: Vec<(&str, Access, AccessAd)> = vec![
-        ("layers.0.q_proj", |m| &mut m.model.layers[0].self_attn.q_proj.weight, |m| &m.model.layers[0].self_attn.q_proj.weight),
-        ("layers.0.k_proj", |m| &mut m.model.layers[0].self_attn.k_proj.weight, |m| &m.model.layers[0].self_attn.k_proj.weight),
-        ("layers.1.v_proj", |m| &mut m.model.layers[1].self_attn.v_proj.weight, |m| &m.model.layers[1].self_attn.v_proj.weight),
-        ("layers.2.o_proj", |m| &mut m.model.layers[2].self_attn.o_proj.weight, |m| &m.model.layers[2].self_attn.o_proj.weight),
-        ("layers.3.gate_proj", |m| &mut m.model.layers[3].mlp.gate_proj.weight, |m| &m.model.layers[3].mlp.gate_proj.weight),
-        ("embed_tokens", |m| &mut m.model.embed_tokens.weight, |m| &m.model.embed_tokens.weight),
-        ("visual.blocks.0.qkv", |m| &mut m.visual.blocks[0].attn.qkv.weight, |m| &m.visual.blocks[0].attn.qkv.weight),
-        ("visual.merger.mlp.0", |m| &mut m.visual.merger.mlp0.weight, |m| &m.visual.merger.mlp0.weight),
+        (
+            "layers.0.q_proj",
+            |m| &mut m.model.layers[0].self_attn.q_proj.weight,
+            |m| &m.model.layers[0].self_attn.q_proj.weight,
+        ),
+        (
+            "layers.0.k_proj",
+            |m| &mut m.model.layers[0].self_attn.k_proj.weight,
+            |m| &m.model.layers[0].self_attn.k_proj.weight,
+        ),
+        (
+            "layers.1.v_proj",
+            |m| &mut m.model.layers[1].self_attn.v_proj.weight,
+            |m| &m.model.layers[1].self_attn.v_proj.weight,
+        ),
+        (
+            "layers.2.o_proj",
+            |m| &mut m.model.layers[2].self_attn.o_proj.weight,
+            |m| &m.model.layers[2].self_attn.o_proj.weight,
+        ),
+        (
+            "layers.3.gate_proj",
+            |m| &mut m.model.layers[3].mlp.gate_proj.weight,
+            |m| &m.model.layers[3].mlp.gate_proj.weight,
+        ),
+        (
+            "embed_tokens",
+            |m| &mut m.model.embed_tokens.weight,
+            |m| &m.model.embed_tokens.weight,
+        ),
+        (
+            "visual.blocks.0.qkv",
+            |m| &mut m.visual.blocks[0].attn.qkv.weight,
+            |m| &m.visual.blocks[0].attn.qkv.weight,
+        ),
+        (
+            "visual.merger.mlp.0",
+            |m| &mut m.visual.merger.mlp0.weight,
+            |m| &m.visual.merger.mlp0.weight,
+        ),
     ];
     // Some inputs of the forward (pixel values, rotary tables) are built in f32, so the loss carries
     // ~1e-7 relative rounding noise: a step of 1e-3 keeps that noise far below the O(eps^2) error.
@@ -58,7 +97,9 @@ fn gradients_match_finite_differences() {
     let mut worst = 0f64;
     let mut failures: Vec<String> = vec![];
     for (name, access, access_ad) in checks {
-        let g = access_ad(&model).grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let g = access_ad(&model)
+            .grad(&grads)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
         let [r, c] = g.dims();
         let gv: Vec<f64> = g.into_data().to_vec().unwrap();
         // The entries with the largest gradients, plus a few fixed ones.
@@ -77,7 +118,10 @@ fn gradients_match_finite_differences() {
                     let t = p.val();
                     let mut v: Vec<f64> = t.clone().into_data().to_vec().unwrap();
                     v[k] += s;
-                    *p = Param::from_tensor(Tensor::from_data(TensorData::new(v, [r, c]), &t.device()));
+                    *p = Param::from_tensor(Tensor::from_data(
+                        TensorData::new(v, [r, c]),
+                        &t.device(),
+                    ));
                 };
                 bump(access(&mut plus), eps);
                 bump(access(&mut minus), -eps);

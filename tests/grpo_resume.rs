@@ -69,7 +69,17 @@ fn metric_lines(out: &std::path::Path) -> Vec<serde_json::Value> {
 fn resume_continues_with_identical_results() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    write_demo_data(&data, &DemoDataConfig { seed: 1, train: 20, val: 6, image_size: 56, image_pool: None }).unwrap();
+    write_demo_data(
+        &data,
+        &DemoDataConfig {
+            seed: 1,
+            train: 20,
+            val: 6,
+            image_size: 56,
+            image_pool: None,
+        },
+    )
+    .unwrap();
     let device = Default::default();
 
     let a = tmp.path().join("a");
@@ -86,19 +96,36 @@ fn resume_continues_with_identical_results() {
     assert!(wa == wb, "weights differ after resume");
     let (ma, mb) = (metric_lines(&a), metric_lines(&b));
     assert_eq!(ma.len(), 4);
-    assert_eq!(ma, mb, "per-step metrics (rewards, kl, losses) differ after resume");
+    assert_eq!(
+        ma, mb,
+        "per-step metrics (rewards, kl, losses) differ after resume"
+    );
     for m in &ma {
         assert!(m["kl"].as_f64().unwrap().is_finite());
     }
     // The run did update the policy: the weights moved away from the initial ones.
-    let init = infimed::models::load_model::<NdArray<f32>>("builtin:demo-tiny", 3, &device).unwrap();
-    let first = infimed::model::Qwen25VL::<NdArray<f32>>::load(&a.join("checkpoint-1/hf"), &device).unwrap();
-    let flat = |m: &infimed::model::Qwen25VL<NdArray<f32>>| -> Vec<f32> { m.export_tensors().into_iter().flat_map(|t| t.values).collect() };
+    let init =
+        infimed::models::load_model::<NdArray<f32>>("builtin:demo-tiny", 3, &device).unwrap();
+    let first = infimed::model::Qwen25VL::<NdArray<f32>>::load(&a.join("checkpoint-1/hf"), &device)
+        .unwrap();
+    let flat = |m: &infimed::model::Qwen25VL<NdArray<f32>>| -> Vec<f32> {
+        m.export_tensors()
+            .into_iter()
+            .flat_map(|t| t.values)
+            .collect()
+    };
     assert_ne!(flat(&init), flat(&first));
     // Completions are logged with their reward parts.
     let c = std::fs::read_to_string(a.join("completions.jsonl")).unwrap();
     let first_line: serde_json::Value = serde_json::from_str(c.lines().next().unwrap()).unwrap();
-    for k in ["response", "reward", "accuracy", "format", "advantage", "task"] {
+    for k in [
+        "response",
+        "reward",
+        "accuracy",
+        "format",
+        "advantage",
+        "task",
+    ] {
         assert!(first_line.get(k).is_some(), "{k} missing in {first_line}");
     }
 }

@@ -8,7 +8,10 @@ use std::path::Path;
 
 /// Module path of a file under `src/`: `src/sft/data.rs` -> `sft::data`, `src/sft/mod.rs` -> `sft`.
 fn module_of(rel: &Path) -> String {
-    let mut parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let mut parts: Vec<String> = rel
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     let last = parts.pop().unwrap();
     let stem = last.trim_end_matches(".rs");
     if stem != "mod" && stem != "lib" && stem != "main" {
@@ -48,7 +51,10 @@ fn code(text: &str) -> String {
 
 /// The longest known module that `path` (a `::`-separated path from the crate root) starts with.
 fn resolve(path: &[&str], modules: &BTreeSet<String>) -> Option<String> {
-    (1..=path.len()).rev().map(|n| path[..n].join("::")).find(|m| modules.contains(m))
+    (1..=path.len())
+        .rev()
+        .map(|n| path[..n].join("::"))
+        .find(|m| modules.contains(m))
 }
 
 /// Every `a::b::c` path (idents and `::`) following `prefix` in `code`, expanding one level of
@@ -63,11 +69,21 @@ fn paths_after(code: &str, prefix: &str) -> Vec<Vec<String>> {
             continue;
         }
         let take = |s: &str| -> Vec<String> {
-            let end = s.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')).unwrap_or(s.len());
-            s[..end].split("::").filter(|x| !x.is_empty()).map(String::from).collect()
+            let end = s
+                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                .unwrap_or(s.len());
+            s[..end]
+                .split("::")
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
         };
         let head = take(rest);
-        let after = &rest[head.iter().map(|h| h.len() + 2).sum::<usize>().min(rest.len())..];
+        let after = &rest[head
+            .iter()
+            .map(|h| h.len() + 2)
+            .sum::<usize>()
+            .min(rest.len())..];
         if after.starts_with('{') || (head.is_empty() && rest.starts_with('{')) {
             let body = &rest[rest.find('{').unwrap() + 1..];
             let body = &body[..body.find('}').unwrap_or(body.len())];
@@ -92,7 +108,11 @@ fn src_has_no_import_cycle() {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (m, text) in &files {
         let code = code(text);
-        let parent: Vec<&str> = if m.is_empty() { vec![] } else { m.split("::").collect() };
+        let parent: Vec<&str> = if m.is_empty() {
+            vec![]
+        } else {
+            m.split("::").collect()
+        };
         let mut targets = vec![];
         for p in paths_after(&code, "crate::") {
             let p: Vec<&str> = p.iter().map(String::as_str).collect();
@@ -148,7 +168,18 @@ fn src_has_no_import_cycle() {
         }
     }
     // The layout the README describes: both learners in the same shape beside `learn/`.
-    for m in ["learn::run", "learn::optim", "learn::schedule", "learn::checkpoint", "sft::recipe", "sft::plan", "sft::learner", "grpo::recipe", "grpo::plan", "grpo::learner"] {
+    for m in [
+        "learn::run",
+        "learn::optim",
+        "learn::schedule",
+        "learn::checkpoint",
+        "sft::recipe",
+        "sft::plan",
+        "sft::learner",
+        "grpo::recipe",
+        "grpo::plan",
+        "grpo::learner",
+    ] {
         assert!(modules.contains(m), "src/ has no module {m}");
     }
 }

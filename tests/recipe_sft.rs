@@ -2,12 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use infimed::model::Qwen25VlConfig;
-use infimed::sft::plan::{build_plan, count_records, mix_counts, mixed_order, param_counts, selected_records};
-use infimed::sft::recipe::{
-    BackendKind, DataSource, Mix, ModelSource, Precision, ScheduleConfig, ScheduleKind, SftRecipe, TrainOn,
-};
 use infimed::learn::schedule::{lr_at, warmup_steps};
+use infimed::model::Qwen25VlConfig;
+use infimed::sft::plan::{
+    build_plan, count_records, mix_counts, mixed_order, param_counts, selected_records,
+};
+use infimed::sft::recipe::{
+    BackendKind, DataSource, Mix, ModelSource, Precision, ScheduleConfig, ScheduleKind, SftRecipe,
+    TrainOn,
+};
 use proptest::prelude::*;
 
 fn repo(rel: &str) -> PathBuf {
@@ -41,7 +44,10 @@ fn load(text: &str, overrides: &[&str]) -> (anyhow::Result<SftRecipe>, tempfile:
 fn assert_err(text: &str, overrides: &[&str], needles: &[&str]) {
     let (res, _dir) = load(text, overrides);
     let err = format!("{:#}", res.expect_err("expected an error"));
-    assert!(err.contains("bad-recipe.toml"), "error does not name the file: {err}");
+    assert!(
+        err.contains("bad-recipe.toml"),
+        "error does not name the file: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "error does not contain `{n}`: {err}");
     }
@@ -58,7 +64,10 @@ fn demo_recipe_parses() {
     assert_eq!(r.data[0].group, "medical_mm");
     assert_eq!(r.data[0].mix(), Mix::All);
     assert_eq!(r.eval_data.len(), 1);
-    assert_eq!(r.eval_data[0].path, PathBuf::from("runs/demo/data/val.jsonl"));
+    assert_eq!(
+        r.eval_data[0].path,
+        PathBuf::from("runs/demo/data/val.jsonl")
+    );
     assert_eq!(r.cutoff_len, 256);
     assert_eq!(r.per_device_batch, 16);
     assert_eq!(r.epochs, 16.0);
@@ -85,7 +94,14 @@ fn paper_recipe_parses() {
     assert_eq!(r.optimizer.eps, 1e-8);
     assert_eq!(r.optimizer.weight_decay, 0.0);
     assert_eq!(r.optimizer.max_grad_norm, 1.0);
-    assert_eq!(r.schedule, ScheduleConfig { kind: ScheduleKind::Cosine, warmup_ratio: 0.1, min_lr_ratio: 0.0 });
+    assert_eq!(
+        r.schedule,
+        ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_ratio: 0.1,
+            min_lr_ratio: 0.0
+        }
+    );
     assert_eq!((r.epochs, r.per_device_batch, r.grad_accum), (5.0, 4, 1));
     let groups: Vec<&str> = r.data.iter().map(|d| d.group.as_str()).collect();
     assert_eq!(groups, ["general_mm", "medical_mm", "medical_text"]);
@@ -106,8 +122,24 @@ fn defaults() {
     assert_eq!(r.optimizer.eps, 1e-8);
     assert_eq!(r.optimizer.weight_decay, 0.0);
     assert_eq!(r.optimizer.max_grad_norm, 1.0);
-    assert_eq!(r.schedule, ScheduleConfig { kind: ScheduleKind::Cosine, warmup_ratio: 0.0, min_lr_ratio: 0.0 });
-    assert_eq!((r.grad_accum, r.seed, r.save_every, r.eval_every, r.log_every), (1, 42, 0, 0, 1));
+    assert_eq!(
+        r.schedule,
+        ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 0.0
+        }
+    );
+    assert_eq!(
+        (
+            r.grad_accum,
+            r.seed,
+            r.save_every,
+            r.eval_every,
+            r.log_every
+        ),
+        (1, 42, 0, 0, 1)
+    );
     assert_eq!(r.train_on, TrainOn::AllAssistant);
     assert_eq!(r.max_steps, None);
     assert!(!r.skip_invalid);
@@ -149,8 +181,12 @@ fn overrides() {
     assert_eq!(r.device, Some(1));
 
     // A string field keeps text that looks like a number; a missing table is created.
-    let r = SftRecipe::from_str_with(MINIMAL, "m", &["output_dir=2024".into(), "schedule.warmup_ratio=0.2".into()])
-        .unwrap();
+    let r = SftRecipe::from_str_with(
+        MINIMAL,
+        "m",
+        &["output_dir=2024".into(), "schedule.warmup_ratio=0.2".into()],
+    )
+    .unwrap();
     assert_eq!(r.output_dir, PathBuf::from("2024"));
     assert_eq!(r.schedule.warmup_ratio, 0.2);
 }
@@ -163,60 +199,146 @@ fn override_errors_name_the_key() {
     assert_err(MINIMAL, &["data.x.samples=1"], &["data", "index"]);
     assert_err(MINIMAL, &["optimizer.lr"], &["key=value"]);
     // Overrides are validated like the file.
-    assert_err(MINIMAL, &["optimizer.lr=-1"], &["optimizer.lr must be > 0, got -1"]);
-    assert_err(MINIMAL, &["data.0.weight=0.5", "data.0.samples=3"], &["data.0", "samples", "weight"]);
+    assert_err(
+        MINIMAL,
+        &["optimizer.lr=-1"],
+        &["optimizer.lr must be > 0, got -1"],
+    );
+    assert_err(
+        MINIMAL,
+        &["data.0.weight=0.5", "data.0.samples=3"],
+        &["data.0", "samples", "weight"],
+    );
 }
 
 #[test]
 fn unknown_keys_are_rejected() {
-    assert_err(&format!("{MINIMAL}foo = 1\n"), &[], &["unknown field `foo`"]);
-    assert_err(&MINIMAL.replace("lr = 1e-4", "lr = 1e-4\nbeta1 = 0.9"), &[], &["unknown field `beta1`"]);
-    assert_err(&MINIMAL.replace("group = \"medical_mm\"", "group = \"medical_mm\"\nsample = 3"), &[], &["sample"]);
-    assert_err(&format!("{MINIMAL}[freeze]\nvision = true\n"), &[], &["unknown field `vision`"]);
+    assert_err(
+        &format!("{MINIMAL}foo = 1\n"),
+        &[],
+        &["unknown field `foo`"],
+    );
+    assert_err(
+        &MINIMAL.replace("lr = 1e-4", "lr = 1e-4\nbeta1 = 0.9"),
+        &[],
+        &["unknown field `beta1`"],
+    );
+    assert_err(
+        &MINIMAL.replace(
+            "group = \"medical_mm\"",
+            "group = \"medical_mm\"\nsample = 3",
+        ),
+        &[],
+        &["sample"],
+    );
+    assert_err(
+        &format!("{MINIMAL}[freeze]\nvision = true\n"),
+        &[],
+        &["unknown field `vision`"],
+    );
 }
 
 #[test]
 fn bad_values_name_field_and_file() {
-    assert_err(&MINIMAL.replace("lr = 1e-4", "lr = -1"), &[], &["optimizer.lr must be > 0, got -1"]);
-    assert_err(&format!("{MINIMAL}[schedule]\nwarmup_ratio = 1.5\n"), &[], &["schedule.warmup_ratio", "1.5"]);
-    assert_err(&MINIMAL.replace("per_device_batch = 2", "per_device_batch = 0"), &[], &["per_device_batch"]);
     assert_err(
-        &MINIMAL.replace("group = \"medical_mm\"", "group = \"medical_mm\"\nsamples = 3\nweight = 0.5"),
+        &MINIMAL.replace("lr = 1e-4", "lr = -1"),
+        &[],
+        &["optimizer.lr must be > 0, got -1"],
+    );
+    assert_err(
+        &format!("{MINIMAL}[schedule]\nwarmup_ratio = 1.5\n"),
+        &[],
+        &["schedule.warmup_ratio", "1.5"],
+    );
+    assert_err(
+        &MINIMAL.replace("per_device_batch = 2", "per_device_batch = 0"),
+        &[],
+        &["per_device_batch"],
+    );
+    assert_err(
+        &MINIMAL.replace(
+            "group = \"medical_mm\"",
+            "group = \"medical_mm\"\nsamples = 3\nweight = 0.5",
+        ),
         &[],
         &["data.0", "samples", "weight"],
     );
-    assert_err(&MINIMAL.replace("epochs = 1", "epochs = 1\nprecision = \"bf16\"\nbackend = \"ndarray\""), &[], &["precision", "bf16", "cuda"]);
-    assert_err(&format!("{MINIMAL}[schedule]\nkind = \"cosin\"\n"), &[], &["cosin", "cosine"]);
-    assert_err(&MINIMAL.replace("epochs = 1", "epochs = 0"), &[], &["epochs must be > 0"]);
-    assert_err(&MINIMAL.replace("epochs = 1", "epochs = 1\nbackend = \"tpu\""), &[], &["tpu"]);
-    assert_err(&MINIMAL.replace("builtin:demo-tiny", "builtin:huge"), &[], &["model", "huge"]);
-    assert_err(&MINIMAL.replace("epochs = 1", "epochs = 1\neval_every = 5"), &[], &["eval_every", "eval_data"]);
     assert_err(
-        &format!("{MINIMAL}[freeze]\nvision_tower = true\nprojector = true\nlanguage_model = true\n"),
+        &MINIMAL.replace(
+            "epochs = 1",
+            "epochs = 1\nprecision = \"bf16\"\nbackend = \"ndarray\"",
+        ),
+        &[],
+        &["precision", "bf16", "cuda"],
+    );
+    assert_err(
+        &format!("{MINIMAL}[schedule]\nkind = \"cosin\"\n"),
+        &[],
+        &["cosin", "cosine"],
+    );
+    assert_err(
+        &MINIMAL.replace("epochs = 1", "epochs = 0"),
+        &[],
+        &["epochs must be > 0"],
+    );
+    assert_err(
+        &MINIMAL.replace("epochs = 1", "epochs = 1\nbackend = \"tpu\""),
+        &[],
+        &["tpu"],
+    );
+    assert_err(
+        &MINIMAL.replace("builtin:demo-tiny", "builtin:huge"),
+        &[],
+        &["model", "huge"],
+    );
+    assert_err(
+        &MINIMAL.replace("epochs = 1", "epochs = 1\neval_every = 5"),
+        &[],
+        &["eval_every", "eval_data"],
+    );
+    assert_err(
+        &format!(
+            "{MINIMAL}[freeze]\nvision_tower = true\nprojector = true\nlanguage_model = true\n"
+        ),
         &[],
         &["freeze", "nothing to train"],
     );
     assert_err(
-        &MINIMAL.replace("group = \"medical_mm\"", "group = \"medical_mm\"\nweight = -2.0"),
+        &MINIMAL.replace(
+            "group = \"medical_mm\"",
+            "group = \"medical_mm\"\nweight = -2.0",
+        ),
         &[],
         &["data.0.weight"],
     );
     assert_err(
-        &MINIMAL.replace("[[data]]\npath = \"a.jsonl\"\ngroup = \"medical_mm\"\n", "data = []\n"),
+        &MINIMAL.replace(
+            "[[data]]\npath = \"a.jsonl\"\ngroup = \"medical_mm\"\n",
+            "data = []\n",
+        ),
         &[],
         &["data"],
     );
     // Several problems are all reported, each with the file.
-    let (res, _d) =
-        load(&MINIMAL.replace("lr = 1e-4", "lr = -1").replace("per_device_batch = 2", "per_device_batch = 0"), &[]);
+    let (res, _d) = load(
+        &MINIMAL
+            .replace("lr = 1e-4", "lr = -1")
+            .replace("per_device_batch = 2", "per_device_batch = 0"),
+        &[],
+    );
     let err = res.unwrap_err().to_string();
     assert_eq!(err.lines().count(), 2, "{err}");
     assert!(err.lines().all(|l| l.contains("bad-recipe.toml")), "{err}");
     // bf16 with cuda is fine.
-    let ok = MINIMAL.replace("epochs = 1", "epochs = 1\nprecision = \"bf16\"\nbackend = \"cuda\"");
+    let ok = MINIMAL.replace(
+        "epochs = 1",
+        "epochs = 1\nprecision = \"bf16\"\nbackend = \"cuda\"",
+    );
     SftRecipe::from_str_with(&ok, "ok", &[]).unwrap();
     // A missing file is named.
-    let err = SftRecipe::from_file("no/such/recipe.toml", &[]).unwrap_err().to_string();
+    let err = SftRecipe::from_file("no/such/recipe.toml", &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no/such/recipe.toml"), "{err}");
 }
 
@@ -228,12 +350,25 @@ fn mix_rules() {
         d.weight = weight;
         d
     };
-    let sources =
-        [src(None, None), src(Some(5), None), src(Some(25), None), src(None, Some(0.5)), src(None, Some(2.0))];
-    assert_eq!(mix_counts(&sources, &[10, 10, 10, 7, 10]).unwrap(), vec![10, 5, 25, 4, 20]);
+    let sources = [
+        src(None, None),
+        src(Some(5), None),
+        src(Some(25), None),
+        src(None, Some(0.5)),
+        src(None, Some(2.0)),
+    ];
+    assert_eq!(
+        mix_counts(&sources, &[10, 10, 10, 7, 10]).unwrap(),
+        vec![10, 5, 25, 4, 20]
+    );
     assert!(mix_counts(&sources, &[10]).is_err());
-    let err = mix_counts(&[src(Some(3), None)], &[0]).unwrap_err().to_string();
-    assert!(err.contains("data.0") && err.contains("no records"), "{err}");
+    let err = mix_counts(&[src(Some(3), None)], &[0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data.0") && err.contains("no records"),
+        "{err}"
+    );
     assert_eq!(mix_counts(&[src(Some(0), None)], &[0]).unwrap(), vec![0]);
 }
 
@@ -241,7 +376,11 @@ fn mix_rules() {
 fn count_records_jsonl_and_array() {
     let dir = tempfile::tempdir().unwrap();
     let jsonl = dir.path().join("a.jsonl");
-    std::fs::write(&jsonl, "{\"messages\": []}\n\n   \n{\"messages\": []}\n{\"messages\": []}").unwrap();
+    std::fs::write(
+        &jsonl,
+        "{\"messages\": []}\n\n   \n{\"messages\": []}\n{\"messages\": []}",
+    )
+    .unwrap();
     assert_eq!(count_records(&jsonl).unwrap(), 3);
     let arr = dir.path().join("b.json");
     std::fs::write(&arr, "\n  [{\"messages\": []}, {\"messages\": [1, [2]]}]\n").unwrap();
@@ -249,13 +388,19 @@ fn count_records_jsonl_and_array() {
     let empty = dir.path().join("c.jsonl");
     std::fs::write(&empty, "\n\n").unwrap();
     assert_eq!(count_records(&empty).unwrap(), 0);
-    let err = count_records(dir.path().join("missing.jsonl")).unwrap_err().to_string();
+    let err = count_records(dir.path().join("missing.jsonl"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing.jsonl"), "{err}");
 }
 
 #[test]
 fn schedule_acceptance_values() {
-    let cfg = ScheduleConfig { kind: ScheduleKind::Cosine, warmup_ratio: 0.1, min_lr_ratio: 0.0 };
+    let cfg = ScheduleConfig {
+        kind: ScheduleKind::Cosine,
+        warmup_ratio: 0.1,
+        min_lr_ratio: 0.0,
+    };
     let want = [
         (0usize, 0.0f64),
         (1, 5e-7),
@@ -270,7 +415,10 @@ fn schedule_acceptance_values() {
         if w == 0.0 {
             assert_eq!(got, 0.0);
         } else {
-            assert!(((got - w) / w).abs() < 1e-12, "step {t}: got {got:e}, want {w:e}");
+            assert!(
+                ((got - w) / w).abs() < 1e-12,
+                "step {t}: got {got:e}, want {w:e}"
+            );
         }
     }
 }
@@ -282,17 +430,28 @@ fn paper_plan_3b() {
     // Fake file sizes: the general file is bigger than needed (subset), the text file smaller (upsampled).
     let available = [50_000, 108_000, 30_000];
     let plan = build_plan(&recipe, &cfg, &available).unwrap();
-    assert_eq!(plan.sources.iter().map(|s| s.selected).collect::<Vec<_>>(), [40_000, 108_000, 40_000]);
+    assert_eq!(
+        plan.sources.iter().map(|s| s.selected).collect::<Vec<_>>(),
+        [40_000, 108_000, 40_000]
+    );
     assert_eq!(plan.total_samples, 188_000);
     assert_eq!(plan.world_size, 8); // one node of 8 GPUs, as the paper
     assert_eq!(plan.steps_per_epoch, 5_875); // ceil(188000 / (4 * 8 * 1))
     assert_eq!(plan.total_steps, 29_375); // x 5 epochs
     assert_eq!(plan.warmup_steps, 2_938);
-    assert_eq!(plan.warmup_steps, (0.1 * plan.total_steps as f64).ceil() as usize);
+    assert_eq!(
+        plan.warmup_steps,
+        (0.1 * plan.total_steps as f64).ceil() as usize
+    );
     // The dry run shows the per-rank plan of the world size.
     let text = plan.to_string();
     assert!(text.contains("4 per device x 1 accumulation x 8 rank(s) (1 node(s) x 8 devices) = 32 examples per optimizer step"), "{text}");
-    assert!(text.contains("per rank   4 examples per optimizer step (4 per micro-batch x 1), 29,375 steps"), "{text}");
+    assert!(
+        text.contains(
+            "per rank   4 examples per optimizer step (4 per micro-batch x 1), 29,375 steps"
+        ),
+        "{text}"
+    );
 
     let p = param_counts(&cfg);
     assert_eq!(p.total(), 3_754_622_976);
@@ -316,20 +475,41 @@ fn paper_plan_3b() {
     // Saved layer inputs 36 x 4 x 4096 x 2048 x 2 bytes, one layer's working set
     // 4 x 4096 x (10*2048 + 4*256 + 6*11008) x 2, embeddings and final norm 3 x 4 x 4096 x 2048 x 2.
     let (bs, e) = (4 * 4096u64, 2u64);
-    assert_eq!(m.activations, 36 * bs * 2048 * e + bs * (10 * 2048 + 4 * 256 + 6 * 11008) * e + 3 * bs * 2048 * e);
-    assert_eq!(m.attention_working_set, 4 * 4 * 16 * 128 * 128 * 4 + 4 * bs * 2048);
+    assert_eq!(
+        m.activations,
+        36 * bs * 2048 * e + bs * (10 * 2048 + 4 * 256 + 6 * 11008) * e + 3 * bs * 2048 * e
+    );
+    assert_eq!(
+        m.attention_working_set,
+        4 * 4 * 16 * 128 * 128 * 4 + 4 * bs * 2048
+    );
     assert_eq!(m.logits, 4 * 1024 * 151_936 * 4);
-    assert!(m.total() <= 80 << 30, "3B recipe at 4 x 4,096 tokens: {} bytes > 80 GiB", m.total());
+    assert!(
+        m.total() <= 80 << 30,
+        "3B recipe at 4 x 4,096 tokens: {} bytes > 80 GiB",
+        m.total()
+    );
     // What the materialising attention would add: 36 layers x 6 x 4 x 16 x 4096^2 x 4 bytes.
     assert_eq!(m.reference_attention, 36 * 6 * 4 * 16 * 4096 * 4096 * 4);
 
     // The paper's global batch on one device: 8 x accumulation -> the same 5,875 steps per epoch.
-    let r8 = SftRecipe::from_file(repo("recipes/infimed-sft-3b.toml"), &["grad_accum=8".into(), "parallel.devices=1".into()]).unwrap();
+    let r8 = SftRecipe::from_file(
+        repo("recipes/infimed-sft-3b.toml"),
+        &["grad_accum=8".into(), "parallel.devices=1".into()],
+    )
+    .unwrap();
     let plan8 = build_plan(&r8, &cfg, &available).unwrap();
-    assert_eq!((plan8.steps_per_epoch, plan8.total_steps, plan8.warmup_steps), (5_875, 29_375, 2_938));
+    assert_eq!(
+        (plan8.steps_per_epoch, plan8.total_steps, plan8.warmup_steps),
+        (5_875, 29_375, 2_938)
+    );
 
     // An ablation is one line; rounding up: 168,001 samples / 4 -> 42,001 steps (one device).
-    let r = SftRecipe::from_file(repo("recipes/infimed-sft-3b.toml"), &["data.0.samples=20001".into(), "parallel.devices=1".into()]).unwrap();
+    let r = SftRecipe::from_file(
+        repo("recipes/infimed-sft-3b.toml"),
+        &["data.0.samples=20001".into(), "parallel.devices=1".into()],
+    )
+    .unwrap();
     let plan = build_plan(&r, &cfg, &available).unwrap();
     assert_eq!(plan.total_samples, 168_001);
     assert_eq!(plan.steps_per_epoch, 42_001);
@@ -337,14 +517,26 @@ fn paper_plan_3b() {
     assert_eq!(plan.warmup_steps, warmup_steps(210_005, 0.1));
 
     let text = plan.to_string();
-    for needle in ["general_mm", "medical_text", "upsampled", "vision tower", "3,085,938,688", "warmup", "x 1 rank(s)"] {
-        assert!(text.contains(needle), "plan display lacks `{needle}`:\n{text}");
+    for needle in [
+        "general_mm",
+        "medical_text",
+        "upsampled",
+        "vision tower",
+        "3,085,938,688",
+        "warmup",
+        "x 1 rank(s)",
+    ] {
+        assert!(
+            text.contains(needle),
+            "plan display lacks `{needle}`:\n{text}"
+        );
     }
 }
 
 #[test]
 fn demo_plan_and_max_steps() {
-    let recipe = SftRecipe::from_file(repo("recipes/demo-sft.toml"), &["max_steps=5".into()]).unwrap();
+    let recipe =
+        SftRecipe::from_file(repo("recipes/demo-sft.toml"), &["max_steps=5".into()]).unwrap();
     let plan = build_plan(&recipe, &Qwen25VlConfig::qwen2_5_vl_3b(), &[100]).unwrap();
     assert_eq!(plan.steps_per_epoch, 7); // ceil(100 / 16)
     assert_eq!(plan.total_steps, 5);
@@ -352,7 +544,7 @@ fn demo_plan_and_max_steps() {
     assert_eq!(plan.warmup_steps, 1); // ceil(5 * 0.05)
     assert_eq!(plan.trainable_params, plan.params.language_model());
     assert_eq!(plan.memory.compute_weights, 0); // f32 computes on the master weights
-    // Wrong number of counts, empty mix.
+                                                // Wrong number of counts, empty mix.
     assert!(build_plan(&recipe, &Qwen25VlConfig::qwen2_5_vl_3b(), &[1, 2]).is_err());
     assert!(build_plan(&recipe, &Qwen25VlConfig::qwen2_5_vl_3b(), &[0]).is_err());
 }

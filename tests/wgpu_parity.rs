@@ -6,9 +6,9 @@ mod common;
 
 use burn::tensor::activation::log_softmax;
 use common::*;
-use infimed::model::ModelBackend;
 use infimed::backend::{NdArrayBackend, WgpuBackend};
 use infimed::model::nn::to_vec;
+use infimed::model::ModelBackend;
 use infimed::model::{ModelInput, Qwen25VL};
 
 fn all_logprobs<B: ModelBackend>(device: &B::Device, ckpt: &str) -> Vec<Vec<f32>> {
@@ -20,7 +20,10 @@ fn all_logprobs<B: ModelBackend>(device: &B::Device, ckpt: &str) -> Vec<Vec<f32>
             let input = ModelInput {
                 input_ids: vec![u32s(&s["input_ids"])],
                 attention_mask: None,
-                pixel_values: s["pixel_values_file"].as_str().map(|f| read_tensor(f, "pixel_values").0).unwrap_or_default(),
+                pixel_values: s["pixel_values_file"]
+                    .as_str()
+                    .map(|f| read_tensor(f, "pixel_values").0)
+                    .unwrap_or_default(),
                 image_grids: grids(&s["image_grid_thw"]),
                 segments: None,
             };
@@ -28,7 +31,11 @@ fn all_logprobs<B: ModelBackend>(device: &B::Device, ckpt: &str) -> Vec<Vec<f32>
             let [_, t, v] = logits.dims();
             let lp = to_vec(log_softmax(logits.reshape([t, v]), 1));
             let start = s["target_start"].as_u64().unwrap() as usize;
-            u32s(&s["target_ids"]).iter().enumerate().map(|(j, &id)| lp[(start + j - 1) * v + id as usize]).collect()
+            u32s(&s["target_ids"])
+                .iter()
+                .enumerate()
+                .map(|(j, &id)| lp[(start + j - 1) * v + id as usize])
+                .collect()
         })
         .collect()
 }
@@ -66,24 +73,57 @@ fn sft_steps_on_wgpu_match_ndarray() {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_infimed"))
             .current_dir(&root)
             .args(["sft", "--recipe", "recipes/demo-sft.toml"])
-            .args(["--set", &format!("model={}", model_dir("tiny-gqa2").display())])
-            .args(["--set", &format!("data.0.path={}", data.join("train.jsonl").display())])
-            .args(["--set", "eval_data=[]", "--set", "max_steps=3", "--set", "save_every=0", "--set", "per_device_batch=4"])
-            .args(["--set", &format!("backend={backend}"), "--set", &format!("output_dir={}", out.display())])
+            .args([
+                "--set",
+                &format!("model={}", model_dir("tiny-gqa2").display()),
+            ])
+            .args([
+                "--set",
+                &format!("data.0.path={}", data.join("train.jsonl").display()),
+            ])
+            .args([
+                "--set",
+                "eval_data=[]",
+                "--set",
+                "max_steps=3",
+                "--set",
+                "save_every=0",
+                "--set",
+                "per_device_batch=4",
+            ])
+            .args([
+                "--set",
+                &format!("backend={backend}"),
+                "--set",
+                &format!("output_dir={}", out.display()),
+            ])
             .output()
             .unwrap();
-        assert!(o.status.success(), "{backend}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
             .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()?
+                    .get("loss")?
+                    .as_f64()
+            })
             .collect()
     };
     let cpu = losses("ndarray");
     let gpu = losses("wgpu");
     assert_eq!(cpu.len(), 3);
     assert_eq!(cpu.len(), gpu.len());
-    let worst = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    let worst = cpu
+        .iter()
+        .zip(&gpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f64, f64::max);
     eprintln!("SFT losses ndarray {cpu:?} wgpu {gpu:?}: max |diff| {worst:.2e}");
     assert!(worst < 1e-3, "ndarray {cpu:?} vs wgpu {gpu:?}");
 }

@@ -59,13 +59,22 @@ pub struct AttentionMask {
 impl AttentionMask {
     /// One segment per row with `valid[b][j] = false` marking padding.
     pub fn from_valid(valid: &[Vec<bool>], causal: bool) -> Self {
-        let key_segments = valid.iter().map(|r| r.iter().map(|&v| if v { 0 } else { -1 }).collect()).collect();
-        Self { key_segments, causal }
+        let key_segments = valid
+            .iter()
+            .map(|r| r.iter().map(|&v| if v { 0 } else { -1 }).collect())
+            .collect();
+        Self {
+            key_segments,
+            causal,
+        }
     }
 
     /// Rows of `len` keys, all real.
     pub fn dense(batch: usize, len: usize, causal: bool) -> Self {
-        Self { key_segments: vec![vec![0; len]; batch], causal }
+        Self {
+            key_segments: vec![vec![0; len]; batch],
+            causal,
+        }
     }
 
     pub fn batch(&self) -> usize {
@@ -136,8 +145,14 @@ pub struct AttentionPlan {
 impl AttentionPlan {
     pub fn new(mask: &AttentionMask, len_q: usize, tiles: Tiles) -> Self {
         let (batch, len_k) = (mask.batch(), mask.len_k());
-        assert!(len_q <= len_k, "attention plan: {len_q} queries but only {len_k} keys");
-        assert!(tiles.q > 0 && tiles.k > 0, "attention tiles must be positive");
+        assert!(
+            len_q <= len_k,
+            "attention plan: {len_q} queries but only {len_k} keys"
+        );
+        assert!(
+            tiles.q > 0 && tiles.k > 0,
+            "attention tiles must be positive"
+        );
         let nq = len_q.div_ceil(tiles.q);
         let nk = len_k.div_ceil(tiles.k);
         // Per row and tile: (min, max) valid segment id and whether it holds padding.
@@ -170,7 +185,12 @@ impl AttentionPlan {
                     let (qlo, qhi, qpad) = summary(b, offset + i0..offset + i1);
                     let (klo, khi, kpad) = summary(b, j0..j1);
                     let empty = qlo > qhi || klo > khi || qhi < klo || khi < qlo;
-                    let full = !qpad && !kpad && qlo == qhi && klo == khi && qlo == klo && (!mask.causal || j1 - 1 <= offset + i0);
+                    let full = !qpad
+                        && !kpad
+                        && qlo == qhi
+                        && klo == khi
+                        && qlo == klo
+                        && (!mask.causal || j1 - 1 <= offset + i0);
                     all_full &= full;
                     all_empty &= empty;
                 }
@@ -194,7 +214,13 @@ impl AttentionPlan {
             }
             pairs.push(row);
         }
-        Self { batch, len_q, len_k, tiles, pairs }
+        Self {
+            batch,
+            len_q,
+            len_k,
+            tiles,
+            pairs,
+        }
     }
 
     fn q_range(&self, qi: usize) -> (usize, usize) {
@@ -212,7 +238,11 @@ impl AttentionPlan {
         self.pairs
             .iter()
             .enumerate()
-            .map(|(qi, row)| row.iter().map(|(kj, _)| self.q_range(qi).1 * self.k_range(*kj).1).sum::<usize>())
+            .map(|(qi, row)| {
+                row.iter()
+                    .map(|(kj, _)| self.q_range(qi).1 * self.k_range(*kj).1)
+                    .sum::<usize>()
+            })
             .sum::<usize>()
             * self.batch
     }
@@ -223,21 +253,42 @@ impl AttentionPlan {
 pub trait ModelBackend: Backend {
     /// Attention of q `[B, H, Tq, d]` over k, v `[B, KV, Tk, d]` (`H` a multiple of `KV`) as the
     /// plan says; `[B, H, Tq, d]`.
-    fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, plan: &Arc<AttentionPlan>) -> FloatTensor<Self> {
-        let (q, k, v) = (float::<Self, 4>(q), float::<Self, 4>(k), float::<Self, 4>(v));
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        plan: &Arc<AttentionPlan>,
+    ) -> FloatTensor<Self> {
+        let (q, k, v) = (
+            float::<Self, 4>(q),
+            float::<Self, 4>(k),
+            float::<Self, 4>(v),
+        );
         flash_forward(q, k, v, plan).0.into_primitive().tensor()
     }
 
     /// Log-probabilities of target tokens through the head, chunked ([`crate::head`]).
-    fn head_logprobs_op(h: FloatTensor<Self>, w: FloatTensor<Self>, t: &Arc<HeadTargets>) -> FloatTensor<Self> {
-        crate::head::head_logprobs_forward(float::<Self, 2>(h), float(w), t).into_primitive().tensor()
+    fn head_logprobs_op(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        t: &Arc<HeadTargets>,
+    ) -> FloatTensor<Self> {
+        crate::head::head_logprobs_forward(float::<Self, 2>(h), float(w), t)
+            .into_primitive()
+            .tensor()
     }
 }
 
 /// Training backends: autodiff over a [`ModelBackend`] whose inner backend is one too.
-pub trait TrainBackend: ModelBackend + burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend> {}
+pub trait TrainBackend:
+    ModelBackend + burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend>
+{
+}
 
-impl<B> TrainBackend for B where B: ModelBackend + burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend> {}
+impl<B> TrainBackend for B where
+    B: ModelBackend + burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend>
+{
+}
 
 impl ModelBackend for burn::backend::NdArray<f32> {}
 impl ModelBackend for burn::backend::NdArray<f64> {}
@@ -253,13 +304,33 @@ struct FlashAttentionBackward;
 
 impl<B: ModelBackend> Backward<B, 3> for FlashAttentionBackward {
     /// q, k, v, out, lse (all inner-backend primitives) and the plan.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Arc<AttentionPlan>);
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        Arc<AttentionPlan>,
+    );
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let [node_q, node_k, node_v] = ops.parents;
         let dout = float::<B, 4>(grads.consume::<B>(&ops.node));
         let (q, k, v, out, lse, plan) = ops.state;
-        let (dq, dk, dv) = flash_backward(float(q), float(k), float(v), float(out), float(lse), dout, &plan);
+        let (dq, dk, dv) = flash_backward(
+            float(q),
+            float(k),
+            float(v),
+            float(out),
+            float(lse),
+            dout,
+            &plan,
+        );
         if let Some(node) = node_q {
             grads.register::<B>(node.id, dq.into_primitive().tensor());
         }
@@ -273,18 +344,51 @@ impl<B: ModelBackend> Backward<B, 3> for FlashAttentionBackward {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
-    fn flash_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, plan: &Arc<AttentionPlan>) -> FloatTensor<Self> {
-        match FlashAttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        plan: &Arc<AttentionPlan>,
+    ) -> FloatTensor<Self> {
+        match FlashAttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = flash_forward(float::<B, 4>(q.primitive.clone()), float(k.primitive.clone()), float(v.primitive.clone()), plan);
+                let (out, lse) = flash_forward(
+                    float::<B, 4>(q.primitive.clone()),
+                    float(k.primitive.clone()),
+                    float(v.primitive.clone()),
+                    plan,
+                );
                 let (out, lse) = (out.into_primitive().tensor(), lse.into_primitive().tensor());
-                prep.finish((q.primitive, k.primitive, v.primitive, out.clone(), lse, plan.clone()), out)
+                prep.finish(
+                    (
+                        q.primitive,
+                        k.primitive,
+                        v.primitive,
+                        out.clone(),
+                        lse,
+                        plan.clone(),
+                    ),
+                    out,
+                )
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::flash_attention(q.primitive, k.primitive, v.primitive, plan)),
+            OpsKind::UnTracked(prep) => prep.finish(B::flash_attention(
+                q.primitive,
+                k.primitive,
+                v.primitive,
+                plan,
+            )),
         }
     }
 
-    fn head_logprobs_op(h: FloatTensor<Self>, w: FloatTensor<Self>, t: &Arc<HeadTargets>) -> FloatTensor<Self> {
+    fn head_logprobs_op(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        t: &Arc<HeadTargets>,
+    ) -> FloatTensor<Self> {
         crate::head::head_logprobs_autodiff::<B, C>(h, w, t)
     }
 }
@@ -295,8 +399,18 @@ fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
 
 /// The memory-efficient attention (see the module docs): q `[B, H, Tq, d]`, k and v
 /// `[B, KV, Tk, d]` -> `[B, H, Tq, d]`.
-pub fn attention<B: ModelBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, plan: &Arc<AttentionPlan>) -> Tensor<B, 4> {
-    float(B::flash_attention(q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor(), plan))
+pub fn attention<B: ModelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    plan: &Arc<AttentionPlan>,
+) -> Tensor<B, 4> {
+    float(B::flash_attention(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        plan,
+    ))
 }
 
 fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -306,33 +420,62 @@ fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
-fn tile_mask<B: Backend>(m: &TileMask, shape: [usize; 5], device: &B::Device) -> Option<Tensor<B, 5, Bool>> {
+fn tile_mask<B: Backend>(
+    m: &TileMask,
+    shape: [usize; 5],
+    device: &B::Device,
+) -> Option<Tensor<B, 5, Bool>> {
     match m {
         TileMask::Full => None,
         TileMask::Partial(bits) => {
             let [b, kvh, n_rep, tq, tk] = shape;
-            let t = Tensor::<B, 5, Bool>::from_data(TensorData::new(bits.as_ref().clone(), [b, 1, 1, tq, tk]), device);
+            let t = Tensor::<B, 5, Bool>::from_data(
+                TensorData::new(bits.as_ref().clone(), [b, 1, 1, tq, tk]),
+                device,
+            );
             Some(t.expand([b, kvh, n_rep, tq, tk]))
         }
     }
 }
 
 /// Scaled scores of one tile in f32, masked: `[B, KV, n_rep * tq, tk]`.
-fn tile_scores<B: Backend>(qi: &Tensor<B, 4>, kj: &Tensor<B, 4>, mask: &TileMask, scale: f64, shape: [usize; 5]) -> Tensor<B, 4> {
+fn tile_scores<B: Backend>(
+    qi: &Tensor<B, 4>,
+    kj: &Tensor<B, 4>,
+    mask: &TileMask,
+    scale: f64,
+    shape: [usize; 5],
+) -> Tensor<B, 4> {
     let [b, kvh, n_rep, tq, tk] = shape;
     let s = f32_of(qi.clone().matmul(kj.clone().swap_dims(2, 3))).mul_scalar(scale);
     match tile_mask::<B>(mask, shape, &s.device()) {
         None => s,
-        Some(m) => s.reshape([b, kvh, n_rep, tq, tk]).mask_fill(m, f32::NEG_INFINITY).reshape([b, kvh, n_rep * tq, tk]),
+        Some(m) => s
+            .reshape([b, kvh, n_rep, tq, tk])
+            .mask_fill(m, f32::NEG_INFINITY)
+            .reshape([b, kvh, n_rep * tq, tk]),
     }
 }
 
 /// Forward pass: `(out [B, H, Tq, d], lse [B, KV, n_rep, Tq])`.
-pub fn flash_forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, plan: &AttentionPlan) -> (Tensor<B, 4>, Tensor<B, 4>) {
+pub fn flash_forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    plan: &AttentionPlan,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, tq_all, d] = q.dims();
     let [_, kvh, tk_all, _] = k.dims();
-    assert_eq!(h % kvh, 0, "{h} query heads do not split over {kvh} key/value heads");
-    assert_eq!((plan.batch, plan.len_q, plan.len_k), (b, tq_all, tk_all), "attention plan does not match the tensors");
+    assert_eq!(
+        h % kvh,
+        0,
+        "{h} query heads do not split over {kvh} key/value heads"
+    );
+    assert_eq!(
+        (plan.batch, plan.len_q, plan.len_k),
+        (b, tq_all, tk_all),
+        "attention plan does not match the tensors"
+    );
     let n_rep = h / kvh;
     let dtype = FloatDType::from(q.dtype());
     let device = q.device();
@@ -360,7 +503,11 @@ pub fn flash_forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 
             m = m_new;
         }
         let l = l.clamp_min(f32::MIN_POSITIVE);
-        outs.push((acc / l.clone()).cast(dtype).reshape([b, kvh, n_rep, tq, d]));
+        outs.push(
+            (acc / l.clone())
+                .cast(dtype)
+                .reshape([b, kvh, n_rep, tq, d]),
+        );
         lses.push((m + l.log()).reshape([b, kvh, n_rep, tq]));
     }
     let out = Tensor::cat(outs, 3).reshape([b, h, tq_all, d]);
@@ -380,7 +527,11 @@ pub fn flash_backward<B: Backend>(
     let [b, h, tq_all, d] = q.dims();
     let [_, kvh, tk_all, _] = k.dims();
     let n_rep = h / kvh;
-    let (q_dtype, k_dtype, v_dtype) = (FloatDType::from(q.dtype()), FloatDType::from(k.dtype()), FloatDType::from(v.dtype()));
+    let (q_dtype, k_dtype, v_dtype) = (
+        FloatDType::from(q.dtype()),
+        FloatDType::from(k.dtype()),
+        FloatDType::from(v.dtype()),
+    );
     let dtype = q_dtype;
     let device = q.device();
     let scale = 1.0 / (d as f64).sqrt();
@@ -388,7 +539,9 @@ pub fn flash_backward<B: Backend>(
     let do5 = dout.cast(dtype).reshape([b, kvh, n_rep, tq_all, d]);
     // D = rowsum(dO * O), in f32: [B, KV, n_rep, Tq, 1].
     let delta = (f32_of(do5.clone()) * f32_of(out.reshape([b, kvh, n_rep, tq_all, d]))).sum_dim(4);
-    let rows = |x: Tensor<B, 5>, i0: usize, tq: usize, w: usize| x.narrow(3, i0, tq).reshape([b, kvh, n_rep * tq, w]);
+    let rows = |x: Tensor<B, 5>, i0: usize, tq: usize, w: usize| {
+        x.narrow(3, i0, tq).reshape([b, kvh, n_rep * tq, w])
+    };
     // The query tiles that see each key tile.
     let nk = tk_all.div_ceil(plan.tiles.k);
     let mut by_key: Vec<Vec<(usize, &TileMask)>> = vec![vec![]; nk];
@@ -410,7 +563,10 @@ pub fn flash_backward<B: Backend>(
             let (i0, tq) = plan.q_range(qi_idx);
             let qi = rows(q5.clone(), i0, tq, d);
             let doi = rows(do5.clone(), i0, tq, d);
-            let lse_i = lse.clone().narrow(3, i0, tq).reshape([b, kvh, n_rep * tq, 1]);
+            let lse_i = lse
+                .clone()
+                .narrow(3, i0, tq)
+                .reshape([b, kvh, n_rep * tq, 1]);
             let delta_i = rows(delta.clone(), i0, tq, 1);
             let s = tile_scores(&qi, &kj, mask, scale, [b, kvh, n_rep, tq, tk]);
             let p = (s - lse_i).exp();
@@ -436,7 +592,11 @@ pub fn flash_backward<B: Backend>(
             t.cast(q_dtype).reshape([b, kvh, n_rep, tq, d])
         })
         .collect();
-    (Tensor::cat(dq, 3).reshape([b, h, tq_all, d]), Tensor::cat(dks, 2), Tensor::cat(dvs, 2))
+    (
+        Tensor::cat(dq, 3).reshape([b, h, tq_all, d]),
+        Tensor::cat(dks, 2),
+        Tensor::cat(dvs, 2),
+    )
 }
 
 /// Which attention the model runs.
@@ -469,7 +629,14 @@ impl<B: ModelBackend> LayerAttention<B> {
     pub fn new(imp: AttentionImpl, mask: &AttentionMask, len_q: usize, device: &B::Device) -> Self {
         match imp {
             AttentionImpl::Flash(tiles) => {
-                let tiles = if len_q <= 16 { Tiles { q: len_q.max(1), k: mask.len_k().max(1) } } else { tiles };
+                let tiles = if len_q <= 16 {
+                    Tiles {
+                        q: len_q.max(1),
+                        k: mask.len_k().max(1),
+                    }
+                } else {
+                    tiles
+                };
                 LayerAttention::Flash(Arc::new(AttentionPlan::new(mask, len_q, tiles)))
             }
             AttentionImpl::Reference => LayerAttention::Reference(mask.dense_mask(len_q, device)),
@@ -488,11 +655,24 @@ impl<B: ModelBackend> LayerAttention<B> {
                     if n_rep == 1 {
                         x
                     } else {
-                        x.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, tk, d]).reshape([b, h, tk, d])
+                        x.unsqueeze_dim::<5>(2)
+                            .expand([b, kvh, n_rep, tk, d])
+                            .reshape([b, h, tk, d])
                     }
                 };
-                let opts = burn::tensor::ops::AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
-                burn::tensor::module::attention(q, repeat(k), repeat(v), Some(mask.clone().expand([b, h, tq, tk])), None, opts)
+                let opts = burn::tensor::ops::AttentionModuleOptions {
+                    scale: None,
+                    softcap: None,
+                    is_causal: false,
+                };
+                burn::tensor::module::attention(
+                    q,
+                    repeat(k),
+                    repeat(v),
+                    Some(mask.clone().expand([b, h, tq, tk])),
+                    None,
+                    opts,
+                )
             }
         }
     }

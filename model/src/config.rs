@@ -137,7 +137,8 @@ pub struct Qwen25VlConfig {
 }
 
 fn get<'a>(objs: &[&'a Map<String, Value>], key: &str) -> Option<&'a Value> {
-    objs.iter().find_map(|o| o.get(key).filter(|v| !v.is_null()))
+    objs.iter()
+        .find_map(|o| o.get(key).filter(|v| !v.is_null()))
 }
 
 fn get_usize(objs: &[&Map<String, Value>], key: &str) -> Result<Option<usize>> {
@@ -153,7 +154,10 @@ fn get_usize(objs: &[&Map<String, Value>], key: &str) -> Result<Option<usize>> {
 fn get_f64(objs: &[&Map<String, Value>], key: &str) -> Result<Option<f64>> {
     match get(objs, key) {
         None => Ok(None),
-        Some(v) => v.as_f64().map(Some).with_context(|| format!("`{key}` must be a number, found {v}")),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .with_context(|| format!("`{key}` must be a number, found {v}")),
     }
 }
 
@@ -186,7 +190,8 @@ impl Qwen25VlConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json_str(&text).with_context(|| format!("in model config {}", path.display()))
     }
 
@@ -200,9 +205,14 @@ impl Qwen25VlConfig {
     }
 
     pub fn from_json(raw: Value) -> Result<Self> {
-        let root = raw.as_object().context("config.json must be a JSON object")?;
+        let root = raw
+            .as_object()
+            .context("config.json must be a JSON object")?;
         let empty = Map::new();
-        let text_cfg = root.get("text_config").and_then(Value::as_object).unwrap_or(&empty);
+        let text_cfg = root
+            .get("text_config")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
         // The text fields: `text_config` first (new layout), then the top level (old layout).
         let t: [&Map<String, Value>; 2] = [text_cfg, root];
         let rope = get(&t, "rope_parameters")
@@ -212,8 +222,10 @@ impl Qwen25VlConfig {
 
         let hidden_size = req_usize(&t, "hidden_size")?;
         let num_attention_heads = req_usize(&t, "num_attention_heads")?;
-        let num_key_value_heads = get_usize(&t, "num_key_value_heads")?.unwrap_or(num_attention_heads);
-        let head_dim = get_usize(&t, "head_dim")?.unwrap_or(hidden_size / num_attention_heads.max(1));
+        let num_key_value_heads =
+            get_usize(&t, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let head_dim =
+            get_usize(&t, "head_dim")?.unwrap_or(hidden_size / num_attention_heads.max(1));
         let mrope_section = match rope.get("mrope_section") {
             Some(Value::Array(a)) if a.len() == 3 => {
                 let mut s = [0usize; 3];
@@ -237,7 +249,10 @@ impl Qwen25VlConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            hidden_act: get(&t, "hidden_act").and_then(Value::as_str).unwrap_or("silu").to_string(),
+            hidden_act: get(&t, "hidden_act")
+                .and_then(Value::as_str)
+                .unwrap_or("silu")
+                .to_string(),
             rms_norm_eps: get_f64(&t, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             mrope_section,
@@ -247,32 +262,48 @@ impl Qwen25VlConfig {
             max_position_embeddings: get_usize(&t, "max_position_embeddings")?.unwrap_or(128000),
         };
 
-        let vobj = root.get("vision_config").and_then(Value::as_object).unwrap_or(&empty);
+        let vobj = root
+            .get("vision_config")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
         let v: [&Map<String, Value>; 1] = [vobj];
         let d = VisionConfig::qwen2_5_vl_3b();
         let vision = VisionConfig {
             depth: get_usize(&v, "depth")?.unwrap_or(d.depth),
-            hidden_size: get_usize(&v, "hidden_size")?.or(get_usize(&v, "embed_dim")?).unwrap_or(d.hidden_size),
+            hidden_size: get_usize(&v, "hidden_size")?
+                .or(get_usize(&v, "embed_dim")?)
+                .unwrap_or(d.hidden_size),
             num_heads: get_usize(&v, "num_heads")?.unwrap_or(d.num_heads),
             intermediate_size: get_usize(&v, "intermediate_size")?.unwrap_or(d.intermediate_size),
-            hidden_act: get(&v, "hidden_act").and_then(Value::as_str).unwrap_or("silu").to_string(),
+            hidden_act: get(&v, "hidden_act")
+                .and_then(Value::as_str)
+                .unwrap_or("silu")
+                .to_string(),
             patch_size: get_usize(&v, "patch_size")?
                 .or(get_usize(&v, "spatial_patch_size")?)
                 .unwrap_or(d.patch_size),
-            temporal_patch_size: get_usize(&v, "temporal_patch_size")?.unwrap_or(d.temporal_patch_size),
-            spatial_merge_size: get_usize(&v, "spatial_merge_size")?.unwrap_or(d.spatial_merge_size),
+            temporal_patch_size: get_usize(&v, "temporal_patch_size")?
+                .unwrap_or(d.temporal_patch_size),
+            spatial_merge_size: get_usize(&v, "spatial_merge_size")?
+                .unwrap_or(d.spatial_merge_size),
             window_size: get_usize(&v, "window_size")?.unwrap_or(d.window_size),
             fullatt_block_indexes: match v[0].get("fullatt_block_indexes") {
                 Some(Value::Array(a)) => a
                     .iter()
-                    .map(|x| x.as_u64().map(|x| x as usize).context("fullatt_block_indexes must hold integers"))
+                    .map(|x| {
+                        x.as_u64()
+                            .map(|x| x as usize)
+                            .context("fullatt_block_indexes must hold integers")
+                    })
                     .collect::<Result<_>>()?,
                 Some(other) => bail!("fullatt_block_indexes must be a list, found {other}"),
                 None => d.fullatt_block_indexes.clone(),
             },
             // When absent, the merger must produce the language model's width.
             out_hidden_size: get_usize(&v, "out_hidden_size")?.unwrap_or(text.hidden_size),
-            in_channels: get_usize(&v, "in_channels")?.or(get_usize(&v, "in_chans")?).unwrap_or(d.in_channels),
+            in_channels: get_usize(&v, "in_channels")?
+                .or(get_usize(&v, "in_chans")?)
+                .unwrap_or(d.in_channels),
             tokens_per_second: get_usize(&v, "tokens_per_second")?.unwrap_or(d.tokens_per_second),
             rms_norm_eps: get_f64(&v, "rms_norm_eps")?.unwrap_or(1e-6),
         };
@@ -280,7 +311,10 @@ impl Qwen25VlConfig {
         let all: [&Map<String, Value>; 2] = [root, text_cfg];
         let eos_token_ids = match get(&all, "eos_token_id") {
             None => vec![],
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
             Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         };
         let tokens = TokenIds {
@@ -296,7 +330,13 @@ impl Qwen25VlConfig {
             .or_else(|| get(&all, "dtype"))
             .and_then(Value::as_str)
             .map(str::to_string);
-        let cfg = Self { text, vision, tokens, torch_dtype, raw: Some(raw.clone()) };
+        let cfg = Self {
+            text,
+            vision,
+            tokens,
+            torch_dtype,
+            raw: Some(raw.clone()),
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -316,26 +356,50 @@ impl Qwen25VlConfig {
         }
         let s: usize = t.mrope_section.iter().sum();
         if s * 2 != t.head_dim {
-            bail!("mrope_section {:?} sums to {s}, but head_dim / 2 is {}", t.mrope_section, t.head_dim / 2);
+            bail!(
+                "mrope_section {:?} sums to {s}, but head_dim / 2 is {}",
+                t.mrope_section,
+                t.head_dim / 2
+            );
         }
         let v = &self.vision;
         if v.num_heads == 0 || v.hidden_size % v.num_heads != 0 || v.head_dim() % 4 != 0 {
-            bail!("vision hidden_size {} must split into {} heads of a size divisible by 4", v.hidden_size, v.num_heads);
+            bail!(
+                "vision hidden_size {} must split into {} heads of a size divisible by 4",
+                v.hidden_size,
+                v.num_heads
+            );
         }
         if v.window_units() == 0 {
-            bail!("vision window_size {} is smaller than one merged unit", v.window_size);
+            bail!(
+                "vision window_size {} is smaller than one merged unit",
+                v.window_size
+            );
         }
         if let Some(&b) = v.fullatt_block_indexes.iter().find(|&&b| b >= v.depth) {
-            bail!("fullatt_block_indexes holds {b} but the vision tower has depth {}", v.depth);
+            bail!(
+                "fullatt_block_indexes holds {b} but the vision tower has depth {}",
+                v.depth
+            );
         }
         if v.out_hidden_size != t.hidden_size {
-            bail!("vision out_hidden_size {} differs from the text hidden_size {}", v.out_hidden_size, t.hidden_size);
+            bail!(
+                "vision out_hidden_size {} differs from the text hidden_size {}",
+                v.out_hidden_size,
+                t.hidden_size
+            );
         }
         if !matches!(t.hidden_act.as_str(), "silu" | "swish") {
-            bail!("text hidden_act `{}` is not supported (Qwen2.5-VL uses silu)", t.hidden_act);
+            bail!(
+                "text hidden_act `{}` is not supported (Qwen2.5-VL uses silu)",
+                t.hidden_act
+            );
         }
         if !matches!(v.hidden_act.as_str(), "silu" | "swish") {
-            bail!("vision hidden_act `{}` is not supported (Qwen2.5-VL uses silu)", v.hidden_act);
+            bail!(
+                "vision hidden_act `{}` is not supported (Qwen2.5-VL uses silu)",
+                v.hidden_act
+            );
         }
         Ok(())
     }
@@ -416,7 +480,9 @@ impl Qwen25VlConfig {
 
     /// The image token id, required whenever images are given.
     pub fn image_token_id(&self) -> Result<u32> {
-        self.tokens.image_token_id.context("config.json has no `image_token_id`")
+        self.tokens
+            .image_token_id
+            .context("config.json has no `image_token_id`")
     }
 }
 

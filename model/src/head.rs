@@ -28,7 +28,6 @@ use burn::tensor::{DType, FloatDType, TensorData, TensorPrimitive};
 
 use crate::attention::ModelBackend;
 
-
 /// Rows of the head processed at once (the logits of one chunk are `chunk x vocab` floats).
 pub const HEAD_CHUNK: usize = 1024;
 
@@ -54,20 +53,36 @@ fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
-fn chunk_targets<B: Backend>(t: &HeadTargets, start: usize, len: usize, device: &B::Device) -> Tensor<B, 2, Int> {
-    let ids: Vec<i64> = t.targets[start..start + len].iter().map(|&x| x as i64).collect();
+fn chunk_targets<B: Backend>(
+    t: &HeadTargets,
+    start: usize,
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = t.targets[start..start + len]
+        .iter()
+        .map(|&x| x as i64)
+        .collect();
     Tensor::from_data(TensorData::new(ids, [len, 1]), device)
 }
 
 /// Forward pass: `logp [N]` (f32) for rows `h [N, C]` and head `w [C, V]`.
-pub fn head_logprobs_forward<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, t: &HeadTargets) -> Tensor<B, 1> {
+pub fn head_logprobs_forward<B: Backend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    t: &HeadTargets,
+) -> Tensor<B, 1> {
     let [n, _] = h.dims();
     let device = h.device();
     let mut out = Vec::with_capacity(n.div_ceil(t.chunk.max(1)));
     for start in (0..n).step_by(t.chunk.max(1)) {
         let len = t.chunk.min(n - start);
         let z = f32_of(h.clone().narrow(0, start, len).matmul(w.clone()));
-        let z = if t.temperature == 1.0 { z } else { z.div_scalar(t.temperature) };
+        let z = if t.temperature == 1.0 {
+            z
+        } else {
+            z.div_scalar(t.temperature)
+        };
         let logp = log_softmax(z, 1).gather(1, chunk_targets::<B>(t, start, len, &device));
         out.push(logp.reshape([len]));
     }
@@ -78,7 +93,12 @@ pub fn head_logprobs_forward<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, t: &H
 }
 
 /// Backward pass: `(dh [N, C], dw [C, V])` for the gradient `g [N]` of `logp`.
-pub fn head_logprobs_backward<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, g: Tensor<B, 1>, t: &HeadTargets) -> (Tensor<B, 2>, Tensor<B, 2>) {
+pub fn head_logprobs_backward<B: Backend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    g: Tensor<B, 1>,
+    t: &HeadTargets,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let [n, c] = h.dims();
     let [_, v] = w.dims();
     let device = h.device();
@@ -90,7 +110,11 @@ pub fn head_logprobs_backward<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, g: T
         let len = t.chunk.min(n - start);
         let hc = h.clone().narrow(0, start, len);
         let z = f32_of(hc.clone().matmul(w.clone()));
-        let z = if t.temperature == 1.0 { z } else { z.div_scalar(t.temperature) };
+        let z = if t.temperature == 1.0 {
+            z
+        } else {
+            z.div_scalar(t.temperature)
+        };
         let onehot = Tensor::<B, 2>::zeros([len, v], &device).scatter(
             1,
             chunk_targets::<B>(t, start, len, &device),
@@ -98,12 +122,20 @@ pub fn head_logprobs_backward<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, g: T
             burn::tensor::IndexingUpdateOp::Add,
         );
         let gz = (onehot - softmax(z, 1)) * g.clone().narrow(0, start, len).reshape([len, 1]);
-        let gz = if t.temperature == 1.0 { gz } else { gz.div_scalar(t.temperature) };
+        let gz = if t.temperature == 1.0 {
+            gz
+        } else {
+            gz.div_scalar(t.temperature)
+        };
         let gz = gz.cast(h_dtype);
         dh.push(f32_of(gz.clone().matmul(w.clone().transpose())).cast(h_dtype));
         dw = dw + f32_of(hc.transpose().matmul(gz));
     }
-    let dh = if dh.is_empty() { Tensor::zeros([0, c], &device) } else { Tensor::cat(dh, 0) };
+    let dh = if dh.is_empty() {
+        Tensor::zeros([0, c], &device)
+    } else {
+        Tensor::cat(dh, 0)
+    };
     (dh, dw.cast(w_dtype))
 }
 
@@ -113,7 +145,12 @@ struct HeadLogprobsBackward;
 impl<B: Backend> Backward<B, 2> for HeadLogprobsBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, Arc<HeadTargets>);
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let [node_h, node_w] = ops.parents;
         let g = float::<B, 1>(grads.consume::<B>(&ops.node));
         let (h, w, t) = ops.state;
@@ -128,8 +165,16 @@ impl<B: Backend> Backward<B, 2> for HeadLogprobsBackward {
 }
 
 /// `log_softmax(h W / T)[targets]` for rows `h [N, C]` and head `w [C, V]`: `[N]`, f32.
-pub fn target_logprobs<B: ModelBackend>(h: Tensor<B, 2>, w: Tensor<B, 2>, t: &Arc<HeadTargets>) -> Tensor<B, 1> {
-    float(B::head_logprobs_op(h.into_primitive().tensor(), w.into_primitive().tensor(), t))
+pub fn target_logprobs<B: ModelBackend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    t: &Arc<HeadTargets>,
+) -> Tensor<B, 1> {
+    float(B::head_logprobs_op(
+        h.into_primitive().tensor(),
+        w.into_primitive().tensor(),
+        t,
+    ))
 }
 
 /// The autodiff node of [`ModelBackend::head_logprobs_op`] on `Autodiff<B, C>`.
@@ -138,7 +183,11 @@ pub(crate) fn head_logprobs_autodiff<B: ModelBackend, C: CheckpointStrategy>(
     w: FloatTensor<Autodiff<B, C>>,
     t: &Arc<HeadTargets>,
 ) -> FloatTensor<Autodiff<B, C>> {
-    match HeadLogprobsBackward.prepare::<C>([h.node.clone(), w.node.clone()]).compute_bound().stateful() {
+    match HeadLogprobsBackward
+        .prepare::<C>([h.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => {
             let out = B::head_logprobs_op(h.primitive.clone(), w.primitive.clone(), t);
             prep.finish((h.primitive, w.primitive, t.clone()), out)

@@ -51,32 +51,57 @@ impl<B: Backend> CohortKv<B> {
     /// says which of the `P` positions are real), with `rows[g]` sequences of up to `capacity`
     /// own tokens for group `g`. `rope_deltas[g]`: the padded row's offset (cache index `i` at
     /// position `i + rope_deltas[g]`).
-    pub fn new(prefix: Vec<(Tensor<B, 4>, Tensor<B, 4>)>, key_valid: &[Vec<bool>], rope_deltas: &[i64], rows: &[usize], capacity: usize) -> Result<Self> {
+    pub fn new(
+        prefix: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+        key_valid: &[Vec<bool>],
+        rope_deltas: &[i64],
+        rows: &[usize],
+        capacity: usize,
+    ) -> Result<Self> {
         let g = rows.len();
         if key_valid.len() != g || rope_deltas.len() != g {
-            bail!("cohort: {g} groups but {} key masks and {} rope offsets", key_valid.len(), rope_deltas.len());
+            bail!(
+                "cohort: {g} groups but {} key masks and {} rope offsets",
+                key_valid.len(),
+                rope_deltas.len()
+            );
         }
         if let Some(i) = rows.iter().position(|&n| n == 0) {
             bail!("cohort: group {i} has no rows");
         }
-        let Some((k0, _)) = prefix.first() else { bail!("cohort: no layer") };
+        let Some((k0, _)) = prefix.first() else {
+            bail!("cohort: no layer")
+        };
         let [pg, kvh, p, d] = k0.dims();
         if pg != g || key_valid.iter().any(|v| v.len() != p) {
             bail!("cohort: a prefix of {pg} x {p} positions for {g} groups");
         }
         let device = k0.device();
         let dtype = FloatDType::from(k0.dtype());
-        let pads: Vec<usize> = key_valid.iter().map(|v| v.iter().take_while(|&&x| !x).count()).collect();
-        if key_valid.iter().zip(&pads).any(|(v, &pad)| v[pad..].iter().any(|&x| !x)) {
+        let pads: Vec<usize> = key_valid
+            .iter()
+            .map(|v| v.iter().take_while(|&&x| !x).count())
+            .collect();
+        if key_valid
+            .iter()
+            .zip(&pads)
+            .any(|(v, &pad)| v[pad..].iter().any(|&x| !x))
+        {
             bail!("cohort: a prompt's padding is not all on the left");
         }
         let prefix_mask = pads.iter().any(|&x| x > 0).then(|| {
-            let m: Vec<f32> = key_valid.iter().flat_map(|v| v.iter().map(|&x| if x { 0.0 } else { f32::NEG_INFINITY })).collect();
+            let m: Vec<f32> = key_valid
+                .iter()
+                .flat_map(|v| v.iter().map(|&x| if x { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
             Tensor::<B, 4>::from_data(TensorData::new(m, [g, 1, 1, p]), &device)
         });
         // Contiguous once here (a prefill's keys may be a transposed view), not at every step.
         let contiguous = |x: Tensor<B, 4>| x.reshape([g * kvh * p * d]).reshape([g, kvh, p, d]);
-        let prefix: Vec<_> = prefix.into_iter().map(|(k, v)| (contiguous(k), contiguous(v))).collect();
+        let prefix: Vec<_> = prefix
+            .into_iter()
+            .map(|(k, v)| (contiguous(k), contiguous(v)))
+            .collect();
         let total: usize = rows.iter().sum();
         // Separate buffers (one shared by k and v would be copied on the first write).
         let zeros = || Tensor::<B, 4>::zeros([total, kvh, capacity.max(1), d], &device).cast(dtype);
@@ -85,7 +110,11 @@ impl<B: Backend> CohortKv<B> {
             prefix,
             prefix_mask,
             prefix_lens: pads.iter().map(|&pad| p - pad).collect(),
-            rope_deltas: rope_deltas.iter().zip(&pads).map(|(&r, &pad)| r + pad as i64).collect(),
+            rope_deltas: rope_deltas
+                .iter()
+                .zip(&pads)
+                .map(|(&r, &pad)| r + pad as i64)
+                .collect(),
             group_rows: rows.to_vec(),
             own,
             len: 0,
@@ -109,7 +138,12 @@ impl<B: Backend> CohortKv<B> {
     /// M-RoPE position of every row's next own token (rows group by group).
     pub fn next_positions(&self) -> Vec<i64> {
         let mut out = Vec::with_capacity(self.rows());
-        for ((&p, &delta), &n) in self.prefix_lens.iter().zip(&self.rope_deltas).zip(&self.group_rows) {
+        for ((&p, &delta), &n) in self
+            .prefix_lens
+            .iter()
+            .zip(&self.rope_deltas)
+            .zip(&self.group_rows)
+        {
             out.extend(std::iter::repeat_n((p + self.len) as i64 + delta, n));
         }
         out
@@ -126,15 +160,28 @@ impl<B: Backend> CohortKv<B> {
             t.dims().iter().product::<usize>() * w
         };
         let p = self.prefix.iter().map(|(k, v)| size(k) + size(v)).sum();
-        let o = self.own.iter().flatten().map(|(k, v)| size(k) + size(v)).sum();
+        let o = self
+            .own
+            .iter()
+            .flatten()
+            .map(|(k, v)| size(k) + size(v))
+            .sum();
         (p, o)
     }
 
     /// Keep, of group `g`, the rows `keep[g]` (indices within the group, in order), e.g. when
     /// sequences finish. A group left without rows leaves the cohort (and its prefix with it).
     pub fn retain(&mut self, keep: &[Vec<usize>]) {
-        assert_eq!(keep.len(), self.groups(), "retain: one list of rows per group");
-        if keep.iter().zip(&self.group_rows).all(|(k, &n)| k.len() == n && k.iter().enumerate().all(|(i, &r)| i == r)) {
+        assert_eq!(
+            keep.len(),
+            self.groups(),
+            "retain: one list of rows per group"
+        );
+        if keep
+            .iter()
+            .zip(&self.group_rows)
+            .all(|(k, &n)| k.len() == n && k.iter().enumerate().all(|(i, &r)| i == r))
+        {
             return;
         }
         let kept: Vec<usize> = (0..keep.len()).filter(|&g| !keep[g].is_empty()).collect();
@@ -155,7 +202,9 @@ impl<B: Backend> CohortKv<B> {
         let device = self.prefix[0].0.device();
         let idx = crate::nn::int1::<B>(&rows, &device);
         for pair in self.own.iter_mut() {
-            let (k, v) = pair.take().expect("own buffers are in place between writes");
+            let (k, v) = pair
+                .take()
+                .expect("own buffers are in place between writes");
             *pair = Some((k.select(0, idx.clone()), v.select(0, idx.clone())));
         }
         if kept.len() < keep.len() {
@@ -176,9 +225,14 @@ impl<B: Backend> CohortKv<B> {
     /// them uniquely and does not copy them).
     pub(crate) fn write(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<()> {
         if self.len >= self.capacity {
-            bail!("a sequence ran past the cache capacity of {} tokens", self.capacity);
+            bail!(
+                "a sequence ran past the cache capacity of {} tokens",
+                self.capacity
+            );
         }
-        let (ok, ov) = self.own[layer].take().expect("own buffers are in place between writes");
+        let (ok, ov) = self.own[layer]
+            .take()
+            .expect("own buffers are in place between writes");
         let [rows, kvh, _, d] = ok.dims();
         let at = self.len;
         let range = [0..rows, 0..kvh, at..at + 1, 0..d];
@@ -189,16 +243,25 @@ impl<B: Backend> CohortKv<B> {
     /// Layer `layer`'s own keys and values of the filled positions `[rows, kvh, len + 1, d]`
     /// (after this step's write).
     fn own_filled(&self, layer: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let (k, v) = self.own[layer].as_ref().expect("own buffers are in place between writes");
+        let (k, v) = self.own[layer]
+            .as_ref()
+            .expect("own buffers are in place between writes");
         let filled = self.len + 1;
-        (k.clone().narrow(2, 0, filled), v.clone().narrow(2, 0, filled))
+        (
+            k.clone().narrow(2, 0, filled),
+            v.clone().narrow(2, 0, filled),
+        )
     }
 }
 
 /// Attention of one decode step of one cohort at layer `layer` (after this step's keys and
 /// values were written): queries `[rows, heads, 1, d]` over each row's group prefix and its own
 /// tokens; `[rows, heads, 1, d]`.
-pub fn cohort_decode_attention<B: Backend>(q: Tensor<B, 4>, kv: &CohortKv<B>, layer: usize) -> Tensor<B, 4> {
+pub fn cohort_decode_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    kv: &CohortKv<B>,
+    layer: usize,
+) -> Tensor<B, 4> {
     let [n, h, _, d] = q.dims();
     let (pk, pv) = &kv.prefix[layer];
     let [g, kvh, _, _] = pk.dims();
@@ -227,10 +290,16 @@ pub fn cohort_decode_attention<B: Backend>(q: Tensor<B, 4>, kv: &CohortKv<B>, la
             start += r;
         }
         let padded = Tensor::cat(vec![q.clone(), q.clone().narrow(0, 0, 1).zeros_like()], 0);
-        (padded.select(0, crate::nn::int1::<B>(&to_slot, &device)), Some(crate::nn::int1::<B>(&to_row, &device)))
+        (
+            padded.select(0, crate::nn::int1::<B>(&to_slot, &device)),
+            Some(crate::nn::int1::<B>(&to_row, &device)),
+        )
     };
     // [g * m, kvh, n_rep, d] -> [g, kvh, m * n_rep, d]
-    let qa = slots.reshape([g, m, kvh, n_rep, d]).swap_dims(1, 2).reshape([g, kvh, m * n_rep, d]);
+    let qa = slots
+        .reshape([g, m, kvh, n_rep, d])
+        .swap_dims(1, 2)
+        .reshape([g, kvh, m * n_rep, d]);
     let mut sa = f32_of(qa.matmul(pk.clone().swap_dims(2, 3))).mul_scalar(scale);
     if let Some(mask) = &kv.prefix_mask {
         sa = sa + mask.clone();
@@ -242,7 +311,10 @@ pub fn cohort_decode_attention<B: Backend>(q: Tensor<B, 4>, kv: &CohortKv<B>, la
     debug_assert_eq!(aa.dims(), [g, kvh, m * n_rep, d]);
     // Back to rows: [g, kvh, m * n_rep, w] -> [g * m, kvh, n_rep, w] (-> the live rows).
     let to_rows = |x: Tensor<B, 4>, w: usize| {
-        let x = x.reshape([g, kvh, m, n_rep, w]).swap_dims(1, 2).reshape([g * m, kvh, n_rep, w]);
+        let x = x
+            .reshape([g, kvh, m, n_rep, w])
+            .swap_dims(1, 2)
+            .reshape([g * m, kvh, n_rep, w]);
         match &back {
             Some(idx) => x.select(0, idx.clone()),
             None => x,
@@ -272,7 +344,9 @@ mod tests {
 
     /// Where the tensor's values live.
     fn address(t: &Tensor<Flex, 4>) -> usize {
-        let TensorPrimitive::Float(p) = t.clone().into_primitive() else { unreachable!("a float tensor") };
+        let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
+            unreachable!("a float tensor")
+        };
         p.storage::<f32>().as_ptr() as usize
     }
 
@@ -284,7 +358,12 @@ mod tests {
         let zeros = || Tensor::<Flex, 4>::zeros([2, 1, 3, 4], &device);
         let valid = vec![vec![false, true, true], vec![true; 3]];
         let mut kv = CohortKv::new(vec![(zeros(), zeros())], &valid, &[0, 0], &[2, 1], 5).unwrap();
-        let at = |kv: &CohortKv<Flex>| kv.own[0].as_ref().map(|(k, v)| (address(k), address(v))).unwrap();
+        let at = |kv: &CohortKv<Flex>| {
+            kv.own[0]
+                .as_ref()
+                .map(|(k, v)| (address(k), address(v)))
+                .unwrap()
+        };
         let before = at(&kv);
         for step in 0..3 {
             let k = Tensor::<Flex, 4>::full([3, 1, 1, 4], step as f32 + 1.0, &device);
@@ -297,7 +376,10 @@ mod tests {
         let k: Vec<f32> = k.into_data().to_vec().unwrap();
         let v: Vec<f32> = v.into_data().to_vec().unwrap();
         // Row 0, position p holds p + 1 (and its negation in v).
-        assert_eq!(&k[..12], &[1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]);
+        assert_eq!(
+            &k[..12],
+            &[1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]
+        );
         assert!(k.iter().zip(&v).all(|(a, b)| *a == -b));
         assert_eq!(kv.prefix_lens, [2, 3]);
         // Own token 2 of group 0 (prompt of 2 after 1 pad, offset 0 + 1) and of group 1 (3 + 0).

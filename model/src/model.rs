@@ -37,7 +37,10 @@ pub struct ModelInput {
 
 impl ModelInput {
     pub fn text(input_ids: Vec<Vec<u32>>) -> Self {
-        Self { input_ids, ..Default::default() }
+        Self {
+            input_ids,
+            ..Default::default()
+        }
     }
 
     pub fn batch_size(&self) -> usize {
@@ -60,14 +63,23 @@ impl ModelInput {
 
     /// Tokens that are not padding.
     pub fn real_tokens(&self) -> usize {
-        (0..self.batch_size()).map(|b| self.valid(b).iter().filter(|&&v| v).count()).sum()
+        (0..self.batch_size())
+            .map(|b| self.valid(b).iter().filter(|&&v| v).count())
+            .sum()
     }
 
     /// Per row and position: the sample id (one sample per unpacked row), -1 for padding.
     pub fn segment_ids(&self) -> Vec<Vec<i32>> {
         match &self.segments {
             Some(s) => s.clone(),
-            None => (0..self.batch_size()).map(|b| self.valid(b).iter().map(|&v| if v { 0 } else { -1 }).collect()).collect(),
+            None => (0..self.batch_size())
+                .map(|b| {
+                    self.valid(b)
+                        .iter()
+                        .map(|&v| if v { 0 } else { -1 })
+                        .collect()
+                })
+                .collect(),
         }
     }
 }
@@ -103,7 +115,8 @@ impl<B: Backend> Qwen25VL<B> {
         Self {
             visual: VisionTower::init(&config.vision, device),
             model: TextModel::init(t, device),
-            lm_head: (!t.tie_word_embeddings).then(|| linear_init(t.hidden_size, t.vocab_size, false, device)),
+            lm_head: (!t.tie_word_embeddings)
+                .then(|| linear_init(t.hidden_size, t.vocab_size, false, device)),
             config: config.clone(),
             attention: AttentionImpl::default(),
         }
@@ -115,7 +128,11 @@ impl<B: Backend> Qwen25VL<B> {
         Self::load_with_config(dir, config, device)
     }
 
-    pub fn load_with_config(dir: &Path, config: Qwen25VlConfig, device: &B::Device) -> Result<Self> {
+    pub fn load_with_config(
+        dir: &Path,
+        config: Qwen25VlConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
         let mut r = WeightReader::open(dir)?;
         let t = &config.text;
         let visual = VisionTower::load(&config.vision, &mut r, device)?;
@@ -128,10 +145,23 @@ impl<B: Backend> Qwen25VL<B> {
             }
             None
         } else {
-            Some(linear_load(&mut r, "lm_head", t.hidden_size, t.vocab_size, false, device)?)
+            Some(linear_load(
+                &mut r,
+                "lm_head",
+                t.hidden_size,
+                t.vocab_size,
+                false,
+                device,
+            )?)
         };
         r.finish()?;
-        Ok(Self { visual, model, lm_head, config, attention: AttentionImpl::default() })
+        Ok(Self {
+            visual,
+            model,
+            lm_head,
+            config,
+            attention: AttentionImpl::default(),
+        })
     }
 
     /// Every tensor under its HF name (original scheme) and `[out, in]` layout, read from the
@@ -148,7 +178,10 @@ impl<B: Backend> Qwen25VL<B> {
 
     /// Every tensor under its HF name (original scheme) and `[out, in]` layout, as host values.
     pub fn export_tensors(&self) -> Vec<NamedTensor> {
-        self.exports().into_iter().map(ExportTensor::materialize).collect()
+        self.exports()
+            .into_iter()
+            .map(ExportTensor::materialize)
+            .collect()
     }
 
     /// Write `config.json` and safetensors (sharded past `max_shard_bytes`) into `dir`.
@@ -158,14 +191,19 @@ impl<B: Backend> Qwen25VL<B> {
         save_exports(dir, &self.exports(), dtype, max_shard_bytes)?;
         let mut cfg = self.config.to_hf_json();
         if let Some(obj) = cfg.as_object_mut() {
-            let key = if obj.contains_key("dtype") && !obj.contains_key("torch_dtype") { "dtype" } else { "torch_dtype" };
+            let key = if obj.contains_key("dtype") && !obj.contains_key("torch_dtype") {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
             obj.insert(key.into(), serde_json::json!(dtype.torch_name()));
             if self.lm_head.is_none() {
                 obj.insert("tie_word_embeddings".into(), serde_json::json!(true));
             }
         }
         let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&cfg)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
@@ -212,9 +250,18 @@ impl<B: ModelBackend> Qwen25VL<B> {
     /// `log_softmax(logits / temperature)` at `targets` for final hidden states `rows [N, C]`
     /// (one target per row): `[N]`, f32. The logits are computed a chunk of rows at a time and
     /// never all at once, forward and backward ([`crate::head`]).
-    pub fn target_logprobs(&self, rows: Tensor<B, 2>, targets: Vec<u32>, temperature: f64) -> Tensor<B, 1> {
+    pub fn target_logprobs(
+        &self,
+        rows: Tensor<B, 2>,
+        targets: Vec<u32>,
+        temperature: f64,
+    ) -> Tensor<B, 1> {
         let w = self.head_matrix();
-        let t = std::sync::Arc::new(crate::head::HeadTargets { targets, temperature, chunk: crate::head::HEAD_CHUNK });
+        let t = std::sync::Arc::new(crate::head::HeadTargets {
+            targets,
+            temperature,
+            chunk: crate::head::HEAD_CHUNK,
+        });
         crate::head::target_logprobs(rows, w, &t)
     }
 
@@ -222,7 +269,11 @@ impl<B: ModelBackend> Qwen25VL<B> {
     pub fn embed(&self, input: &ModelInput, device: &B::Device) -> Result<Tensor<B, 3>> {
         let (b, t) = (input.batch_size(), input.seq_len());
         let c = self.config.text.hidden_size;
-        let flat: Vec<i64> = input.input_ids.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
+        let flat: Vec<i64> = input
+            .input_ids
+            .iter()
+            .flat_map(|r| r.iter().map(|&x| x as i64))
+            .collect();
         if flat.len() != b * t {
             bail!("input rows have different lengths");
         }
@@ -230,7 +281,12 @@ impl<B: ModelBackend> Qwen25VL<B> {
         let text = self.model.embed_tokens.forward(ids);
         if input.image_grids.is_empty() {
             if let Some(img) = self.config.tokens.image_token_id {
-                let n = input.input_ids.iter().flatten().filter(|&&x| x == img).count();
+                let n = input
+                    .input_ids
+                    .iter()
+                    .flatten()
+                    .filter(|&&x| x == img)
+                    .count();
                 if n > 0 {
                     bail!("the input holds {n} image tokens but no image was given");
                 }
@@ -250,7 +306,9 @@ impl<B: ModelBackend> Qwen25VL<B> {
         // In the patch embedding's dtype, as HF does (`pixel_values.to(proj.weight.dtype)`).
         let pixels = tensor2::<B>(input.pixel_values.clone(), [rows, vcfg.patch_dim()], device);
         let pixels = cast_like(pixels, &self.visual.patch_embed.weight.val());
-        let image_embeds = self.visual.forward_with(pixels, &input.image_grids, self.attention);
+        let image_embeds = self
+            .visual
+            .forward_with(pixels, &input.image_grids, self.attention);
         let n_embeds = rows / vcfg.merge_unit();
         // Where each position takes its embedding from: itself, or image embedding k.
         let mut map = Vec::with_capacity(b * t);
@@ -280,7 +338,11 @@ impl<B: ModelBackend> Qwen25VL<B> {
         let mut deltas = Vec::with_capacity(input.batch_size());
         if let Some(segments) = &input.segments {
             for (b, (row, seg)) in input.input_ids.iter().zip(segments).enumerate() {
-                let n_img_tokens = row.iter().zip(seg).filter(|(&x, &s)| s >= 0 && Some(x) == image_token).count();
+                let n_img_tokens = row
+                    .iter()
+                    .zip(seg)
+                    .filter(|(&x, &s)| s >= 0 && Some(x) == image_token)
+                    .count();
                 let mut row_grids = Vec::new();
                 let mut have = 0;
                 while have < n_img_tokens {
@@ -290,7 +352,8 @@ impl<B: ModelBackend> Qwen25VL<B> {
                     have += g[0] * g[1] * g[2] / unit;
                     row_grids.push(*g);
                 }
-                let p = rope::rope_index_packed(row, seg, image_token, &row_grids, merge).with_context(|| format!("positions of packed row {b}"))?;
+                let p = rope::rope_index_packed(row, seg, image_token, &row_grids, merge)
+                    .with_context(|| format!("positions of packed row {b}"))?;
                 positions.push(p);
                 deltas.push(0);
             }
@@ -301,7 +364,11 @@ impl<B: ModelBackend> Qwen25VL<B> {
         }
         for (b, row) in input.input_ids.iter().enumerate() {
             let valid = input.valid(b);
-            let n_img_tokens = row.iter().zip(&valid).filter(|(&x, &v)| v && Some(x) == image_token).count();
+            let n_img_tokens = row
+                .iter()
+                .zip(&valid)
+                .filter(|(&x, &v)| v && Some(x) == image_token)
+                .count();
             let mut row_grids = Vec::new();
             let mut have = 0;
             while have < n_img_tokens {
@@ -326,14 +393,23 @@ impl<B: ModelBackend> Qwen25VL<B> {
     }
 
     /// cos / sin `[B, 1, T, head_dim]` for the given position rows.
-    fn cos_sin(&self, positions: &[[Vec<i64>; 3]], device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    fn cos_sin(
+        &self,
+        positions: &[[Vec<i64>; 3]],
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let t = &self.config.text;
         let b = positions.len();
         let n = positions.first().map(|p| p[0].len()).unwrap_or(0);
         let mut cos = Vec::with_capacity(b * n * t.head_dim);
         let mut sin = Vec::with_capacity(b * n * t.head_dim);
         for p in positions {
-            let (c, s) = rope::mrope_cos_sin([&p[0], &p[1], &p[2]], t.head_dim, t.rope_theta, t.mrope_section);
+            let (c, s) = rope::mrope_cos_sin(
+                [&p[0], &p[1], &p[2]],
+                t.head_dim,
+                t.rope_theta,
+                t.mrope_section,
+            );
             cos.extend(c);
             sin.extend(s);
         }
@@ -346,8 +422,16 @@ impl<B: ModelBackend> Qwen25VL<B> {
 
     /// Final hidden states `[B, T, C]` (after the last norm). With a cache, this is the prefill:
     /// the cache must be empty and is filled with the keys and values of every position.
-    pub fn forward_hidden(&self, input: &ModelInput, cache: Option<&mut KvCache<B>>) -> Result<Tensor<B, 3>> {
-        let device = self.devices().into_iter().next().context("model has no parameters")?;
+    pub fn forward_hidden(
+        &self,
+        input: &ModelInput,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        let device = self
+            .devices()
+            .into_iter()
+            .next()
+            .context("model has no parameters")?;
         let embeds = self.embed(input, &device)?;
         let (layer_inputs, deltas) = self.layer_inputs(input, embeds.dtype(), &device)?;
         let cache = match cache {
@@ -370,13 +454,21 @@ impl<B: ModelBackend> Qwen25VL<B> {
 
     /// What every decoder layer takes besides its input, for a batch: the M-RoPE tables (in the
     /// compute dtype `dtype`) and the attention (mask and plan); with each row's `rope_delta`.
-    pub fn layer_inputs(&self, input: &ModelInput, dtype: burn::tensor::DType, device: &B::Device) -> Result<(LayerInputs<B>, Vec<i64>)> {
+    pub fn layer_inputs(
+        &self,
+        input: &ModelInput,
+        dtype: burn::tensor::DType,
+        device: &B::Device,
+    ) -> Result<(LayerInputs<B>, Vec<i64>)> {
         let (positions, deltas) = self.rope_positions(input)?;
         let (cos, sin) = self.cos_sin(&positions, device);
         // The tables are computed in f32 and used in the compute dtype (HF: `cos.to(x.dtype)`).
         let dtype = burn::tensor::FloatDType::from(dtype);
         let (cos, sin) = (cos.cast(dtype), sin.cast(dtype));
-        let mask = AttentionMask { key_segments: input.segment_ids(), causal: true };
+        let mask = AttentionMask {
+            key_segments: input.segment_ids(),
+            causal: true,
+        };
         let attn = LayerAttention::new(self.attention, &mask, input.seq_len(), device);
         Ok((LayerInputs { cos, sin, attn }, deltas))
     }
@@ -388,11 +480,22 @@ impl<B: ModelBackend> Qwen25VL<B> {
 
     /// Feed new text tokens (`[B][n]`, all real) after what the cache holds; returns the final
     /// hidden states `[B, n, C]`. Positions continue at `cache index + rope_delta`.
-    pub fn decode_hidden(&self, tokens: &[Vec<u32>], cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
-        let device = self.devices().into_iter().next().context("model has no parameters")?;
+    pub fn decode_hidden(
+        &self,
+        tokens: &[Vec<u32>],
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let device = self
+            .devices()
+            .into_iter()
+            .next()
+            .context("model has no parameters")?;
         let b = tokens.len();
         if b != cache.batch_size() {
-            bail!("decode: {b} rows but the cache holds {}", cache.batch_size());
+            bail!(
+                "decode: {b} rows but the cache holds {}",
+                cache.batch_size()
+            );
         }
         let n = tokens[0].len();
         let start = cache.len() as i64;
@@ -408,12 +511,22 @@ impl<B: ModelBackend> Qwen25VL<B> {
         for v in cache.key_valid.iter_mut() {
             v.extend(std::iter::repeat_n(true, n));
         }
-        let attn = LayerAttention::new(self.attention, &AttentionMask::from_valid(&cache.key_valid, true), n, &device);
-        let flat: Vec<i64> = tokens.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
+        let attn = LayerAttention::new(
+            self.attention,
+            &AttentionMask::from_valid(&cache.key_valid, true),
+            n,
+            &device,
+        );
+        let flat: Vec<i64> = tokens
+            .iter()
+            .flat_map(|r| r.iter().map(|&x| x as i64))
+            .collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, n]), &device);
         let embeds = self.model.embed_tokens.forward(ids);
         let (cos, sin) = (cast_like(cos, &embeds), cast_like(sin, &embeds));
-        Ok(self.model.forward_embeds(embeds, cos, sin, &attn, Some(cache)))
+        Ok(self
+            .model
+            .forward_embeds(embeds, cos, sin, &attn, Some(cache)))
     }
 }
 
@@ -422,7 +535,12 @@ impl<B: ModelBackend> Qwen25VL<B> {
     /// the batch's keys and values kept as they are (no copy per group or sample), for `rows[g]`
     /// sequences of up to `capacity` new tokens each in group `g`. Returns the cohort and the
     /// last prompt position's hidden state `[G, C]`.
-    pub fn prefill_groups(&self, input: &ModelInput, rows: &[usize], capacity: usize) -> Result<(CohortKv<B>, Tensor<B, 2>)> {
+    pub fn prefill_groups(
+        &self,
+        input: &ModelInput,
+        rows: &[usize],
+        capacity: usize,
+    ) -> Result<(CohortKv<B>, Tensor<B, 2>)> {
         let (g, t) = (input.batch_size(), input.seq_len());
         if rows.len() != g {
             bail!("prefill: {g} prompts but {} group sizes", rows.len());
@@ -431,20 +549,36 @@ impl<B: ModelBackend> Qwen25VL<B> {
         let hidden = self.forward_hidden(input, Some(&mut cache))?;
         let c = hidden.dims()[2];
         let last = hidden.narrow(1, t - 1, 1).reshape([g, c]);
-        let prefix = cache.layers.into_iter().collect::<Option<Vec<_>>>().context("prefill left a layer's cache empty")?;
+        let prefix = cache
+            .layers
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .context("prefill left a layer's cache empty")?;
         let cohort = CohortKv::new(prefix, &cache.key_valid, &cache.rope_deltas, rows, capacity)?;
         Ok((cohort, last))
     }
 
     /// One decode step: `tokens[i]` is the next input of row `i` (rows cohort by cohort, group
     /// by group); the final hidden states `[rows, C]`.
-    pub fn decode_groups(&self, tokens: &[u32], cohorts: &mut [&mut CohortKv<B>]) -> Result<Tensor<B, 2>> {
-        let device = self.devices().into_iter().next().context("model has no parameters")?;
+    pub fn decode_groups(
+        &self,
+        tokens: &[u32],
+        cohorts: &mut [&mut CohortKv<B>],
+    ) -> Result<Tensor<B, 2>> {
+        let device = self
+            .devices()
+            .into_iter()
+            .next()
+            .context("model has no parameters")?;
         let rows: usize = cohorts.iter().map(|c| c.rows()).sum();
         if rows != tokens.len() {
             bail!("decode: {} tokens for {rows} rows", tokens.len());
         }
-        let positions: Vec<[Vec<i64>; 3]> = cohorts.iter().flat_map(|c| c.next_positions()).map(|p| [vec![p], vec![p], vec![p]]).collect();
+        let positions: Vec<[Vec<i64>; 3]> = cohorts
+            .iter()
+            .flat_map(|c| c.next_positions())
+            .map(|p| [vec![p], vec![p], vec![p]])
+            .collect();
         let (cos, sin) = self.cos_sin(&positions, &device);
         let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, 1]), &device);
@@ -475,7 +609,8 @@ pub fn copy_aux_files(from: &Path, to: &Path) -> Result<Vec<String>> {
     for f in FILES {
         let src = from.join(f);
         if src.exists() {
-            std::fs::copy(&src, to.join(f)).with_context(|| format!("copying {} to {}", src.display(), to.display()))?;
+            std::fs::copy(&src, to.join(f))
+                .with_context(|| format!("copying {} to {}", src.display(), to.display()))?;
             copied.push(f.to_string());
         }
     }

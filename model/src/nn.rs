@@ -21,11 +21,23 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Backend> RmsNorm<B> {
     pub fn init(dim: usize, eps: f64, device: &B::Device) -> Self {
-        Self { weight: Param::from_tensor(Tensor::ones([dim], device)), eps }
+        Self {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            eps,
+        }
     }
 
-    pub fn load(r: &mut WeightReader, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self> {
-        Ok(Self { weight: Param::from_tensor(tensor1(r.take(name, &[dim])?, device)), eps })
+    pub fn load(
+        r: &mut WeightReader,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: Param::from_tensor(tensor1(r.take(name, &[dim])?, device)),
+            eps,
+        })
     }
 
     pub fn export(&self, name: &str, out: &mut Vec<ExportTensor>) {
@@ -44,10 +56,18 @@ impl<B: Backend> RmsNorm<B> {
 }
 
 /// A linear layer with HF's init (normal, std 0.02; zero bias).
-pub fn linear_init<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
+pub fn linear_init<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
     let mut lin = LinearConfig::new(d_in, d_out)
         .with_bias(bias)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: INIT_STD,
+        })
         .init(device);
     if bias {
         lin.bias = Some(Param::from_tensor(Tensor::zeros([d_out], device)));
@@ -67,7 +87,10 @@ pub fn linear_rows<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>)
 
 /// `f` applied to `x` viewed as rows: `[.., n_in]` is flattened to `[rows, n_in]`, `f` maps it
 /// to `[rows, n_out]`, and the result gets `x`'s leading dimensions back (`[.., n_out]`).
-pub fn over_rows<B: Backend, const D: usize>(x: Tensor<B, D>, f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, D> {
+pub fn over_rows<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, D> {
     let dims = x.dims();
     let n: usize = dims[..D - 1].iter().product();
     let y = f(x.reshape([n, dims[D - 1]]));
@@ -89,7 +112,10 @@ pub fn linear_load<B: Backend>(
     let w = r.take_transposed(&format!("{prefix}.weight"), d_out, d_in)?;
     let weight = Param::from_tensor(tensor2(w, [d_in, d_out], device));
     let bias = if bias {
-        Some(Param::from_tensor(tensor1(r.take(&format!("{prefix}.bias"), &[d_out])?, device)))
+        Some(Param::from_tensor(tensor1(
+            r.take(&format!("{prefix}.bias"), &[d_out])?,
+            device,
+        )))
     } else {
         None
     };
@@ -100,7 +126,11 @@ pub fn linear_load<B: Backend>(
 pub fn linear_export<B: Backend>(lin: &Linear<B>, prefix: &str, out: &mut Vec<ExportTensor>) {
     let w = lin.weight.val();
     let [d_in, d_out] = w.dims();
-    out.push(export_transposed(format!("{prefix}.weight"), vec![d_out, d_in], w));
+    out.push(export_transposed(
+        format!("{prefix}.weight"),
+        vec![d_out, d_in],
+        w,
+    ));
     if let Some(b) = &lin.bias {
         out.push(ExportTensor::of(&format!("{prefix}.bias"), b.val()));
     }
@@ -122,22 +152,34 @@ pub fn int1<B: Backend>(v: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
 
 /// Host copy of a float tensor as f32.
 pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data")
 }
 
 pub fn named<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> NamedTensor {
     let shape = t.dims().to_vec();
-    NamedTensor { name: name.to_string(), shape, values: to_vec(t) }
+    NamedTensor {
+        name: name.to_string(),
+        shape,
+        values: to_vec(t),
+    }
 }
 
 /// `f` of the tensor's f32 values in row-major order, read in place, where the backend keeps them
 /// in host memory (flex, contiguous f32): saving then copies nothing besides the encoding. `None`
 /// elsewhere (the caller copies blocks through `into_data`).
-fn with_host_values<B: Backend, const D: usize, R>(t: &Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+fn with_host_values<B: Backend, const D: usize, R>(
+    t: &Tensor<B, D>,
+    f: impl FnOnce(&[f32]) -> R,
+) -> Option<R> {
     #[cfg(feature = "flex")]
     {
         use burn::tensor::TensorPrimitive;
-        let TensorPrimitive::Float(p) = t.clone().into_primitive() else { return None };
+        let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
+            return None;
+        };
         let flex = (&p as &dyn std::any::Any).downcast_ref::<burn::backend::flex::FlexTensor>()?;
         let n = t.shape().num_elements();
         let start = flex.layout().start_offset();
@@ -176,7 +218,11 @@ impl ExportTensor {
                 return sink(Chunk::Values(&to_vec(t.clone())));
             }
             for r0 in (0..rows).step_by(step) {
-                sink(Chunk::Values(&to_vec(t.clone().narrow(0, r0, step.min(rows - r0)))))?;
+                sink(Chunk::Values(&to_vec(t.clone().narrow(
+                    0,
+                    r0,
+                    step.min(rows - r0),
+                ))))?;
             }
             Ok(())
         })
@@ -189,13 +235,25 @@ impl ExportTensor {
 /// at most `max` output values straight from them (small blocks: the kernel's copy into the
 /// page cache then reads them from the CPU's cache); else strips of whole rows read from the
 /// device (contiguous: a plain copy each) into one block for the tensor.
-pub fn export_transposed<B: Backend>(name: String, shape: Vec<usize>, w: Tensor<B, 2>) -> ExportTensor {
+pub fn export_transposed<B: Backend>(
+    name: String,
+    shape: Vec<usize>,
+    w: Tensor<B, 2>,
+) -> ExportTensor {
     let [rows, cols] = w.dims();
     ExportTensor::chunked(name, shape, move |max, sink| {
         let in_place = with_host_values(&w, |src| -> Result<()> {
             let step = (max / rows.max(1)).max(1);
             for first in (0..cols).step_by(step) {
-                sink(Chunk::Strip { src, row0: 0, rows, total_rows: rows, cols, first, count: step.min(cols - first) })?;
+                sink(Chunk::Strip {
+                    src,
+                    row0: 0,
+                    rows,
+                    total_rows: rows,
+                    cols,
+                    first,
+                    count: step.min(cols - first),
+                })?;
             }
             Ok(())
         });
@@ -205,8 +263,20 @@ pub fn export_transposed<B: Backend>(name: String, shape: Vec<usize>, w: Tensor<
         let step = (max / cols.max(1)).max(1);
         for row0 in (0..rows).step_by(step) {
             let k = step.min(rows - row0);
-            let src = to_vec(if k == rows { w.clone() } else { w.clone().narrow(0, row0, k) });
-            sink(Chunk::Strip { src: &src, row0, rows: k, total_rows: rows, cols, first: 0, count: cols })?;
+            let src = to_vec(if k == rows {
+                w.clone()
+            } else {
+                w.clone().narrow(0, row0, k)
+            });
+            sink(Chunk::Strip {
+                src: &src,
+                row0,
+                rows: k,
+                total_rows: rows,
+                cols,
+                first: 0,
+                count: cols,
+            })?;
         }
         Ok(())
     })
@@ -230,7 +300,11 @@ pub fn rotate_half<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
 }
 
 /// `x * cos + rotate_half(x) * sin`.
-pub fn apply_rotary<B: Backend, const D: usize>(x: Tensor<B, D>, cos: Tensor<B, D>, sin: Tensor<B, D>) -> Tensor<B, D> {
+pub fn apply_rotary<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    cos: Tensor<B, D>,
+    sin: Tensor<B, D>,
+) -> Tensor<B, D> {
     x.clone() * cos + rotate_half(x) * sin
 }
 
@@ -244,7 +318,10 @@ pub fn upcast<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// Cast `x` to the dtype of `like` (a no-op, and no autodiff node, when they already agree).
-pub fn cast_like<B: Backend, const D: usize, const E: usize>(x: Tensor<B, D>, like: &Tensor<B, E>) -> Tensor<B, D> {
+pub fn cast_like<B: Backend, const D: usize, const E: usize>(
+    x: Tensor<B, D>,
+    like: &Tensor<B, E>,
+) -> Tensor<B, D> {
     x.cast(FloatDType::from(like.dtype()))
 }
 
@@ -275,7 +352,15 @@ mod tests {
         e.for_each_chunk(max, &mut |c| {
             match c {
                 Chunk::Values(v) => out.extend_from_slice(v),
-                Chunk::Strip { src, row0, rows, total_rows, cols, first, count } => {
+                Chunk::Strip {
+                    src,
+                    row0,
+                    rows,
+                    total_rows,
+                    cols,
+                    first,
+                    count,
+                } => {
                     out.resize((first + count) * total_rows, f32::NAN);
                     for r in 0..rows {
                         for c in first..first + count {
@@ -303,7 +388,11 @@ mod tests {
         for max in [1, 4, 10, 35, 1000] {
             let (got, chunks) = collect(&e, max);
             assert_eq!(got, whole, "transposed, max {max}");
-            assert_eq!(chunks, 5usize.div_ceil((max / 7).max(1)), "transposed, max {max}");
+            assert_eq!(
+                chunks,
+                5usize.div_ceil((max / 7).max(1)),
+                "transposed, max {max}"
+            );
         }
         assert_eq!(e.values(), whole);
         let e = ExportTensor::of("w", w);
@@ -330,8 +419,13 @@ mod flex_rows {
 
     fn both(shape: [usize; 4]) -> (Tensor<Flex, 4>, Tensor<NdArray<f32>, 4>) {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 5.0).collect();
-        (Tensor::from_data(TensorData::new(v.clone(), shape), &Default::default()), Tensor::from_data(TensorData::new(v, shape), &Default::default()))
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 5.0)
+            .collect();
+        (
+            Tensor::from_data(TensorData::new(v.clone(), shape), &Default::default()),
+            Tensor::from_data(TensorData::new(v, shape), &Default::default()),
+        )
     }
 
     #[test]
@@ -342,8 +436,17 @@ mod flex_rows {
         let f = apply_rotary(xf.clone().swap_dims(1, 2), cf.clone(), sf);
         let n = apply_rotary(xn.clone().swap_dims(1, 2), cn.clone(), sn);
         assert_eq!(host(f), host(n));
-        assert_eq!(host(xf.clone().swap_dims(1, 2) * cf.clone()), host(xn.clone().swap_dims(1, 2) * cn.clone()));
-        assert_eq!(host(xf.clone().swap_dims(1, 2).mul_scalar(-1.5)), host(xn.clone().swap_dims(1, 2).mul_scalar(-1.5)));
-        assert_eq!(host(xf.swap_dims(1, 2).reshape([3, 4, 80])), host(xn.swap_dims(1, 2).reshape([3, 4, 80])));
+        assert_eq!(
+            host(xf.clone().swap_dims(1, 2) * cf.clone()),
+            host(xn.clone().swap_dims(1, 2) * cn.clone())
+        );
+        assert_eq!(
+            host(xf.clone().swap_dims(1, 2).mul_scalar(-1.5)),
+            host(xn.clone().swap_dims(1, 2).mul_scalar(-1.5))
+        );
+        assert_eq!(
+            host(xf.swap_dims(1, 2).reshape([3, 4, 80])),
+            host(xn.swap_dims(1, 2).reshape([3, 4, 80]))
+        );
     }
 }

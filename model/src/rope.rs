@@ -63,7 +63,11 @@ pub fn vision_cos_sin(positions: &[(usize, usize)], head_dim: usize) -> (Vec<f32
 /// Returns `(window_index, cu_window_seqlens)`; `window_index` holds merged-unit indices (one
 /// per `merge^2` patches), `cu_window_seqlens` starts at 0 and has consecutive duplicates
 /// (empty windows) removed.
-pub fn window_index(grids: &[[usize; 3]], merge: usize, window_units: usize) -> (Vec<usize>, Vec<usize>) {
+pub fn window_index(
+    grids: &[[usize; 3]],
+    merge: usize,
+    window_units: usize,
+) -> (Vec<usize>, Vec<usize>) {
     let unit = merge * merge;
     let vw = window_units;
     let mut index = Vec::new();
@@ -130,19 +134,29 @@ pub fn rope_index(
     merge: usize,
 ) -> Result<([Vec<i64>; 3], i64)> {
     let n = ids.len();
-    let mut pos: [Vec<i64>; 3] = [Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n)];
+    let mut pos: [Vec<i64>; 3] = [
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    ];
     let mut next = 0i64; // max position so far + 1
     let mut i = 0usize;
     let mut grid_iter = grids.iter();
     while i < n {
         if Some(ids[i]) == image_token_id {
             let Some(&[t, h, w]) = grid_iter.next() else {
-                bail!("more image tokens than images ({} grids given)", grids.len());
+                bail!(
+                    "more image tokens than images ({} grids given)",
+                    grids.len()
+                );
             };
             let (lh, lw) = (h / merge, w / merge);
             let count = t * lh * lw;
             if i + count > n || ids[i..i + count].iter().any(|&x| Some(x) != image_token_id) {
-                let run = ids[i..].iter().take_while(|&&x| Some(x) == image_token_id).count();
+                let run = ids[i..]
+                    .iter()
+                    .take_while(|&&x| Some(x) == image_token_id)
+                    .count();
                 bail!("an image of grid [{t}, {h}, {w}] needs {count} image tokens, the run at token {i} has {run}");
             }
             let base = next;
@@ -169,7 +183,10 @@ pub fn rope_index(
         }
     }
     if grid_iter.next().is_some() {
-        bail!("fewer image token runs than images ({} grids given)", grids.len());
+        bail!(
+            "fewer image token runs than images ({} grids given)",
+            grids.len()
+        );
     }
     let delta = next - n as i64;
     Ok((pos, delta))
@@ -185,7 +202,12 @@ pub fn rope_index_padded(
     grids: &[[usize; 3]],
     merge: usize,
 ) -> Result<([Vec<i64>; 3], i64)> {
-    let real: Vec<u32> = ids.iter().zip(valid).filter(|(_, &v)| v).map(|(&x, _)| x).collect();
+    let real: Vec<u32> = ids
+        .iter()
+        .zip(valid)
+        .filter(|(_, &v)| v)
+        .map(|(&x, _)| x)
+        .collect();
     let (p, _) = rope_index(&real, image_token_id, grids, merge)?;
     let mut out: [Vec<i64>; 3] = [vec![1; ids.len()], vec![1; ids.len()], vec![1; ids.len()]];
     let mut k = 0;
@@ -250,11 +272,24 @@ pub fn rope_index_packed(
 
 /// cos/sin tables `[n, head_dim]` of M-RoPE for `n` positions given as three rows (t, h, w).
 /// Dimension `d` uses frequency `d % (head_dim/2)` and the row of the section it falls in.
-pub fn mrope_cos_sin(pos: [&[i64]; 3], head_dim: usize, theta: f64, section: [usize; 3]) -> (Vec<f32>, Vec<f32>) {
+pub fn mrope_cos_sin(
+    pos: [&[i64]; 3],
+    head_dim: usize,
+    theta: f64,
+    section: [usize; 3],
+) -> (Vec<f32>, Vec<f32>) {
     let inv = inv_freq(head_dim, theta);
     let half = head_dim / 2;
     let row_of: Vec<usize> = (0..half)
-        .map(|j| if j < section[0] { 0 } else if j < section[0] + section[1] { 1 } else { 2 })
+        .map(|j| {
+            if j < section[0] {
+                0
+            } else if j < section[0] + section[1] {
+                1
+            } else {
+                2
+            }
+        })
         .collect();
     let n = pos[0].len();
     let mut cos = Vec::with_capacity(n * head_dim);
@@ -282,7 +317,8 @@ mod tests {
     #[test]
     fn window_index_worked_example() {
         let (idx, cu) = window_index(&[[1, 12, 20]], 2, 4);
-        let mut expect: Vec<usize> = vec![0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23, 30, 31, 32, 33];
+        let mut expect: Vec<usize> =
+            vec![0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23, 30, 31, 32, 33];
         for base in [4usize, 14, 24, 34] {
             expect.extend(base..base + 4);
         }
@@ -349,7 +385,9 @@ mod tests {
     fn left_padding_keeps_unpadded_positions() {
         let p = 9u32;
         let ids = [0, 0, 1, 2, 3, p, p, p, p, p, p, 4, 5, 6];
-        let valid = [false, false, true, true, true, true, true, true, true, true, true, true, true, true];
+        let valid = [
+            false, false, true, true, true, true, true, true, true, true, true, true, true, true,
+        ];
         let (pos, delta) = rope_index_padded(&ids, &valid, Some(p), &[[1, 4, 6]], 2).unwrap();
         assert_eq!(&pos[1][2..], &[0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7, 8]);
         // next token (cache index 14) decodes at 14 + delta = 9

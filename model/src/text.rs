@@ -1,14 +1,17 @@
 //! The language model: Qwen2 decoder layers with GQA, q/k/v bias, M-RoPE and a KV cache.
 
+use crate::attention::{LayerAttention, ModelBackend};
+use crate::config::TextConfig;
+use crate::kv::{cohort_decode_attention, CohortKv};
+use crate::nn::{
+    apply_rotary, linear_export, linear_init, linear_load, linear_rows, silu, tensor2, RmsNorm,
+    INIT_STD,
+};
+use crate::weights::{ExportTensor, WeightReader};
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
 use burn::prelude::*;
-use crate::attention::{LayerAttention, ModelBackend};
-use crate::kv::{cohort_decode_attention, CohortKv};
-use crate::config::TextConfig;
-use crate::nn::{apply_rotary, linear_export, linear_rows, linear_init, linear_load, silu, tensor2, RmsNorm, INIT_STD};
-use crate::weights::{ExportTensor, WeightReader};
 
 /// Keys and values of every layer for the tokens seen so far, plus what decoding needs to
 /// continue: the per-row `rope_delta` and which cached positions are real (left padding).
@@ -24,7 +27,11 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), rope_deltas: vec![], key_valid: vec![] }
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            rope_deltas: vec![],
+            key_valid: vec![],
+        }
     }
 
     /// Number of cached positions.
@@ -83,9 +90,15 @@ impl<B: ModelBackend> TextAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = linear_rows(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let k = linear_rows(&self.k_proj, x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2);
-        let v = linear_rows(&self.v_proj, x).reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let q = linear_rows(&self.q_proj, x.clone())
+            .reshape([b, t, h, d])
+            .swap_dims(1, 2);
+        let k = linear_rows(&self.k_proj, x.clone())
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2);
+        let v = linear_rows(&self.v_proj, x)
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2);
         let q = apply_rotary(q, cos.clone(), sin.clone());
         let k = apply_rotary(k, cos, sin);
         let (k, v) = match cache {
@@ -109,12 +122,25 @@ impl<B: ModelBackend> TextAttention<B> {
     /// One decode step of every row of `cohorts` (rows cohort by cohort, group by group): x
     /// `[rows, 1, C]`, cos/sin `[rows, 1, 1, head_dim]`. Each cohort's new keys and values are
     /// written into its cache in place, then attended with its prefixes (see [`crate::kv`]).
-    pub fn forward_groups(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, cohorts: &mut [&mut CohortKv<B>], layer: usize) -> Result<Tensor<B, 3>> {
+    pub fn forward_groups(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        cohorts: &mut [&mut CohortKv<B>],
+        layer: usize,
+    ) -> Result<Tensor<B, 3>> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = linear_rows(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let k = linear_rows(&self.k_proj, x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2);
-        let v = linear_rows(&self.v_proj, x).reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let q = linear_rows(&self.q_proj, x.clone())
+            .reshape([b, t, h, d])
+            .swap_dims(1, 2);
+        let k = linear_rows(&self.k_proj, x.clone())
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2);
+        let v = linear_rows(&self.v_proj, x)
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2);
         let q = apply_rotary(q, cos.clone(), sin.clone());
         let k = apply_rotary(k, cos, sin);
         let mut outs = Vec::with_capacity(cohorts.len());
@@ -122,13 +148,26 @@ impl<B: ModelBackend> TextAttention<B> {
         for kv in cohorts.iter_mut() {
             let kv: &mut CohortKv<B> = kv;
             let n = kv.rows();
-            let narrow = |x: &Tensor<B, 4>| if n == b { x.clone() } else { x.clone().narrow(0, row, n) };
+            let narrow = |x: &Tensor<B, 4>| {
+                if n == b {
+                    x.clone()
+                } else {
+                    x.clone().narrow(0, row, n)
+                }
+            };
             kv.write(layer, narrow(&k), narrow(&v))?;
             outs.push(cohort_decode_attention(narrow(&q), kv, layer));
             row += n;
         }
-        let out = if outs.len() == 1 { outs.pop().expect("one cohort") } else { Tensor::cat(outs, 0) };
-        Ok(linear_rows(&self.o_proj, out.swap_dims(1, 2).reshape([b, t, h * d])))
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one cohort")
+        } else {
+            Tensor::cat(outs, 0)
+        };
+        Ok(linear_rows(
+            &self.o_proj,
+            out.swap_dims(1, 2).reshape([b, t, h * d]),
+        ))
     }
 }
 
@@ -141,7 +180,10 @@ pub struct TextMlp<B: Backend> {
 
 impl<B: Backend> TextMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_rows(&self.down_proj, silu(linear_rows(&self.gate_proj, x.clone())) * linear_rows(&self.up_proj, x))
+        linear_rows(
+            &self.down_proj,
+            silu(linear_rows(&self.gate_proj, x.clone())) * linear_rows(&self.up_proj, x),
+        )
     }
 }
 
@@ -162,7 +204,10 @@ impl<B: ModelBackend> DecoderLayer<B> {
         attn: &LayerAttention<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, attn, cache);
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, attn, cache);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }
@@ -178,7 +223,11 @@ pub struct TextModel<B: Backend> {
 impl<B: Backend> TextModel<B> {
     pub fn init(cfg: &TextConfig, device: &B::Device) -> Self {
         let c = cfg.hidden_size;
-        let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (h, kvh, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| DecoderLayer {
                 input_layernorm: RmsNorm::init(c, cfg.rms_norm_eps, device),
@@ -201,7 +250,10 @@ impl<B: Backend> TextModel<B> {
             .collect();
         Self {
             embed_tokens: EmbeddingConfig::new(cfg.vocab_size, c)
-                .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: INIT_STD,
+                })
                 .init(device),
             layers,
             norm: RmsNorm::init(c, cfg.rms_norm_eps, device),
@@ -210,7 +262,11 @@ impl<B: Backend> TextModel<B> {
 
     pub fn load(cfg: &TextConfig, r: &mut WeightReader, device: &B::Device) -> Result<Self> {
         let c = cfg.hidden_size;
-        let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (h, kvh, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let mi = cfg.intermediate_size;
         let eps = cfg.rms_norm_eps;
         let embed = r.take("model.embed_tokens.weight", &[cfg.vocab_size, c])?;
@@ -218,13 +274,53 @@ impl<B: Backend> TextModel<B> {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::load(r, &format!("{p}.input_layernorm.weight"), c, eps, device)?,
-                post_attention_layernorm: RmsNorm::load(r, &format!("{p}.post_attention_layernorm.weight"), c, eps, device)?,
+                input_layernorm: RmsNorm::load(
+                    r,
+                    &format!("{p}.input_layernorm.weight"),
+                    c,
+                    eps,
+                    device,
+                )?,
+                post_attention_layernorm: RmsNorm::load(
+                    r,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    c,
+                    eps,
+                    device,
+                )?,
                 self_attn: TextAttention {
-                    q_proj: linear_load(r, &format!("{p}.self_attn.q_proj"), c, h * d, true, device)?,
-                    k_proj: linear_load(r, &format!("{p}.self_attn.k_proj"), c, kvh * d, true, device)?,
-                    v_proj: linear_load(r, &format!("{p}.self_attn.v_proj"), c, kvh * d, true, device)?,
-                    o_proj: linear_load(r, &format!("{p}.self_attn.o_proj"), h * d, c, false, device)?,
+                    q_proj: linear_load(
+                        r,
+                        &format!("{p}.self_attn.q_proj"),
+                        c,
+                        h * d,
+                        true,
+                        device,
+                    )?,
+                    k_proj: linear_load(
+                        r,
+                        &format!("{p}.self_attn.k_proj"),
+                        c,
+                        kvh * d,
+                        true,
+                        device,
+                    )?,
+                    v_proj: linear_load(
+                        r,
+                        &format!("{p}.self_attn.v_proj"),
+                        c,
+                        kvh * d,
+                        true,
+                        device,
+                    )?,
+                    o_proj: linear_load(
+                        r,
+                        &format!("{p}.self_attn.o_proj"),
+                        h * d,
+                        c,
+                        false,
+                        device,
+                    )?,
                     num_heads: h,
                     num_kv_heads: kvh,
                     head_dim: d,
@@ -237,18 +333,25 @@ impl<B: Backend> TextModel<B> {
             });
         }
         Ok(Self {
-            embed_tokens: Embedding { weight: Param::from_tensor(tensor2(embed, [cfg.vocab_size, c], device)) },
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(tensor2(embed, [cfg.vocab_size, c], device)),
+            },
             layers,
             norm: RmsNorm::load(r, "model.norm.weight", c, eps, device)?,
         })
     }
 
     pub fn export(&self, out: &mut Vec<ExportTensor>) {
-        out.push(ExportTensor::of("model.embed_tokens.weight", self.embed_tokens.weight.val()));
+        out.push(ExportTensor::of(
+            "model.embed_tokens.weight",
+            self.embed_tokens.weight.val(),
+        ));
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            l.input_layernorm.export(&format!("{p}.input_layernorm.weight"), out);
-            l.post_attention_layernorm.export(&format!("{p}.post_attention_layernorm.weight"), out);
+            l.input_layernorm
+                .export(&format!("{p}.input_layernorm.weight"), out);
+            l.post_attention_layernorm
+                .export(&format!("{p}.post_attention_layernorm.weight"), out);
             linear_export(&l.self_attn.q_proj, &format!("{p}.self_attn.q_proj"), out);
             linear_export(&l.self_attn.k_proj, &format!("{p}.self_attn.k_proj"), out);
             linear_export(&l.self_attn.v_proj, &format!("{p}.self_attn.v_proj"), out);
@@ -259,16 +362,27 @@ impl<B: Backend> TextModel<B> {
         }
         self.norm.export("model.norm.weight", out);
     }
-
 }
 
 impl<B: ModelBackend> TextModel<B> {
     /// Decoder layers and final norm for one decode step of the rows of `cohorts` (see
     /// [`TextAttention::forward_groups`]); x `[rows, 1, C]`.
-    pub fn forward_groups(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, cohorts: &mut [&mut CohortKv<B>]) -> Result<Tensor<B, 3>> {
+    pub fn forward_groups(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        cohorts: &mut [&mut CohortKv<B>],
+    ) -> Result<Tensor<B, 3>> {
         let mut x = x;
         for (i, l) in self.layers.iter().enumerate() {
-            let a = l.self_attn.forward_groups(l.input_layernorm.forward(x.clone()), cos.clone(), sin.clone(), cohorts, i)?;
+            let a = l.self_attn.forward_groups(
+                l.input_layernorm.forward(x.clone()),
+                cos.clone(),
+                sin.clone(),
+                cohorts,
+                i,
+            )?;
             let y = x + a;
             x = y.clone() + l.mlp.forward(l.post_attention_layernorm.forward(y));
         }

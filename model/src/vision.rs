@@ -16,7 +16,9 @@ use burn::tensor::FloatDType;
 
 use crate::attention::{AttentionImpl, AttentionMask, LayerAttention, ModelBackend};
 use crate::config::VisionConfig;
-use crate::nn::{apply_rotary, int1, linear_export, linear_init, linear_load, silu, tensor2, upcast, RmsNorm};
+use crate::nn::{
+    apply_rotary, int1, linear_export, linear_init, linear_load, silu, tensor2, upcast, RmsNorm,
+};
 use crate::rope;
 use crate::weights::{ExportTensor, WeightReader};
 
@@ -52,14 +54,32 @@ struct Ragged<B: Backend> {
 impl<B: ModelBackend> SegmentPlan<B> {
     /// From cumulative boundaries `cu = [0, a, b, ..., N]`.
     pub fn new(cu: &[usize], imp: AttentionImpl, device: &B::Device) -> Self {
-        let lens: Vec<usize> = cu.windows(2).map(|w| w[1] - w[0]).filter(|&l| l > 0).collect();
+        let lens: Vec<usize> = cu
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .filter(|&l| l > 0)
+            .collect();
         let n_tokens = *cu.last().unwrap_or(&0);
         let n_seg = lens.len();
         let max_len = lens.iter().copied().max().unwrap_or(0);
-        let valid: Vec<Vec<bool>> = lens.iter().map(|&l| (0..max_len).map(|j| j < l).collect()).collect();
-        let attn = LayerAttention::new(imp, &AttentionMask::from_valid(&valid, false), max_len, device);
+        let valid: Vec<Vec<bool>> = lens
+            .iter()
+            .map(|&l| (0..max_len).map(|j| j < l).collect())
+            .collect();
+        let attn = LayerAttention::new(
+            imp,
+            &AttentionMask::from_valid(&valid, false),
+            max_len,
+            device,
+        );
         if lens.iter().all(|&l| l == max_len) {
-            return Self { n_tokens, n_seg, max_len, ragged: None, attn };
+            return Self {
+                n_tokens,
+                n_seg,
+                max_len,
+                ragged: None,
+                attn,
+            };
         }
         let mut gather = vec![0usize; n_seg * max_len];
         let mut scatter = Vec::with_capacity(n_tokens);
@@ -71,8 +91,17 @@ impl<B: ModelBackend> SegmentPlan<B> {
             }
             start += l;
         }
-        let ragged = Some(Ragged { gather: int1(&gather, device), scatter: int1(&scatter, device) });
-        Self { n_tokens, n_seg, max_len, ragged, attn }
+        let ragged = Some(Ragged {
+            gather: int1(&gather, device),
+            scatter: int1(&scatter, device),
+        });
+        Self {
+            n_tokens,
+            n_seg,
+            max_len,
+            ragged,
+            attn,
+        }
     }
 
     /// Attention scores one head computes (flash: the visited tiles).
@@ -97,9 +126,15 @@ impl<B: ModelBackend> SegmentPlan<B> {
                 out.swap_dims(1, 2).reshape([n, h * d])
             }
             Some(r) => {
-                let split = |x: Tensor<B, 3>| x.select(0, r.gather.clone()).reshape([s, l, h, d]).swap_dims(1, 2);
+                let split = |x: Tensor<B, 3>| {
+                    x.select(0, r.gather.clone())
+                        .reshape([s, l, h, d])
+                        .swap_dims(1, 2)
+                };
                 let out = self.attn.attend(split(q), split(k), split(v));
-                out.swap_dims(1, 2).reshape([s * l, h * d]).select(0, r.scatter.clone())
+                out.swap_dims(1, 2)
+                    .reshape([s * l, h * d])
+                    .select(0, r.scatter.clone())
             }
         }
     }
@@ -114,7 +149,13 @@ pub struct VisionAttention<B: Backend> {
 
 impl<B: ModelBackend> VisionAttention<B> {
     /// x: `[N, C]`; cos/sin: `[N, 1, head_dim]`.
-    pub fn forward(&self, x: Tensor<B, 2>, cos: Tensor<B, 3>, sin: Tensor<B, 3>, plan: &SegmentPlan<B>) -> Tensor<B, 2> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        cos: Tensor<B, 3>,
+        sin: Tensor<B, 3>,
+        plan: &SegmentPlan<B>,
+    ) -> Tensor<B, 2> {
         let [n, c] = x.dims();
         let h = self.num_heads;
         let d = c / h;
@@ -139,7 +180,8 @@ pub struct VisionMlp<B: Backend> {
 
 impl<B: Backend> VisionMlp<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
     }
 }
 
@@ -152,7 +194,13 @@ pub struct VisionBlock<B: Backend> {
 }
 
 impl<B: ModelBackend> VisionBlock<B> {
-    pub fn forward(&self, x: Tensor<B, 2>, cos: Tensor<B, 3>, sin: Tensor<B, 3>, plan: &SegmentPlan<B>) -> Tensor<B, 2> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        cos: Tensor<B, 3>,
+        sin: Tensor<B, 3>,
+        plan: &SegmentPlan<B>,
+    ) -> Tensor<B, 2> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x), cos, sin, plan);
         x.clone() + self.mlp.forward(self.norm2.forward(x))
     }
@@ -226,11 +274,20 @@ impl<B: Backend> VisionTower<B> {
         // Conv3d weight [C, in, t, p, p] is the linear map [C, patch_dim] in the processor's order.
         let pe = r.take_transposed_as(
             "visual.patch_embed.proj.weight",
-            &[c, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
+            &[
+                c,
+                cfg.in_channels,
+                cfg.temporal_patch_size,
+                cfg.patch_size,
+                cfg.patch_size,
+            ],
             c,
             cfg.patch_dim(),
         )?;
-        let patch_embed = Linear { weight: burn::module::Param::from_tensor(tensor2(pe, [cfg.patch_dim(), c], device)), bias: None };
+        let patch_embed = Linear {
+            weight: burn::module::Param::from_tensor(tensor2(pe, [cfg.patch_dim(), c], device)),
+            bias: None,
+        };
         let mut blocks = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
             let p = format!("visual.blocks.{i}");
@@ -252,10 +309,22 @@ impl<B: Backend> VisionTower<B> {
         let merger = PatchMerger {
             ln_q: RmsNorm::load(r, "visual.merger.ln_q.weight", c, eps, device)?,
             mlp0: linear_load(r, "visual.merger.mlp.0", c * unit, c * unit, true, device)?,
-            mlp2: linear_load(r, "visual.merger.mlp.2", c * unit, cfg.out_hidden_size, true, device)?,
+            mlp2: linear_load(
+                r,
+                "visual.merger.mlp.2",
+                c * unit,
+                cfg.out_hidden_size,
+                true,
+                device,
+            )?,
             unit,
         };
-        Ok(Self { patch_embed, blocks, merger, config: cfg.clone() })
+        Ok(Self {
+            patch_embed,
+            blocks,
+            merger,
+            config: cfg.clone(),
+        })
     }
 
     pub fn export(&self, out: &mut Vec<ExportTensor>) {
@@ -264,7 +333,13 @@ impl<B: Backend> VisionTower<B> {
         let w = self.patch_embed.weight.val();
         out.push(crate::nn::export_transposed(
             "visual.patch_embed.proj.weight".into(),
-            vec![c, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
+            vec![
+                c,
+                cfg.in_channels,
+                cfg.temporal_patch_size,
+                cfg.patch_size,
+                cfg.patch_size,
+            ],
             w,
         ));
         for (i, b) in self.blocks.iter().enumerate() {
@@ -281,7 +356,6 @@ impl<B: Backend> VisionTower<B> {
         linear_export(&self.merger.mlp0, "visual.merger.mlp.0", out);
         linear_export(&self.merger.mlp2, "visual.merger.mlp.2", out);
     }
-
 }
 
 impl<B: ModelBackend> VisionTower<B> {
@@ -293,7 +367,12 @@ impl<B: ModelBackend> VisionTower<B> {
     }
 
     /// [`Self::forward`] with the given attention.
-    pub fn forward_with(&self, pixel_values: Tensor<B, 2>, grids: &[[usize; 3]], imp: AttentionImpl) -> Tensor<B, 2> {
+    pub fn forward_with(
+        &self,
+        pixel_values: Tensor<B, 2>,
+        grids: &[[usize; 3]],
+        imp: AttentionImpl,
+    ) -> Tensor<B, 2> {
         FORWARDS.with(|c| c.set(c.get() + 1));
         let cfg = &self.config;
         let device = pixel_values.device();
@@ -302,11 +381,15 @@ impl<B: ModelBackend> VisionTower<B> {
         let c = cfg.hidden_size;
         let head_dim = cfg.head_dim();
 
-        let (win_index, cu_window) = rope::window_index(grids, cfg.spatial_merge_size, cfg.window_units());
+        let (win_index, cu_window) =
+            rope::window_index(grids, cfg.spatial_merge_size, cfg.window_units());
         let win_tensor = int1::<B>(&win_index, &device);
 
         let x = self.patch_embed.forward(pixel_values);
-        let x = x.reshape([n / unit, unit * c]).select(0, win_tensor).reshape([n, c]);
+        let x = x
+            .reshape([n / unit, unit * c])
+            .select(0, win_tensor)
+            .reshape([n, c]);
 
         // Rotary table in window order.
         let positions = rope::vision_patch_positions(grids, cfg.spatial_merge_size);
@@ -322,7 +405,11 @@ impl<B: ModelBackend> VisionTower<B> {
         let full_plan = SegmentPlan::new(&rope::full_cu_seqlens(grids), imp, &device);
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
-            let plan = if cfg.fullatt_block_indexes.contains(&i) { &full_plan } else { &window_plan };
+            let plan = if cfg.fullatt_block_indexes.contains(&i) {
+                &full_plan
+            } else {
+                &window_plan
+            };
             x = block.forward(x, cos.clone(), sin.clone(), plan);
         }
         let merged = self.merger.forward(x);

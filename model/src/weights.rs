@@ -50,13 +50,18 @@ pub struct WeightReader {
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("reading {}", index.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
             .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
-        let mut files: Vec<String> = map.values().filter_map(|x| x.as_str().map(String::from)).collect();
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect();
         files.sort();
         files.dedup();
         if files.is_empty() {
@@ -75,7 +80,10 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     found.sort();
     if found.is_empty() {
-        bail!("no model.safetensors, model.safetensors.index.json or *.safetensors in {}", dir.display());
+        bail!(
+            "no model.safetensors, model.safetensors.index.json or *.safetensors in {}",
+            dir.display()
+        );
     }
     Ok(found)
 }
@@ -88,12 +96,21 @@ impl WeightReader {
         for (si, path) in files.iter().enumerate() {
             let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
             // SAFETY: the file is opened read-only and not modified while mapped by this process.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
-                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e:?}); truncated or corrupt?", path.display()))?;
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: not a valid safetensors file ({e:?}); truncated or corrupt?",
+                        path.display()
+                    )
+                })?;
             let data_start = 8 + header_len;
             let data_len = map.len().saturating_sub(data_start);
-            let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let file_name = path
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             for (name, info) in meta.tensors() {
                 let (start, end) = info.data_offsets;
                 if end > data_len || start > end {
@@ -105,16 +122,32 @@ impl WeightReader {
                 let canon = canonical_name(&name);
                 if let Some(prev) = entries.get(&canon) {
                     let prev: &Entry = prev;
-                    bail!("tensor `{canon}` appears twice: in {} and {}", prev.file_name, file_name);
+                    bail!(
+                        "tensor `{canon}` appears twice: in {} and {}",
+                        prev.file_name,
+                        file_name
+                    );
                 }
                 entries.insert(
                     canon,
-                    Entry { shard: si, file_name: file_name.clone(), dtype: info.dtype, shape: info.shape.clone(), start, end },
+                    Entry {
+                        shard: si,
+                        file_name: file_name.clone(),
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start,
+                        end,
+                    },
                 );
             }
             shards.push((path.clone(), map, data_start));
         }
-        Ok(Self { dir: dir.to_path_buf(), shards, entries, taken: HashSet::new() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            entries,
+            taken: HashSet::new(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -129,7 +162,9 @@ impl WeightReader {
     pub fn dominant_dtype(&self) -> Option<Dtype> {
         let mut counts: BTreeMap<String, (usize, Dtype)> = BTreeMap::new();
         for e in self.entries.values() {
-            let c = counts.entry(format!("{:?}", e.dtype)).or_insert((0, e.dtype));
+            let c = counts
+                .entry(format!("{:?}", e.dtype))
+                .or_insert((0, e.dtype));
             c.0 += e.end - e.start;
         }
         counts.into_values().max_by_key(|c| c.0).map(|c| c.1)
@@ -147,11 +182,22 @@ impl WeightReader {
     }
 
     /// [`Self::take_transposed`] for a tensor of `shape` read as a `rows x cols` matrix.
-    pub fn take_transposed_as(&mut self, name: &str, shape: &[usize], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    pub fn take_transposed_as(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<f32>> {
         self.take_as(name, shape, Some((rows, cols)))
     }
 
-    fn take_as(&mut self, name: &str, shape: &[usize], transposed: Option<(usize, usize)>) -> Result<Vec<f32>> {
+    fn take_as(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        transposed: Option<(usize, usize)>,
+    ) -> Result<Vec<f32>> {
         let Some(e) = self.entries.get(name) else {
             bail!(
                 "missing tensor `{name}` (expected shape {shape:?}) in checkpoint {}",
@@ -168,7 +214,8 @@ impl WeightReader {
         let (path, map, data_start) = &self.shards[e.shard];
         let (lo, hi) = (data_start + e.start, data_start + e.end);
         let n: usize = shape.iter().product();
-        let out = decode(&map[lo..hi], e.dtype, n, transposed).with_context(|| format!("tensor `{name}` in {}", path.display()))?;
+        let out = decode(&map[lo..hi], e.dtype, n, transposed)
+            .with_context(|| format!("tensor `{name}` in {}", path.display()))?;
         // The file's pages are not needed again: drop them from this process's memory (a
         // file-backed mapping; the kernel rereads them if ever touched again).
         release(map, lo, hi);
@@ -178,7 +225,11 @@ impl WeightReader {
 
     /// Error on tensors nobody took (a checkpoint of another shape or model).
     pub fn finish(self) -> Result<()> {
-        let mut left: Vec<&String> = self.entries.keys().filter(|k| !self.taken.contains(*k)).collect();
+        let mut left: Vec<&String> = self
+            .entries
+            .keys()
+            .filter(|k| !self.taken.contains(*k))
+            .collect();
         if left.is_empty() {
             return Ok(());
         }
@@ -208,7 +259,12 @@ fn release(map: &Mmap, lo: usize, hi: usize) {
 
 /// Decode `n` little-endian values of `dtype` to f32, optionally as the transpose of a
 /// `rows x cols` matrix, on every core for large tensors.
-fn decode(bytes: &[u8], dtype: Dtype, n: usize, transposed: Option<(usize, usize)>) -> Result<Vec<f32>> {
+fn decode(
+    bytes: &[u8],
+    dtype: Dtype,
+    n: usize,
+    transposed: Option<(usize, usize)>,
+) -> Result<Vec<f32>> {
     let width = match dtype {
         Dtype::F32 => 4,
         Dtype::BF16 | Dtype::F16 => 2,
@@ -216,12 +272,20 @@ fn decode(bytes: &[u8], dtype: Dtype, n: usize, transposed: Option<(usize, usize
         other => bail!("unsupported dtype {other:?} (expected F32, BF16, F16 or F64)"),
     };
     if bytes.len() != n * width {
-        bail!("holds {} bytes, {n} values of {dtype:?} need {}", bytes.len(), n * width);
+        bail!(
+            "holds {} bytes, {n} values of {dtype:?} need {}",
+            bytes.len(),
+            n * width
+        );
     }
     Ok(match dtype {
         Dtype::F32 => decode_as::<4, _>(bytes, n, transposed, |c| f32::from_le_bytes(c)),
-        Dtype::BF16 => decode_as::<2, _>(bytes, n, transposed, |c| f32::from_bits((u16::from_le_bytes(c) as u32) << 16)),
-        Dtype::F16 => decode_as::<2, _>(bytes, n, transposed, |c| half::f16::from_bits(u16::from_le_bytes(c)).to_f32()),
+        Dtype::BF16 => decode_as::<2, _>(bytes, n, transposed, |c| {
+            f32::from_bits((u16::from_le_bytes(c) as u32) << 16)
+        }),
+        Dtype::F16 => decode_as::<2, _>(bytes, n, transposed, |c| {
+            half::f16::from_bits(u16::from_le_bytes(c)).to_f32()
+        }),
         _ => decode_as::<8, _>(bytes, n, transposed, |c| f64::from_le_bytes(c) as f32),
     })
 }
@@ -229,7 +293,12 @@ fn decode(bytes: &[u8], dtype: Dtype, n: usize, transposed: Option<(usize, usize
 /// [`decode`] for values of `W` bytes converted by `conv` (generic over the conversion, so that
 /// each dtype gets its own inner loops, which the compiler vectorises; a `fn` pointer here was an
 /// indirect call per value).
-fn decode_as<const W: usize, F>(bytes: &[u8], n: usize, transposed: Option<(usize, usize)>, conv: F) -> Vec<f32>
+fn decode_as<const W: usize, F>(
+    bytes: &[u8],
+    n: usize,
+    transposed: Option<(usize, usize)>,
+    conv: F,
+) -> Vec<f32>
 where
     F: Fn([u8; W]) -> f32 + Copy + Send + Sync,
 {
@@ -237,9 +306,17 @@ where
     huge_pages(&out);
     let at = move |c: &[u8]| conv(c.try_into().expect("W bytes"));
     match transposed {
-        Some((rows, cols)) => transpose_rows(rows, cols, cols, rows, &mut out, |i| at(&bytes[i * W..(i + 1) * W])),
+        Some((rows, cols)) => transpose_rows(rows, cols, cols, rows, &mut out, |i| {
+            at(&bytes[i * W..(i + 1) * W])
+        }),
         None => {
-            let threads = if n >= 1 << 20 { std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1) } else { 1 };
+            let threads = if n >= 1 << 20 {
+                std::thread::available_parallelism()
+                    .map(|t| t.get())
+                    .unwrap_or(1)
+            } else {
+                1
+            };
             let per = n.div_ceil(threads).max(1);
             std::thread::scope(|s| {
                 for (chunk, src) in out.chunks_mut(per).zip(bytes.chunks(per * W)) {
@@ -283,22 +360,39 @@ fn huge_pages_at(p: usize, len: usize) {
 /// The transpose of columns `0..n_c` of the `rows x cols` matrix whose value `[r][c]` is
 /// `get(r * cols + c)`, into rows `ld` values apart: `out[c * ld + r] = [r][c]` (`out` holds at
 /// least `(n_c - 1) * ld + rows` values), split over every core for large matrices.
-fn transpose_rows<T: Copy + Default + Send>(rows: usize, cols: usize, n_c: usize, ld: usize, out: &mut [T], get: impl Fn(usize) -> T + Sync) {
+fn transpose_rows<T: Copy + Default + Send>(
+    rows: usize,
+    cols: usize,
+    n_c: usize,
+    ld: usize,
+    out: &mut [T],
+    get: impl Fn(usize) -> T + Sync,
+) {
     if rows == 0 || n_c == 0 {
         return;
     }
-    assert!(n_c <= cols && ld >= rows && out.len() >= (n_c - 1) * ld + rows, "transpose: {} values for {n_c} rows of {rows} every {ld}", out.len());
+    assert!(
+        n_c <= cols && ld >= rows && out.len() >= (n_c - 1) * ld + rows,
+        "transpose: {} values for {n_c} rows of {rows} every {ld}",
+        out.len()
+    );
     if rows * n_c < 1 << 20 {
         return transpose_block(rows, cols, 0, n_c, ld, out, get);
     }
-    let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1);
     let per = n_c.div_ceil(threads);
     let get = &get;
     std::thread::scope(|s| {
         let mut rest = out;
         for c0 in (0..n_c).step_by(per) {
             let k = per.min(n_c - c0);
-            let (mine, more) = if c0 + k < n_c { rest.split_at_mut(k * ld) } else { (rest, &mut [][..]) };
+            let (mine, more) = if c0 + k < n_c {
+                rest.split_at_mut(k * ld)
+            } else {
+                (rest, &mut [][..])
+            };
             rest = more;
             s.spawn(move || transpose_block(rows, cols, c0, k, ld, mine, get));
         }
@@ -312,7 +406,15 @@ fn transpose_rows<T: Copy + Default + Send>(rows: usize, cols: usize, n_c: usize
 /// row. 32 x 256 was the fastest tile shape tried on the 3B matrices (BENCHMARKS.md,
 /// "Checkpoints"); walking one column block down all rows reads one 128-byte piece of every
 /// source page per pass and ran 1.5-4x slower.
-fn transpose_block<T: Copy + Default>(rows: usize, cols: usize, first: usize, n_c: usize, ld: usize, out: &mut [T], get: impl Fn(usize) -> T) {
+fn transpose_block<T: Copy + Default>(
+    rows: usize,
+    cols: usize,
+    first: usize,
+    n_c: usize,
+    ld: usize,
+    out: &mut [T],
+    get: impl Fn(usize) -> T,
+) {
     const TR: usize = 32;
     const TC: usize = 256;
     let mut tile = vec![T::default(); TR * TC];
@@ -412,7 +514,15 @@ pub enum Chunk<'a> {
     /// count`, columns `row0..row0 + rows`. The strips of a block of output rows come in row
     /// order, the block complete with its last; blocks in order. The writer transposes and
     /// encodes each strip straight into the block's bytes, in one pass.
-    Strip { src: &'a [f32], row0: usize, rows: usize, total_rows: usize, cols: usize, first: usize, count: usize },
+    Strip {
+        src: &'a [f32],
+        row0: usize,
+        rows: usize,
+        total_rows: usize,
+        cols: usize,
+        first: usize,
+        count: usize,
+    },
 }
 
 impl Chunk<'_> {
@@ -434,11 +544,24 @@ pub type ChunkFn = dyn Fn(usize, &mut dyn FnMut(Chunk) -> Result<()>) -> Result<
 
 /// Where a strip goes in its tensor: checks that strips come in order, and says whether this one
 /// completes the tensor.
-fn strip_place(next_row: &mut usize, row0: usize, rows: usize, total_rows: usize, name: &str) -> Result<bool> {
+fn strip_place(
+    next_row: &mut usize,
+    row0: usize,
+    rows: usize,
+    total_rows: usize,
+    name: &str,
+) -> Result<bool> {
     if row0 != *next_row || row0 + rows > total_rows {
-        bail!("tensor `{name}`: a strip of rows {row0}..{} after row {next_row} of {total_rows}", row0 + rows);
+        bail!(
+            "tensor `{name}`: a strip of rows {row0}..{} after row {next_row} of {total_rows}",
+            row0 + rows
+        );
     }
-    *next_row = if row0 + rows == total_rows { 0 } else { row0 + rows };
+    *next_row = if row0 + rows == total_rows {
+        0
+    } else {
+        row0 + rows
+    };
     Ok(*next_row == 0)
 }
 
@@ -465,13 +588,25 @@ impl ExportTensor {
     }
 
     /// An export whose values come in chunks (see [`ChunkFn`]).
-    pub fn chunked(name: String, shape: Vec<usize>, chunks: impl Fn(usize, &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> + 'static) -> Self {
-        Self { name, shape, chunks: Box::new(chunks) }
+    pub fn chunked(
+        name: String,
+        shape: Vec<usize>,
+        chunks: impl Fn(usize, &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> + 'static,
+    ) -> Self {
+        Self {
+            name,
+            shape,
+            chunks: Box::new(chunks),
+        }
     }
 
     /// Feed the values to `sink` in chunks of at most `max_values` (a chunk may be larger
     /// when one row is).
-    pub fn for_each_chunk(&self, max_values: usize, sink: &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> {
+    pub fn for_each_chunk(
+        &self,
+        max_values: usize,
+        sink: &mut dyn FnMut(Chunk) -> Result<()>,
+    ) -> Result<()> {
         (self.chunks)(max_values, sink)
     }
 
@@ -484,13 +619,28 @@ impl ExportTensor {
                 out.extend_from_slice(v);
                 Ok(())
             }
-            Chunk::Strip { src, row0, rows, total_rows, cols, first, count } => {
+            Chunk::Strip {
+                src,
+                row0,
+                rows,
+                total_rows,
+                cols,
+                first,
+                count,
+            } => {
                 if row0 == 0 {
                     start = out.len();
                     out.resize(start + total_rows * count, 0.0);
                 }
                 strip_place(&mut next_row, row0, rows, total_rows, &self.name)?;
-                transpose_rows(rows, cols, count, total_rows, &mut out[start + row0..], |i| src[first + i]);
+                transpose_rows(
+                    rows,
+                    cols,
+                    count,
+                    total_rows,
+                    &mut out[start + row0..],
+                    |i| src[first + i],
+                );
                 Ok(())
             }
         })
@@ -500,7 +650,11 @@ impl ExportTensor {
 
     pub fn materialize(self) -> NamedTensor {
         let values = self.values();
-        NamedTensor { name: self.name, shape: self.shape, values }
+        NamedTensor {
+            name: self.name,
+            shape: self.shape,
+            values,
+        }
     }
 
     fn len(&self) -> usize {
@@ -535,7 +689,9 @@ fn encode_into(dtype: SaveDtype, values: &[f32], out: &mut Vec<u8>) {
     if values.len() < 1 << 20 {
         return encode(values, out);
     }
-    let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1);
     let per = values.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {
         for (src, dst) in values.chunks(per).zip(out.chunks_mut(per * w)) {
@@ -549,17 +705,39 @@ fn encode_into(dtype: SaveDtype, values: &[f32], out: &mut Vec<u8>) {
 /// total_rows]`), transposing and converting in one pass: the words are written straight into
 /// the bytes (little-endian, the safetensors byte order, which this assumes of the machine).
 #[allow(clippy::too_many_arguments)]
-fn encode_strip(dtype: SaveDtype, src: &[f32], row0: usize, rows: usize, total_rows: usize, cols: usize, first: usize, count: usize, out: &mut [u8]) {
+fn encode_strip(
+    dtype: SaveDtype,
+    src: &[f32],
+    row0: usize,
+    rows: usize,
+    total_rows: usize,
+    cols: usize,
+    first: usize,
+    count: usize,
+    out: &mut [u8],
+) {
     let w = dtype.width();
     let encoded = match dtype {
         SaveDtype::F32 => bytemuck::try_cast_slice_mut::<u8, u32>(out)
-            .map(|o| transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| src[first + i].to_bits().to_le()))
+            .map(|o| {
+                transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| {
+                    src[first + i].to_bits().to_le()
+                })
+            })
             .is_ok(),
         SaveDtype::BF16 => bytemuck::try_cast_slice_mut::<u8, u16>(out)
-            .map(|o| transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| half::bf16::from_f32(src[first + i]).to_bits().to_le()))
+            .map(|o| {
+                transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| {
+                    half::bf16::from_f32(src[first + i]).to_bits().to_le()
+                })
+            })
             .is_ok(),
         SaveDtype::F16 => bytemuck::try_cast_slice_mut::<u8, u16>(out)
-            .map(|o| transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| half::f16::from_f32(src[first + i]).to_bits().to_le()))
+            .map(|o| {
+                transpose_rows(rows, cols, count, total_rows, &mut o[row0..], |i| {
+                    half::f16::from_f32(src[first + i]).to_bits().to_le()
+                })
+            })
             .is_ok(),
     };
     if !encoded {
@@ -590,7 +768,9 @@ impl Blocks<'_> {
     /// spares are kept (the smallest go).
     fn take(&mut self, bytes: usize) -> Vec<u8> {
         self.pool.extend(self.spare.try_iter());
-        let fits = (0..self.pool.len()).filter(|&i| self.pool[i].capacity() >= bytes).min_by_key(|&i| self.pool[i].capacity());
+        let fits = (0..self.pool.len())
+            .filter(|&i| self.pool[i].capacity() >= bytes)
+            .min_by_key(|&i| self.pool[i].capacity());
         let mut block = match fits {
             Some(i) => self.pool.swap_remove(i),
             None => {
@@ -600,7 +780,9 @@ impl Blocks<'_> {
             }
         };
         while self.pool.len() > 4 {
-            let smallest = (0..self.pool.len()).min_by_key(|&i| self.pool[i].capacity()).expect("a spare");
+            let smallest = (0..self.pool.len())
+                .min_by_key(|&i| self.pool[i].capacity())
+                .expect("a spare");
             self.pool.swap_remove(smallest);
         }
         block.clear();
@@ -609,7 +791,9 @@ impl Blocks<'_> {
 
     /// Queue a block for writing (`Err` once the writer has stopped).
     fn send(&mut self, block: Vec<u8>) -> Result<()> {
-        self.tx.send(block).map_err(|_| anyhow::anyhow!("writing {}: the writer stopped", self.path.display()))
+        self.tx
+            .send(block)
+            .map_err(|_| anyhow::anyhow!("writing {}: the writer stopped", self.path.display()))
     }
 }
 
@@ -622,31 +806,57 @@ const DIRECT_STAGE_BYTES: usize = 32 << 20;
 /// writes them (`len` bytes in all, for the choice of the write path): encoding the next block
 /// overlaps writing the last (a save is bounded by the disk or by the encoding, not by both one
 /// after the other). At most two blocks wait. Returns the file, all bytes written.
-fn write_behind(path: &Path, len: usize, produce: impl FnOnce(&mut Blocks) -> Result<()>) -> Result<File> {
-    let direct = if len >= DIRECT_MIN_BYTES { DirectSink::create(path, DIRECT_STAGE_BYTES) } else { None };
+fn write_behind(
+    path: &Path,
+    len: usize,
+    produce: impl FnOnce(&mut Blocks) -> Result<()>,
+) -> Result<File> {
+    let direct = if len >= DIRECT_MIN_BYTES {
+        DirectSink::create(path, DIRECT_STAGE_BYTES)
+    } else {
+        None
+    };
     match direct {
         Some(sink) => write_behind_to(Sink::Direct(sink), path, produce),
         None => {
-            let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-            write_behind_to(Sink::Buffered(std::io::BufWriter::with_capacity(1 << 22, file)), path, produce)
+            let file =
+                File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            write_behind_to(
+                Sink::Buffered(std::io::BufWriter::with_capacity(1 << 22, file)),
+                path,
+                produce,
+            )
         }
     }
 }
 
 /// [`write_behind`] into a given sink.
-fn write_behind_to(mut sink: Sink, path: &Path, produce: impl FnOnce(&mut Blocks) -> Result<()>) -> Result<File> {
+fn write_behind_to(
+    mut sink: Sink,
+    path: &Path,
+    produce: impl FnOnce(&mut Blocks) -> Result<()>,
+) -> Result<File> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
     let (spare_tx, spare) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> Result<File> {
             for block in rx {
-                sink.write(&block).with_context(|| format!("writing {}", path.display()))?;
+                sink.write(&block)
+                    .with_context(|| format!("writing {}", path.display()))?;
                 let _ = spare_tx.send(block);
             }
-            sink.finish().with_context(|| format!("writing {}", path.display()))
+            sink.finish()
+                .with_context(|| format!("writing {}", path.display()))
         });
-        let produced = produce(&mut Blocks { tx, spare, pool: vec![], path });
-        let written = writer.join().map_err(|_| anyhow::anyhow!("writing {}: the writer thread panicked", path.display()))?;
+        let produced = produce(&mut Blocks {
+            tx,
+            spare,
+            pool: vec![],
+            path,
+        });
+        let written = writer.join().map_err(|_| {
+            anyhow::anyhow!("writing {}: the writer thread panicked", path.display())
+        })?;
         // The writer's own error (a full disk, say) explains a failed send better than the send.
         let file = written?;
         produced?;
@@ -709,7 +919,13 @@ impl DirectSink {
     #[cfg(target_os = "linux")]
     fn create(path: &Path, stage_bytes: usize) -> Option<Self> {
         use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(path).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()?;
         let pages = stage_bytes.div_ceil(4096).max(1);
         let (full, rx) = std::sync::mpsc::sync_channel::<(Vec<Page>, usize)>(1);
         let (empty_tx, empty) = std::sync::mpsc::channel::<Vec<Page>>();
@@ -729,7 +945,10 @@ impl DirectSink {
                         let fd = std::os::unix::io::AsRawFd::as_raw_fd(&file);
                         // SAFETY: fcntl on a descriptor this thread owns.
                         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-                        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+                        if flags < 0
+                            || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) }
+                                < 0
+                        {
                             return Err(std::io::Error::last_os_error());
                         }
                         file.write_all_at(bytes, at)?;
@@ -743,7 +962,14 @@ impl DirectSink {
             }
             Ok(file)
         });
-        Some(DirectSink { stage: vec![Page([0; 4096]); pages], filled: 0, full: Some(full), empty, io: Some(io), len: 0 })
+        Some(DirectSink {
+            stage: vec![Page([0; 4096]); pages],
+            filled: 0,
+            full: Some(full),
+            empty,
+            io: Some(io),
+            len: 0,
+        })
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -766,7 +992,8 @@ impl DirectSink {
         while !bytes.is_empty() {
             let room = self.stage.len() * 4096 - self.filled;
             let n = room.min(bytes.len());
-            Self::bytes_mut(&mut self.stage)[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            Self::bytes_mut(&mut self.stage)[self.filled..self.filled + n]
+                .copy_from_slice(&bytes[..n]);
             self.filled += n;
             bytes = &bytes[n..];
             if self.filled == self.stage.len() * 4096 {
@@ -790,7 +1017,10 @@ impl DirectSink {
 
     /// Queue the filled part of the buffer for the I/O thread.
     fn hand_over(&mut self) -> std::io::Result<()> {
-        let job = (std::mem::take(&mut self.stage), std::mem::replace(&mut self.filled, 0));
+        let job = (
+            std::mem::take(&mut self.stage),
+            std::mem::replace(&mut self.filled, 0),
+        );
         match self.full.as_ref().map(|full| full.send(job)) {
             Some(Ok(())) => Ok(()),
             _ => Err(self.stopped()),
@@ -799,7 +1029,9 @@ impl DirectSink {
 
     /// Why the I/O thread stopped early: its error.
     fn stopped(&mut self) -> std::io::Error {
-        self.stop().err().unwrap_or_else(|| std::io::Error::other("the writer thread stopped"))
+        self.stop()
+            .err()
+            .unwrap_or_else(|| std::io::Error::other("the writer thread stopped"))
     }
 
     /// Close the queue and wait for the I/O thread.
@@ -826,7 +1058,12 @@ impl DirectSink {
 /// Write a model's tensors as HF safetensors into `dir` (see [`save_safetensors`] for the
 /// layout), one tensor at a time: each header is written first from the names and shapes, then
 /// every tensor's bytes are computed, written and dropped.
-pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
+pub fn save_exports(
+    dir: &Path,
+    tensors: &[ExportTensor],
+    dtype: SaveDtype,
+    max_shard_bytes: usize,
+) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let elem = dtype.width();
     let mut shards: Vec<Vec<&ExportTensor>> = vec![vec![]];
@@ -843,7 +1080,11 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
     let n = shards.len();
     let (mut weight_map, mut written, mut total) = (serde_json::Map::new(), Vec::new(), 0usize);
     for (i, shard) in shards.iter().enumerate() {
-        let file_name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+        let file_name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
         // The header: names, dtypes, shapes and offsets, in the order the data follows.
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), json!({"format": "pt"}));
@@ -869,7 +1110,12 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
                 t.for_each_chunk(EXPORT_CHUNK_VALUES, &mut |chunk| {
                     count += chunk.len();
                     if count > t.len() {
-                        bail!("tensor `{}`: more than {} values for shape {:?}", t.name, t.len(), t.shape);
+                        bail!(
+                            "tensor `{}`: more than {} values for shape {:?}",
+                            t.name,
+                            t.len(),
+                            t.shape
+                        );
                     }
                     match chunk {
                         Chunk::Values(v) => {
@@ -877,7 +1123,15 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
                             encode_into(dtype, v, &mut b);
                             blocks.send(b)
                         }
-                        Chunk::Strip { src, row0, rows, total_rows, cols, first, count } => {
+                        Chunk::Strip {
+                            src,
+                            row0,
+                            rows,
+                            total_rows,
+                            cols,
+                            first,
+                            count,
+                        } => {
                             let mut b = match whole.take() {
                                 Some(b) => b,
                                 None => {
@@ -887,7 +1141,9 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
                                 }
                             };
                             let last = strip_place(&mut next_row, row0, rows, total_rows, &t.name)?;
-                            encode_strip(dtype, src, row0, rows, total_rows, cols, first, count, &mut b);
+                            encode_strip(
+                                dtype, src, row0, rows, total_rows, cols, first, count, &mut b,
+                            );
                             if last {
                                 blocks.send(b)
                             } else {
@@ -898,13 +1154,18 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
                     }
                 })?;
                 if count != t.len() {
-                    bail!("tensor `{}`: {count} values for shape {:?}", t.name, t.shape);
+                    bail!(
+                        "tensor `{}`: {count} values for shape {:?}",
+                        t.name,
+                        t.shape
+                    );
                 }
                 weight_map.insert(t.name.clone(), json!(file_name));
             }
             Ok(())
         })?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         // Complete under its name (the rename is atomic: a killed process leaves no half shard
         // under a valid name); flushed to disk in the background, as the kernel would do a few
         // seconds later anyway. Waiting for the flush here (7.5 GB at the 3B shape) made a save
@@ -916,7 +1177,8 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
     let index = dir.join("model.safetensors.index.json");
     if n > 1 {
         let v = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(&index, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", index.display()))?;
+        std::fs::write(&index, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", index.display()))?;
     } else if index.exists() {
         std::fs::remove_file(&index).ok();
     }
@@ -926,7 +1188,12 @@ pub fn save_exports(dir: &Path, tensors: &[ExportTensor], dtype: SaveDtype, max_
 /// Write tensors as HF safetensors into `dir`: one `model.safetensors`, or shards
 /// `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json` when the total exceeds
 /// `max_shard_bytes`. Files are written under temporary names and renamed into place.
-pub fn save_safetensors(dir: &Path, tensors: &[NamedTensor], dtype: SaveDtype, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
+pub fn save_safetensors(
+    dir: &Path,
+    tensors: &[NamedTensor],
+    dtype: SaveDtype,
+    max_shard_bytes: usize,
+) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let elem = dtype.width();
     // Group into shards in order.
@@ -947,9 +1214,15 @@ pub fn save_safetensors(dir: &Path, tensors: &[NamedTensor], dtype: SaveDtype, m
     let mut total = 0usize;
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     for (i, shard) in shards.iter().enumerate() {
-        let file_name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
-        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> =
-            shard.iter().map(|t| (t.name.clone(), t.shape.clone(), dtype.encode(&t.values))).collect();
+        let file_name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = shard
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone(), dtype.encode(&t.values)))
+            .collect();
         let views: Vec<(String, TensorView)> = encoded
             .iter()
             .map(|(name, shape, bytes)| {
@@ -962,7 +1235,8 @@ pub fn save_safetensors(dir: &Path, tensors: &[NamedTensor], dtype: SaveDtype, m
         let tmp = dir.join(format!(".{file_name}.tmp"));
         safetensors::serialize_to_file(views, Some(metadata.clone()), &tmp)
             .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         for (name, _, bytes) in &encoded {
             weight_map.insert(name.clone(), json!(file_name));
             total += bytes.len();
@@ -972,7 +1246,8 @@ pub fn save_safetensors(dir: &Path, tensors: &[NamedTensor], dtype: SaveDtype, m
     let index = dir.join("model.safetensors.index.json");
     if n > 1 {
         let v = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(&index, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", index.display()))?;
+        std::fs::write(&index, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", index.display()))?;
     } else if index.exists() {
         std::fs::remove_file(&index).ok();
     }
@@ -985,11 +1260,23 @@ mod tests {
 
     #[test]
     fn canonical_names() {
-        assert_eq!(canonical_name("model.visual.blocks.0.attn.qkv.weight"), "visual.blocks.0.attn.qkv.weight");
-        assert_eq!(canonical_name("model.language_model.layers.0.mlp.up_proj.weight"), "model.layers.0.mlp.up_proj.weight");
-        assert_eq!(canonical_name("model.layers.1.self_attn.q_proj.bias"), "model.layers.1.self_attn.q_proj.bias");
+        assert_eq!(
+            canonical_name("model.visual.blocks.0.attn.qkv.weight"),
+            "visual.blocks.0.attn.qkv.weight"
+        );
+        assert_eq!(
+            canonical_name("model.language_model.layers.0.mlp.up_proj.weight"),
+            "model.layers.0.mlp.up_proj.weight"
+        );
+        assert_eq!(
+            canonical_name("model.layers.1.self_attn.q_proj.bias"),
+            "model.layers.1.self_attn.q_proj.bias"
+        );
         assert_eq!(canonical_name("lm_head.weight"), "lm_head.weight");
-        assert_eq!(canonical_name("visual.merger.mlp.0.weight"), "visual.merger.mlp.0.weight");
+        assert_eq!(
+            canonical_name("visual.merger.mlp.0.weight"),
+            "visual.merger.mlp.0.weight"
+        );
     }
 
     /// Bytes written around the page cache, in blocks of odd sizes through staging buffers of a
@@ -999,9 +1286,16 @@ mod tests {
     fn direct_writes_read_back_the_same() {
         let dir = std::env::temp_dir().join(format!("infimed-direct-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (stage, sizes) in [(4096, vec![1usize, 4095, 4096, 4097, 9000, 3]), (3 * 4096, vec![5000; 7]), (8192, vec![8192, 8192]), (4096, vec![])] {
+        for (stage, sizes) in [
+            (4096, vec![1usize, 4095, 4096, 4097, 9000, 3]),
+            (3 * 4096, vec![5000; 7]),
+            (8192, vec![8192, 8192]),
+            (4096, vec![]),
+        ] {
             let path = dir.join("f");
-            let want: Vec<u8> = (0..sizes.iter().sum::<usize>()).map(|i| (i * 31 % 251) as u8).collect();
+            let want: Vec<u8> = (0..sizes.iter().sum::<usize>())
+                .map(|i| (i * 31 % 251) as u8)
+                .collect();
             let sink = match DirectSink::create(&path, stage) {
                 Some(d) => Sink::Direct(d),
                 None => continue,
@@ -1019,7 +1313,11 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-            assert_eq!(std::fs::read(&path).unwrap(), want, "stage {stage}, blocks {sizes:?}");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                want,
+                "stage {stage}, blocks {sizes:?}"
+            );
         }
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -1029,38 +1327,108 @@ mod tests {
     #[test]
     fn strips_encode_as_the_transposed_values() {
         // Odd shapes, strips of several sizes, and a matrix large enough to be split over threads.
-        for (total_rows, cols, step) in [(1, 1, 1), (3, 700, 2), (300, 5, 64), (33, 257, 33), (1100, 1000, 250)] {
-            let src: Vec<f32> = (0..total_rows * cols).map(|i| ((i * 7919) % 10007) as f32 * 1.37e-3 - 6.0).collect();
-            let transposed: Vec<f32> = (0..total_rows * cols).map(|k| src[(k % total_rows) * cols + k / total_rows]).collect();
-            fn feed(src: &[f32], total_rows: usize, cols: usize, step: usize, sink: &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> {
+        for (total_rows, cols, step) in [
+            (1, 1, 1),
+            (3, 700, 2),
+            (300, 5, 64),
+            (33, 257, 33),
+            (1100, 1000, 250),
+        ] {
+            let src: Vec<f32> = (0..total_rows * cols)
+                .map(|i| ((i * 7919) % 10007) as f32 * 1.37e-3 - 6.0)
+                .collect();
+            let transposed: Vec<f32> = (0..total_rows * cols)
+                .map(|k| src[(k % total_rows) * cols + k / total_rows])
+                .collect();
+            fn feed(
+                src: &[f32],
+                total_rows: usize,
+                cols: usize,
+                step: usize,
+                sink: &mut dyn FnMut(Chunk) -> Result<()>,
+            ) -> Result<()> {
                 for row0 in (0..total_rows).step_by(step) {
                     let rows = step.min(total_rows - row0);
-                    sink(Chunk::Strip { src: &src[row0 * cols..(row0 + rows) * cols], row0, rows, total_rows, cols, first: 0, count: cols })?;
+                    sink(Chunk::Strip {
+                        src: &src[row0 * cols..(row0 + rows) * cols],
+                        row0,
+                        rows,
+                        total_rows,
+                        cols,
+                        first: 0,
+                        count: cols,
+                    })?;
                 }
                 Ok(())
             }
-            let strips = |sink: &mut dyn FnMut(Chunk) -> Result<()>| feed(&src, total_rows, cols, step, sink);
+            let strips = |sink: &mut dyn FnMut(Chunk) -> Result<()>| {
+                feed(&src, total_rows, cols, step, sink)
+            };
             let owned = src.clone();
-            let e = ExportTensor::chunked("w".into(), vec![cols, total_rows], move |_, sink| feed(&owned, total_rows, cols, step, sink));
+            let e = ExportTensor::chunked("w".into(), vec![cols, total_rows], move |_, sink| {
+                feed(&owned, total_rows, cols, step, sink)
+            });
             assert_eq!(e.values(), transposed, "{total_rows}x{cols}");
             for dtype in [SaveDtype::F32, SaveDtype::BF16, SaveDtype::F16] {
                 let mut out = vec![0u8; total_rows * cols * dtype.width()];
                 strips(&mut |c| {
-                    let Chunk::Strip { src, row0, rows, total_rows, cols, first, count } = c else { unreachable!() };
-                    encode_strip(dtype, src, row0, rows, total_rows, cols, first, count, &mut out);
+                    let Chunk::Strip {
+                        src,
+                        row0,
+                        rows,
+                        total_rows,
+                        cols,
+                        first,
+                        count,
+                    } = c
+                    else {
+                        unreachable!()
+                    };
+                    encode_strip(
+                        dtype, src, row0, rows, total_rows, cols, first, count, &mut out,
+                    );
                     Ok(())
                 })
                 .unwrap();
-                assert_eq!(out, dtype.encode(&transposed), "{dtype:?} {total_rows}x{cols}");
+                assert_eq!(
+                    out,
+                    dtype.encode(&transposed),
+                    "{dtype:?} {total_rows}x{cols}"
+                );
                 // Bytes not aligned for words: the value-by-value path, the same bytes.
                 let mut odd = vec![0u8; out.len() + 1];
                 strips(&mut |c| {
-                    let Chunk::Strip { src, row0, rows, total_rows, cols, first, count } = c else { unreachable!() };
-                    encode_strip(dtype, src, row0, rows, total_rows, cols, first, count, &mut odd[1..]);
+                    let Chunk::Strip {
+                        src,
+                        row0,
+                        rows,
+                        total_rows,
+                        cols,
+                        first,
+                        count,
+                    } = c
+                    else {
+                        unreachable!()
+                    };
+                    encode_strip(
+                        dtype,
+                        src,
+                        row0,
+                        rows,
+                        total_rows,
+                        cols,
+                        first,
+                        count,
+                        &mut odd[1..],
+                    );
                     Ok(())
                 })
                 .unwrap();
-                assert_eq!(odd[1..], out[..], "{dtype:?} {total_rows}x{cols}, unaligned");
+                assert_eq!(
+                    odd[1..],
+                    out[..],
+                    "{dtype:?} {total_rows}x{cols}, unaligned"
+                );
             }
         }
     }
@@ -1070,17 +1438,26 @@ mod tests {
     #[test]
     fn transposed_decode_matches_the_definition() {
         for (rows, cols) in [(1, 1), (3, 700), (300, 5), (33, 257), (1100, 1000)] {
-            let bits: Vec<u16> = (0..rows * cols).map(|i| (i as u16).wrapping_mul(40503) >> 2).collect();
+            let bits: Vec<u16> = (0..rows * cols)
+                .map(|i| (i as u16).wrapping_mul(40503) >> 2)
+                .collect();
             let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
             let got = decode(&bytes, Dtype::BF16, rows * cols, Some((rows, cols))).unwrap();
             for r in 0..rows {
                 for c in 0..cols {
                     let want = f32::from_bits((bits[r * cols + c] as u32) << 16);
-                    assert_eq!(got[c * rows + r].to_bits(), want.to_bits(), "{rows}x{cols} at [{r}, {c}]");
+                    assert_eq!(
+                        got[c * rows + r].to_bits(),
+                        want.to_bits(),
+                        "{rows}x{cols} at [{r}, {c}]"
+                    );
                 }
             }
             let plain = decode(&bytes, Dtype::BF16, rows * cols, None).unwrap();
-            assert!(plain.iter().zip(&bits).all(|(v, b)| v.to_bits() == (*b as u32) << 16));
+            assert!(plain
+                .iter()
+                .zip(&bits)
+                .all(|(v, b)| v.to_bits() == (*b as u32) << 16));
         }
     }
 
@@ -1088,8 +1465,16 @@ mod tests {
     fn save_and_read_back_sharded_bf16() {
         let dir = std::env::temp_dir().join(format!("infimed-wt-{}", std::process::id()));
         let ts = vec![
-            NamedTensor { name: "a".into(), shape: vec![2, 3], values: vec![1.0, -2.5, 3.25, 0.0, 1e-3, 7.0] },
-            NamedTensor { name: "b".into(), shape: vec![4], values: vec![0.5, 0.25, -1.0, 2.0] },
+            NamedTensor {
+                name: "a".into(),
+                shape: vec![2, 3],
+                values: vec![1.0, -2.5, 3.25, 0.0, 1e-3, 7.0],
+            },
+            NamedTensor {
+                name: "b".into(),
+                shape: vec![4],
+                values: vec![0.5, 0.25, -1.0, 2.0],
+            },
         ];
         save_safetensors(&dir, &ts, SaveDtype::BF16, 8).unwrap();
         assert!(dir.join("model.safetensors.index.json").exists());
@@ -1097,8 +1482,15 @@ mod tests {
         let b = r.take("b", &[4]).unwrap();
         assert_eq!(b, vec![0.5, 0.25, -1.0, 2.0]);
         let err = r.take("a", &[3, 2]).unwrap_err().to_string();
-        assert!(err.contains("`a`") && err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
-        assert!(r.finish().unwrap_err().to_string().contains("unexpected tensor `a`"));
+        assert!(
+            err.contains("`a`") && err.contains("[2, 3]") && err.contains("[3, 2]"),
+            "{err}"
+        );
+        assert!(r
+            .finish()
+            .unwrap_err()
+            .to_string()
+            .contains("unexpected tensor `a`"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

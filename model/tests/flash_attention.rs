@@ -17,7 +17,10 @@ type B = Autodiff<NdArray<f32>>;
 
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
 }
 
 fn vals<const D: usize>(t: Tensor<NdArray<f32>, D>) -> Vec<f32> {
@@ -25,17 +28,40 @@ fn vals<const D: usize>(t: Tensor<NdArray<f32>, D>) -> Vec<f32> {
 }
 
 /// Output and (dq, dk, dv) of `sum(out * w)` for a fixed random `w`.
-fn run(imp: AttentionImpl, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, w: &Tensor<B, 4>, mask: &AttentionMask) -> Vec<Vec<f32>> {
-    let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+fn run(
+    imp: AttentionImpl,
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    w: &Tensor<B, 4>,
+    mask: &AttentionMask,
+) -> Vec<Vec<f32>> {
+    let (q, k, v) = (
+        q.clone().require_grad(),
+        k.clone().require_grad(),
+        v.clone().require_grad(),
+    );
     let tq = q.dims()[2];
-    let out = match imp {
-        // The plan with exactly these tiles (LayerAttention would take one key tile for few queries).
-        AttentionImpl::Flash(tiles) => attention(q.clone(), k.clone(), v.clone(), &Arc::new(AttentionPlan::new(mask, tq, tiles))),
-        AttentionImpl::Reference => LayerAttention::<B>::new(imp, mask, tq, &q.device()).attend(q.clone(), k.clone(), v.clone()),
-    };
+    let out =
+        match imp {
+            // The plan with exactly these tiles (LayerAttention would take one key tile for few queries).
+            AttentionImpl::Flash(tiles) => attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                &Arc::new(AttentionPlan::new(mask, tq, tiles)),
+            ),
+            AttentionImpl::Reference => LayerAttention::<B>::new(imp, mask, tq, &q.device())
+                .attend(q.clone(), k.clone(), v.clone()),
+        };
     let loss = (out.clone() * w.clone()).sum();
     let grads = loss.backward();
-    vec![vals(out.inner()), vals(q.grad(&grads).unwrap()), vals(k.grad(&grads).unwrap()), vals(v.grad(&grads).unwrap())]
+    vec![
+        vals(out.inner()),
+        vals(q.grad(&grads).unwrap()),
+        vals(k.grad(&grads).unwrap()),
+        vals(v.grad(&grads).unwrap()),
+    ]
 }
 
 #[derive(Debug, Clone)]
@@ -67,67 +93,116 @@ fn segments(case: &Case) -> AttentionMask {
             row
         })
         .collect();
-    AttentionMask { key_segments: rows, causal: case.causal }
+    AttentionMask {
+        key_segments: rows,
+        causal: case.causal,
+    }
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
-    (1usize..=3, 1usize..=2, prop::sample::select(vec![1usize, 2, 4]), 1usize..40, 0usize..6, prop::sample::select(vec![4usize, 8]), any::<bool>(), 1usize..23, 1usize..23, any::<u64>())
-        .prop_flat_map(|(batch, kv_heads, n_rep, len_q, extra_k, head_dim, causal, tq, tk, seed)| {
-            let len_k = len_q + extra_k;
-            let row = (0usize..4, 0usize..4, prop::collection::vec(1usize..20, 1..4)).prop_map(move |(l, r, cuts)| {
-                // Split what is left after the padding into segments of the drawn sizes (the last takes the rest).
-                let (l, r) = (l.min(len_k / 3), r.min(len_k / 3));
-                let body = len_k - l - r;
-                let mut segs = vec![];
-                let mut left = body;
-                for c in cuts {
-                    if left == 0 {
-                        break;
-                    }
-                    let n = c.min(left);
-                    segs.push(n);
-                    left -= n;
-                }
-                if left > 0 {
-                    segs.push(left);
-                }
-                (l, r, segs)
-            });
-            prop::collection::vec(row, batch).prop_map(move |layout| Case {
-                batch,
-                kv_heads,
-                n_rep,
-                len_q,
-                len_k,
-                head_dim,
-                causal,
-                layout,
-                tiles: Tiles { q: tq, k: tk },
-                seed,
-            })
-        })
+    (
+        1usize..=3,
+        1usize..=2,
+        prop::sample::select(vec![1usize, 2, 4]),
+        1usize..40,
+        0usize..6,
+        prop::sample::select(vec![4usize, 8]),
+        any::<bool>(),
+        1usize..23,
+        1usize..23,
+        any::<u64>(),
+    )
+        .prop_flat_map(
+            |(batch, kv_heads, n_rep, len_q, extra_k, head_dim, causal, tq, tk, seed)| {
+                let len_k = len_q + extra_k;
+                let row = (
+                    0usize..4,
+                    0usize..4,
+                    prop::collection::vec(1usize..20, 1..4),
+                )
+                    .prop_map(move |(l, r, cuts)| {
+                        // Split what is left after the padding into segments of the drawn sizes (the last takes the rest).
+                        let (l, r) = (l.min(len_k / 3), r.min(len_k / 3));
+                        let body = len_k - l - r;
+                        let mut segs = vec![];
+                        let mut left = body;
+                        for c in cuts {
+                            if left == 0 {
+                                break;
+                            }
+                            let n = c.min(left);
+                            segs.push(n);
+                            left -= n;
+                        }
+                        if left > 0 {
+                            segs.push(left);
+                        }
+                        (l, r, segs)
+                    });
+                prop::collection::vec(row, batch).prop_map(move |layout| Case {
+                    batch,
+                    kv_heads,
+                    n_rep,
+                    len_q,
+                    len_k,
+                    head_dim,
+                    causal,
+                    layout,
+                    tiles: Tiles { q: tq, k: tk },
+                    seed,
+                })
+            },
+        )
 }
 
 fn check(case: &Case) {
     let device = Default::default();
     B::seed(&device, case.seed);
-    let (b, h, kvh, d) = (case.batch, case.kv_heads * case.n_rep, case.kv_heads, case.head_dim);
-    let q = Tensor::<B, 4>::random([b, h, case.len_q, d], Distribution::Normal(0.0, 1.0), &device);
-    let k = Tensor::<B, 4>::random([b, kvh, case.len_k, d], Distribution::Normal(0.0, 1.0), &device);
-    let v = Tensor::<B, 4>::random([b, kvh, case.len_k, d], Distribution::Normal(0.0, 1.0), &device);
-    let w = Tensor::<B, 4>::random([b, h, case.len_q, d], Distribution::Normal(0.0, 1.0), &device);
+    let (b, h, kvh, d) = (
+        case.batch,
+        case.kv_heads * case.n_rep,
+        case.kv_heads,
+        case.head_dim,
+    );
+    let q = Tensor::<B, 4>::random(
+        [b, h, case.len_q, d],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let k = Tensor::<B, 4>::random(
+        [b, kvh, case.len_k, d],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let v = Tensor::<B, 4>::random(
+        [b, kvh, case.len_k, d],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let w = Tensor::<B, 4>::random(
+        [b, h, case.len_q, d],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
     let mask = segments(case);
     let reference = run(AttentionImpl::Reference, &q, &k, &v, &w, &mask);
     let flash = run(AttentionImpl::Flash(case.tiles), &q, &k, &v, &w, &mask);
-    for (name, (f, r)) in ["out", "dq", "dk", "dv"].iter().zip(flash.iter().zip(&reference)) {
+    for (name, (f, r)) in ["out", "dq", "dk", "dv"]
+        .iter()
+        .zip(flash.iter().zip(&reference))
+    {
         let diff = rel_diff(f, r);
         assert!(diff <= 1e-5, "{name}: {diff} for {case:?}");
     }
     // The model's choice of tiles (one key tile for few queries) and the forward without autodiff.
-    let inner = LayerAttention::<NdArray<f32>>::new(AttentionImpl::default(), &mask, case.len_q, &device);
+    let inner =
+        LayerAttention::<NdArray<f32>>::new(AttentionImpl::default(), &mask, case.len_q, &device);
     let out = inner.attend(q.clone().inner(), k.clone().inner(), v.clone().inner());
     let diff = rel_diff(&vals(out), &reference[0]);
-    assert!(diff <= 1e-5, "forward without autodiff: {diff} for {case:?}");
+    assert!(
+        diff <= 1e-5,
+        "forward without autodiff: {diff} for {case:?}"
+    );
 }
 
 proptest! {
@@ -159,9 +234,16 @@ fn fully_masked_rows_give_zero_output_and_gradient() {
     let device = Default::default();
     let q = Tensor::<B, 4>::ones([1, 1, 4, 2], &device).require_grad();
     let k = Tensor::<B, 4>::ones([1, 1, 4, 2], &device).require_grad();
-    let v = Tensor::<B, 4>::from_data(TensorData::new((0..8).map(|x| x as f32).collect::<Vec<_>>(), [1, 1, 4, 2]), &device).require_grad();
+    let v = Tensor::<B, 4>::from_data(
+        TensorData::new((0..8).map(|x| x as f32).collect::<Vec<_>>(), [1, 1, 4, 2]),
+        &device,
+    )
+    .require_grad();
     // Left padding of 2: the first two queries see nothing.
-    let mask = AttentionMask { key_segments: vec![vec![-1, -1, 0, 0]], causal: true };
+    let mask = AttentionMask {
+        key_segments: vec![vec![-1, -1, 0, 0]],
+        causal: true,
+    };
     let plan = Arc::new(AttentionPlan::new(&mask, 4, Tiles { q: 1, k: 1 }));
     let out = attention(q.clone(), k.clone(), v.clone(), &plan);
     let o = vals(out.clone().inner());
@@ -180,6 +262,13 @@ fn plan_skips_invisible_tiles_and_memory_is_linear() {
     assert_eq!(plan.pairs.iter().map(Vec::len).sum::<usize>(), 16 * 17 / 2);
     // Packed: 8 samples of 128 tokens, block-diagonal: 2 * 3 / 2 tiles per sample.
     let seg: Vec<i32> = (0..1024).map(|i| (i / 128) as i32).collect();
-    let plan = AttentionPlan::new(&AttentionMask { key_segments: vec![seg], causal: true }, 1024, Tiles { q: 64, k: 64 });
+    let plan = AttentionPlan::new(
+        &AttentionMask {
+            key_segments: vec![seg],
+            causal: true,
+        },
+        1024,
+        Tiles { q: 64, k: 64 },
+    );
     assert_eq!(plan.pairs.iter().map(Vec::len).sum::<usize>(), 8 * 3);
 }

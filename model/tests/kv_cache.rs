@@ -49,7 +49,14 @@ fn prompt(text: &[u32], grid: Option<[usize; 3]>) -> Vec<u32> {
     ids
 }
 
-fn check(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, steps: usize, window: usize, kv: usize, tied: bool, seed: u64) {
+fn check(
+    rows: Vec<(Vec<u32>, Option<[usize; 3]>)>,
+    steps: usize,
+    window: usize,
+    kv: usize,
+    tied: bool,
+    seed: u64,
+) {
     let device = Default::default();
     B::seed(&device, seed);
     let cfg = tiny_config(window, kv, tied);
@@ -58,7 +65,9 @@ fn check(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, steps: usize, window: usize,
     let prompts: Vec<Vec<u32>> = rows.iter().map(|(t, g)| prompt(t, *g)).collect();
     let grids: Vec<[usize; 3]> = rows.iter().filter_map(|(_, g)| *g).collect();
     let n_rows: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-    let pixels: Vec<f32> = (0..n_rows * patch_dim).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let pixels: Vec<f32> = (0..n_rows * patch_dim)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
     let max_len = prompts.iter().map(Vec::len).max().unwrap();
     let pad = |r: &Vec<u32>| -> (Vec<u32>, Vec<bool>) {
         let p = max_len - r.len();
@@ -80,12 +89,16 @@ fn check(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, steps: usize, window: usize,
     let hidden = model.forward_hidden(&input, Some(&mut cache)).unwrap();
     let b = ids.len();
     let v = cfg.text.vocab_size;
-    let last = model.logits(hidden.narrow(1, max_len - 1, 1)).reshape([b, v]);
+    let last = model
+        .logits(hidden.narrow(1, max_len - 1, 1))
+        .reshape([b, v]);
     let mut step_logits: Vec<Vec<f32>> = vec![to_vec(last)];
     let mut generated: Vec<Vec<u32>> = vec![vec![]; b];
     for _ in 0..steps {
         let cur = step_logits.last().unwrap();
-        let next: Vec<Vec<u32>> = (0..b).map(|r| vec![argmax(&cur[r * v..(r + 1) * v])]).collect();
+        let next: Vec<Vec<u32>> = (0..b)
+            .map(|r| vec![argmax(&cur[r * v..(r + 1) * v])])
+            .collect();
         for r in 0..b {
             generated[r].push(next[r][0]);
         }
@@ -93,22 +106,41 @@ fn check(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, steps: usize, window: usize,
         step_logits.push(to_vec(model.logits(h).reshape([b, v])));
     }
     // Full forward over prompt + generated tokens.
-    let full_ids: Vec<Vec<u32>> = (0..b).map(|r| [ids[r].clone(), generated[r].clone()].concat()).collect();
-    let full_mask: Vec<Vec<bool>> =
-        (0..b).map(|r| [mask[r].clone(), vec![true; steps]].concat()).collect();
+    let full_ids: Vec<Vec<u32>> = (0..b)
+        .map(|r| [ids[r].clone(), generated[r].clone()].concat())
+        .collect();
+    let full_mask: Vec<Vec<bool>> = (0..b)
+        .map(|r| [mask[r].clone(), vec![true; steps]].concat())
+        .collect();
     let full = model
-        .forward(&ModelInput { input_ids: full_ids, attention_mask: Some(full_mask), pixel_values: pixels, image_grids: grids, segments: None })
+        .forward(&ModelInput {
+            input_ids: full_ids,
+            attention_mask: Some(full_mask),
+            pixel_values: pixels,
+            image_grids: grids,
+            segments: None,
+        })
         .unwrap();
     for (s, inc) in step_logits.iter().enumerate() {
         let pos = max_len - 1 + s;
         let f = to_vec(full.clone().narrow(1, pos, 1).reshape([b, v]));
-        let max_diff = f.iter().zip(inc).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(max_diff < 1e-4, "step {s}: max |full - incremental| = {max_diff}");
+        let max_diff = f
+            .iter()
+            .zip(inc)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max_diff < 1e-4,
+            "step {s}: max |full - incremental| = {max_diff}"
+        );
     }
 }
 
 fn grid_strategy() -> impl Strategy<Value = Option<[usize; 3]>> {
-    prop_oneof![Just(None), (1usize..4, 1usize..5).prop_map(|(h, w)| Some([1, 2 * h, 2 * w]))]
+    prop_oneof![
+        Just(None),
+        (1usize..4, 1usize..5).prop_map(|(h, w)| Some([1, 2 * h, 2 * w]))
+    ]
 }
 
 fn row_strategy() -> impl Strategy<Value = (Vec<u32>, Option<[usize; 3]>)> {
@@ -132,7 +164,11 @@ proptest! {
 #[test]
 fn text_only_and_image_rows_in_one_batch() {
     check(
-        vec![(vec![1, 2, 3], None), (vec![4, 5, 6, 7, 8, 9, 10], Some([1, 6, 4])), (vec![11, 12], Some([1, 2, 2]))],
+        vec![
+            (vec![1, 2, 3], None),
+            (vec![4, 5, 6, 7, 8, 9, 10], Some([1, 6, 4])),
+            (vec![11, 12], Some([1, 2, 2])),
+        ],
         5,
         56,
         2,
@@ -144,7 +180,13 @@ fn text_only_and_image_rows_in_one_batch() {
 /// The rollout engine's cache (`infimed_model::kv`): prompts prefilled once per group, `n`
 /// rows per group continuing with their own tokens (written in place), some rows dropped on the
 /// way: every row's logits equal a full forward pass over its prompt and its own tokens.
-fn check_groups(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, n: usize, steps: usize, kv: usize, seed: u64) {
+fn check_groups(
+    rows: Vec<(Vec<u32>, Option<[usize; 3]>)>,
+    n: usize,
+    steps: usize,
+    kv: usize,
+    seed: u64,
+) {
     let device = Default::default();
     B::seed(&device, seed);
     let cfg = tiny_config(56, kv, seed % 2 == 0);
@@ -152,17 +194,29 @@ fn check_groups(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, n: usize, steps: usiz
     let patch_dim = cfg.vision.patch_dim();
     let v = cfg.text.vocab_size;
     let prompts: Vec<Vec<u32>> = rows.iter().map(|(t, g)| prompt(t, *g)).collect();
-    let grids: Vec<Vec<[usize; 3]>> = rows.iter().map(|(_, g)| g.iter().copied().collect()).collect();
+    let grids: Vec<Vec<[usize; 3]>> = rows
+        .iter()
+        .map(|(_, g)| g.iter().copied().collect())
+        .collect();
     let pixels_of = |gs: &[[usize; 3]]| -> Vec<f32> {
         let n: usize = gs.iter().map(|g| g[0] * g[1] * g[2]).sum();
-        (0..n * patch_dim).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect()
+        (0..n * patch_dim)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect()
     };
     let max_len = prompts.iter().map(Vec::len).max().unwrap();
-    let mut input = ModelInput { attention_mask: Some(vec![]), ..Default::default() };
+    let mut input = ModelInput {
+        attention_mask: Some(vec![]),
+        ..Default::default()
+    };
     for (p, g) in prompts.iter().zip(&grids) {
         let pad = max_len - p.len();
         input.input_ids.push([vec![0; pad], p.clone()].concat());
-        input.attention_mask.as_mut().unwrap().push([vec![false; pad], vec![true; p.len()]].concat());
+        input
+            .attention_mask
+            .as_mut()
+            .unwrap()
+            .push([vec![false; pad], vec![true; p.len()]].concat());
         input.pixel_values.extend(pixels_of(g));
         input.image_grids.extend(g);
     }
@@ -186,24 +240,38 @@ fn check_groups(rows: Vec<(Vec<u32>, Option<[usize; 3]>)>, n: usize, steps: usiz
             for &r in rows {
                 let full_ids = [prompts[g].clone(), own[g][r].clone()].concat();
                 let full = model
-                    .forward(&ModelInput { input_ids: vec![full_ids.clone()], pixel_values: pixels_of(&grids[g]), image_grids: grids[g].clone(), ..Default::default() })
+                    .forward(&ModelInput {
+                        input_ids: vec![full_ids.clone()],
+                        pixel_values: pixels_of(&grids[g]),
+                        image_grids: grids[g].clone(),
+                        ..Default::default()
+                    })
                     .unwrap();
                 let f = to_vec(full.narrow(1, full_ids.len() - 1, 1).reshape([v]));
-                let d = f.iter().zip(&logits[k * v..(k + 1) * v]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(d < 1e-4, "group {g} row {r} step {step}: max |full - grouped| = {d}");
+                let d = f
+                    .iter()
+                    .zip(&logits[k * v..(k + 1) * v])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    d < 1e-4,
+                    "group {g} row {r} step {step}: max |full - grouped| = {d}"
+                );
                 k += 1;
             }
         }
         // After step 1, drop the first row of the first group when it has more than one (the
         // groups then differ in live rows); after step 2, the whole last group.
         if step == 1 && n > 1 {
-            let mut keep: Vec<Vec<usize>> = alive.iter().map(|rows| (0..rows.len()).collect()).collect();
+            let mut keep: Vec<Vec<usize>> =
+                alive.iter().map(|rows| (0..rows.len()).collect()).collect();
             alive[0].remove(0);
             keep[0].remove(0);
             cohort.retain(&keep);
         }
         if step == 2 && alive.len() > 1 {
-            let mut keep: Vec<Vec<usize>> = alive.iter().map(|rows| (0..rows.len()).collect()).collect();
+            let mut keep: Vec<Vec<usize>> =
+                alive.iter().map(|rows| (0..rows.len()).collect()).collect();
             *keep.last_mut().unwrap() = vec![];
             alive.last_mut().unwrap().clear();
             cohort.retain(&keep);

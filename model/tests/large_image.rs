@@ -14,14 +14,23 @@ fn window_attention_memory_is_linear_in_windows() {
     let grid = [1usize, 72, 100];
     let n = 72 * 100;
     let (_, cu) = rope::window_index(&[grid], 2, 4);
-    let plan = SegmentPlan::<B>::new(&cu, infimed_model::AttentionImpl::default(), &Default::default());
+    let plan = SegmentPlan::<B>::new(
+        &cu,
+        infimed_model::AttentionImpl::default(),
+        &Default::default(),
+    );
     let windows = cu.len() - 1;
     assert_eq!(windows, 9 * 13);
     // Scores per head: segments x L^2 with L = 64 patches per window.
     assert_eq!(plan.score_elements(), windows * 64 * 64);
     // Linear in N: at most 64 scores per patch, doubled for the padding of edge windows.
     assert!(plan.score_elements() <= 2 * 64 * n);
-    assert!(plan.score_elements() * 100 < n * n, "{} vs dense {}", plan.score_elements(), n * n);
+    assert!(
+        plan.score_elements() * 100 < n * n,
+        "{} vs dense {}",
+        plan.score_elements(),
+        n * n
+    );
 }
 
 #[test]
@@ -36,12 +45,20 @@ fn large_image_runs_through_the_vision_tower() {
             "out_hidden_size": 32, "window_size": 112, "fullatt_block_indexes": []}
     }))
     .unwrap();
-    cfg.vision = VisionConfig { fullatt_block_indexes: vec![], ..cfg.vision };
+    cfg.vision = VisionConfig {
+        fullatt_block_indexes: vec![],
+        ..cfg.vision
+    };
     let tower = infimed_model::vision::VisionTower::<B>::init(&cfg.vision, &device);
     let grid = [1usize, 72, 100];
     let n = grid[1] * grid[2];
-    let px: Vec<f32> = (0..n * cfg.vision.patch_dim()).map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0).collect();
-    let pixels = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(px, [n, cfg.vision.patch_dim()]), &device);
+    let px: Vec<f32> = (0..n * cfg.vision.patch_dim())
+        .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
+        .collect();
+    let pixels = Tensor::<B, 2>::from_data(
+        burn::tensor::TensorData::new(px, [n, cfg.vision.patch_dim()]),
+        &device,
+    );
     let out = tower.forward(pixels, &[grid]);
     assert_eq!(out.dims(), [n / 4, 32]);
     let v = infimed_model::nn::to_vec(out);

@@ -32,7 +32,13 @@ pub struct DemoDataArgs {
 }
 
 pub fn run(args: DemoDataArgs) -> Result<()> {
-    let cfg = DemoDataConfig { seed: args.seed, train: args.train, val: args.val, image_size: args.image_size, image_pool: args.image_pool };
+    let cfg = DemoDataConfig {
+        seed: args.seed,
+        train: args.train,
+        val: args.val,
+        image_size: args.image_size,
+        image_pool: args.image_pool,
+    };
     let summary = demo::write_demo_data(&args.out, &cfg)?;
     print!("{}", summary.to_text());
     println!("written to {}", args.out.display());

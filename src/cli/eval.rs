@@ -27,15 +27,15 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::model::ModelBackend;
 use crate::backend::{dispatch, BackendArgs, BackendJob};
 use crate::data::template::{ChatMessage, ContentPart};
+use crate::engine::generate_batched;
 use crate::eval::report::EvalReport;
 use crate::eval::score::score_record;
 use crate::eval::{BenchRecord, Skipped};
 use crate::generate::{rng_from_seed, stop_tokens, Prompt, SamplingConfig};
-use crate::engine::generate_batched;
 use crate::inputs::Processor;
+use crate::model::ModelBackend;
 use crate::models::model_files_dir;
 
 use crate::eval::convert::{self, BenchFormat, ConvertOptions};
@@ -102,7 +102,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     }
     report.label = args.label.clone().unwrap_or_else(|| {
-        responses_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        responses_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
     });
     report.skipped = skipped;
     finish(&args, &report)
@@ -114,7 +117,12 @@ fn finish(args: &EvalArgs, report: &EvalReport) -> Result<()> {
         tracing::warn!("skipped {s}");
     }
     if !report.unmatched_responses.is_empty() {
-        let shown: Vec<&str> = report.unmatched_responses.iter().take(5).map(String::as_str).collect();
+        let shown: Vec<&str> = report
+            .unmatched_responses
+            .iter()
+            .take(5)
+            .map(String::as_str)
+            .collect();
         tracing::warn!(
             "{} response id(s) match no benchmark record and were ignored (e.g. {})",
             report.unmatched_responses.len(),
@@ -122,7 +130,10 @@ fn finish(args: &EvalArgs, report: &EvalReport) -> Result<()> {
         );
     }
     if report.missing_responses > 0 {
-        tracing::warn!("{} benchmark record(s) have no response and count as wrong", report.missing_responses);
+        tracing::warn!(
+            "{} benchmark record(s) have no response and count as wrong",
+            report.missing_responses
+        );
     }
     eval::write_report(&args.out, report)?;
     print!("{}", report.summary_markdown());
@@ -185,18 +196,28 @@ impl BackendJob for ModelEvalJob {
                             reason: format!("{e:#} (counted as wrong)"),
                         });
                     }
-                    Err(e) => bail!("{} id {}: {e:#} (--skip-invalid counts it as wrong instead)", path.display(), rec.id),
+                    Err(e) => bail!(
+                        "{} id {}: {e:#} (--skip-invalid counts it as wrong instead)",
+                        path.display(),
+                        rec.id
+                    ),
                 }
                 records.push(rec);
             }
         }
         ensure!(!records.is_empty(), "the benchmark file(s) hold no record");
-        let model = crate::models::load_inference_model::<B>(&model_name, args.seed, args.backend.precision, &device)?;
+        let model = crate::models::load_inference_model::<B>(
+            &model_name,
+            args.seed,
+            args.backend.precision,
+            &device,
+        )?;
         let stop = stop_tokens(&files, &model.config.tokens.eos_token_ids)?;
         let cfg = SamplingConfig::greedy(args.max_new_tokens);
         let bar = ProgressBar::new(records.len() as u64);
         bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} records, {msg} [{elapsed} < {eta}]").expect("style"),
+            ProgressStyle::with_template("{bar:30} {pos}/{len} records, {msg} [{elapsed} < {eta}]")
+                .expect("style"),
         );
         bar.inc((records.len() - prompts.len()) as u64);
         let (mut done, mut correct) = (0usize, 0usize);
@@ -204,29 +225,39 @@ impl BackendJob for ModelEvalJob {
         let mut new_tokens = 0usize;
         // Decoded once, as each batch finishes (for the running accuracy and the results).
         let mut texts: Vec<Option<Result<String>>> = (0..prompts.len()).map(|_| None).collect();
-        let gens = generate_batched(&model, &prompts, &cfg, &stop, &mut rng_from_seed(0), args.batch_size, |idx, gens| {
-            for (&i, g) in idx.iter().zip(gens) {
-                let text = processor.tokenizer.decode(&g.tokens, true);
-                if let Ok(t) = &text {
-                    correct += score_record(&records[prompt_of[i]], Some(t)).correct as usize;
+        let gens = generate_batched(
+            &model,
+            &prompts,
+            &cfg,
+            &stop,
+            &mut rng_from_seed(0),
+            args.batch_size,
+            |idx, gens| {
+                for (&i, g) in idx.iter().zip(gens) {
+                    let text = processor.tokenizer.decode(&g.tokens, true);
+                    if let Ok(t) = &text {
+                        correct += score_record(&records[prompt_of[i]], Some(t)).correct as usize;
+                    }
+                    texts[i] = Some(text);
+                    new_tokens += g.tokens.len();
                 }
-                texts[i] = Some(text);
-                new_tokens += g.tokens.len();
-            }
-            done += idx.len();
-            bar.inc(idx.len() as u64);
-            bar.set_message(format!(
-                "accuracy {:.1}%, {:.0} tokens/s",
-                100.0 * correct as f64 / done.max(1) as f64,
-                new_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
-            ));
-        })?;
+                done += idx.len();
+                bar.inc(idx.len() as u64);
+                bar.set_message(format!(
+                    "accuracy {:.1}%, {:.0} tokens/s",
+                    100.0 * correct as f64 / done.max(1) as f64,
+                    new_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
+                ));
+            },
+        )?;
         bar.finish_and_clear();
         let mut responses = HashMap::new();
-        std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
         let resp_path = args.out.join("responses.jsonl");
         let mut w = std::io::BufWriter::new(
-            std::fs::File::create(&resp_path).with_context(|| format!("creating {}", resp_path.display()))?,
+            std::fs::File::create(&resp_path)
+                .with_context(|| format!("creating {}", resp_path.display()))?,
         );
         for ((g, &r), text) in gens.iter().zip(&prompt_of).zip(texts) {
             let text = text.expect("every prompt generated")?;
@@ -244,7 +275,10 @@ impl BackendJob for ModelEvalJob {
             resp_path.display()
         );
         let mut report = eval::score_responses(&records, &responses);
-        report.label = args.label.clone().unwrap_or_else(|| format!("{model_name} ({})", args.mode.as_str()));
+        report.label = args
+            .label
+            .clone()
+            .unwrap_or_else(|| format!("{model_name} ({})", args.mode.as_str()));
         report.skipped = skipped;
         finish(&args, &report)
     }
@@ -279,10 +313,18 @@ pub struct BenchConvertArgs {
 
 pub fn run_convert(args: BenchConvertArgs) -> Result<()> {
     let media_dir = args.media_dir.clone().unwrap_or_else(|| {
-        let stem = args.out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "bench".into());
+        let stem = args
+            .out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "bench".into());
         args.out.with_file_name(format!("{stem}-images"))
     });
-    let media_dir = if media_dir.is_absolute() { media_dir } else { std::env::current_dir()?.join(media_dir) };
+    let media_dir = if media_dir.is_absolute() {
+        media_dir
+    } else {
+        std::env::current_dir()?.join(media_dir)
+    };
     let opts = ConvertOptions {
         all_languages: args.all_languages,
         split: args.split.clone(),
@@ -290,12 +332,20 @@ pub fn run_convert(args: BenchConvertArgs) -> Result<()> {
         media_dir: Some(media_dir),
     };
     let conv = convert::convert(args.format, &args.input, &opts)?;
-    ensure!(!conv.records.is_empty(), "no record converted from {}", args.input.display());
+    ensure!(
+        !conv.records.is_empty(),
+        "no record converted from {}",
+        args.input.display()
+    );
     convert::write_records(&args.out, &conv.records)?;
     for s in &conv.skipped {
         tracing::warn!("skipped {s}");
     }
-    let counts: Vec<String> = conv.counts().iter().map(|(t, n)| format!("{t} {n}")).collect();
+    let counts: Vec<String> = conv
+        .counts()
+        .iter()
+        .map(|(t, n)| format!("{t} {n}"))
+        .collect();
     println!(
         "{}: {} records ({}); {} filtered out (language/split/subject); {} skipped as invalid -> {}",
         args.format.benchmark(),

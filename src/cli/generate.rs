@@ -17,12 +17,12 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::model::ModelBackend;
 use crate::backend::{dispatch, BackendArgs, BackendJob};
 use crate::data::sharegpt::{read_sharegpt, split_image_tags, IMAGE_TAG};
 use crate::data::template::{ChatMessage, ContentPart};
-use crate::generate::{rng_from_seed, Prompt, SamplingConfig};
 use crate::engine::generate_batched;
+use crate::generate::{rng_from_seed, Prompt, SamplingConfig};
+use crate::model::ModelBackend;
 use crate::models::load_generator;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -74,7 +74,12 @@ pub struct GenerateArgs {
 
 impl GenerateArgs {
     pub fn sampling(&self) -> SamplingConfig {
-        SamplingConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, max_new_tokens: self.max_new_tokens }
+        SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+        }
     }
 }
 
@@ -97,21 +102,30 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     match (&args.prompt, &args.data) {
         (Some(_), _) => {}
         (None, Some(_)) => ensure!(args.out.is_some(), "--data needs --out"),
-        (None, None) => bail!("give --prompt TEXT (with --image PATH ...) or --data F.jsonl --out F.jsonl"),
+        (None, None) => {
+            bail!("give --prompt TEXT (with --image PATH ...) or --data F.jsonl --out F.jsonl")
+        }
     }
     let backend = args.backend;
     dispatch(backend, GenerateJob(args))
 }
 
 /// The user message of `--prompt`: images at the `<image>` tags, or all before the text.
-pub fn flag_messages(text: &str, n_images: usize, system: Option<&str>) -> Result<Vec<ChatMessage>> {
+pub fn flag_messages(
+    text: &str,
+    n_images: usize,
+    system: Option<&str>,
+) -> Result<Vec<ChatMessage>> {
     let tags = text.matches(IMAGE_TAG).count();
     let parts = if tags == 0 {
         let mut p = vec![ContentPart::Image; n_images];
         p.push(ContentPart::Text(text.to_string()));
         p
     } else {
-        ensure!(tags == n_images, "the prompt has {tags} <image> tags but {n_images} --image files were given");
+        ensure!(
+            tags == n_images,
+            "the prompt has {tags} <image> tags but {n_images} --image files were given"
+        );
         split_image_tags(text)
     };
     let mut msgs = vec![];
@@ -128,7 +142,13 @@ impl BackendJob for GenerateJob {
     type Output = ();
     fn run<B: ModelBackend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
-        let (model, processor, stop) = load_generator::<B>(&args.model, args.seed, args.max_pixels, args.backend.precision, &device)?;
+        let (model, processor, stop) = load_generator::<B>(
+            &args.model,
+            args.seed,
+            args.max_pixels,
+            args.backend.precision,
+            &device,
+        )?;
         let cfg = args.sampling();
         let mut rng = rng_from_seed(args.seed);
 
@@ -139,7 +159,15 @@ impl BackendJob for GenerateJob {
             let msgs = flag_messages(text, args.images.len(), args.system.as_deref())?;
             let prompt = processor.prompt(&msgs, &args.images)?;
             let prompts = vec![prompt; args.n];
-            let gens = generate_batched(&model, &prompts, &cfg, &stop, &mut rng, args.batch_size, |_, _| {})?;
+            let gens = generate_batched(
+                &model,
+                &prompts,
+                &cfg,
+                &stop,
+                &mut rng,
+                args.batch_size,
+                |_, _| {},
+            )?;
             for (k, g) in gens.iter().enumerate() {
                 if args.n > 1 {
                     println!("--- sample {k}");
@@ -164,17 +192,30 @@ impl BackendJob for GenerateJob {
         }
         let bar = ProgressBar::new(prompts.len() as u64);
         bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} answers, {msg} [{elapsed} < {eta}]").expect("style"),
+            ProgressStyle::with_template("{bar:30} {pos}/{len} answers, {msg} [{elapsed} < {eta}]")
+                .expect("style"),
         );
         let start = std::time::Instant::now();
         let mut new_tokens = 0usize;
-        let gens = generate_batched(&model, &prompts, &cfg, &stop, &mut rng, args.batch_size, |idx, gens| {
-            new_tokens += gens.iter().map(|g| g.tokens.len()).sum::<usize>();
-            bar.inc(idx.len() as u64);
-            bar.set_message(format!("{:.1} tokens/s", new_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)));
-        })?;
+        let gens = generate_batched(
+            &model,
+            &prompts,
+            &cfg,
+            &stop,
+            &mut rng,
+            args.batch_size,
+            |idx, gens| {
+                new_tokens += gens.iter().map(|g| g.tokens.len()).sum::<usize>();
+                bar.inc(idx.len() as u64);
+                bar.set_message(format!(
+                    "{:.1} tokens/s",
+                    new_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
+                ));
+            },
+        )?;
         bar.finish_and_clear();
-        let file = std::fs::File::create(out_path).with_context(|| format!("creating {}", out_path.display()))?;
+        let file = std::fs::File::create(out_path)
+            .with_context(|| format!("creating {}", out_path.display()))?;
         let mut out = std::io::BufWriter::new(file);
         for (g, &(index, sample)) in gens.iter().zip(&keys) {
             let rec = GeneratedRecord {

@@ -10,7 +10,11 @@ pub mod score;
 pub mod synth;
 
 #[derive(Parser, Debug)]
-#[command(name = "infimed", version, about = "InfiMed: SFT + GRPO for Qwen2.5-VL medical MLLMs, on Burn")]
+#[command(
+    name = "infimed",
+    version,
+    about = "InfiMed: SFT + GRPO for Qwen2.5-VL medical MLLMs, on Burn"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -61,6 +65,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// `info,burn_collective=debug`).
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("INFIMED_LOG").unwrap_or_else(|_| EnvFilter::new("warn,infimed=info,infimed_model=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = EnvFilter::try_from_env("INFIMED_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("warn,infimed=info,infimed_model=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

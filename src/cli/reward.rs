@@ -86,7 +86,10 @@ pub struct Summary {
 impl Summary {
     /// The summary as a text table.
     pub fn table(&self) -> String {
-        let mut s = format!("{:<10} {:>7} {:>8} {:>9} {:>8}\n", "task", "n", "format", "accuracy", "reward");
+        let mut s = format!(
+            "{:<10} {:>7} {:>8} {:>9} {:>8}\n",
+            "task", "n", "format", "accuracy", "reward"
+        );
         let row = |name: &str, g: &GroupStats| {
             format!(
                 "{:<10} {:>7} {:>8.4} {:>9.4} {:>8.4}\n",
@@ -109,8 +112,10 @@ impl Summary {
 pub fn resolve_config(args: &RewardArgs) -> Result<RewardConfig> {
     let mut cfg = match &args.recipe {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
-            RewardConfig::from_recipe_toml(&text).with_context(|| format!("recipe {}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading recipe {}", path.display()))?;
+            RewardConfig::from_recipe_toml(&text)
+                .with_context(|| format!("recipe {}", path.display()))?
         }
         None => RewardConfig::default(),
     };
@@ -130,7 +135,9 @@ pub fn resolve_config(args: &RewardArgs) -> Result<RewardConfig> {
 /// Score one JSONL line (already known to be non-blank) and return the record with the fields added.
 fn score_line(cfg: &RewardConfig, line: &str) -> Result<(Value, rewards::RewardBreakdown)> {
     let value: Value = serde_json::from_str(line).map_err(|e| anyhow!("malformed JSON: {e}"))?;
-    let Value::Object(mut obj) = value else { bail!("expected a JSON object") };
+    let Value::Object(mut obj) = value else {
+        bail!("expected a JSON object")
+    };
     let response = match obj.get("response") {
         Some(Value::String(s)) => s.clone(),
         Some(other) => bail!("`response` must be a string, got {other}"),
@@ -160,7 +167,8 @@ pub fn score_jsonl(cfg: &RewardConfig, bytes: &[u8], source: &str) -> Result<(St
     let mut summary = Summary::default();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let lineno = i + 1;
-        let line = std::str::from_utf8(raw).map_err(|e| anyhow!("{source}:{lineno}: invalid UTF-8: {e}"))?;
+        let line = std::str::from_utf8(raw)
+            .map_err(|e| anyhow!("{source}:{lineno}: invalid UTF-8: {e}"))?;
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
@@ -183,7 +191,8 @@ fn write_output(path: &Path, text: &str) -> Result<()> {
 
 pub fn run(args: RewardArgs) -> Result<()> {
     let cfg = resolve_config(&args)?;
-    let bytes = std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    let bytes =
+        std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
     let (text, summary) = score_jsonl(&cfg, &bytes, &args.data.display().to_string())?;
     write_output(&args.out, &text)?;
     println!(
@@ -202,7 +211,14 @@ mod tests {
     use super::*;
 
     fn args(data: PathBuf, out: PathBuf) -> RewardArgs {
-        RewardArgs { data, out, recipe: None, format: None, format_weight: None, accuracy_weight: None }
+        RewardArgs {
+            data,
+            out,
+            recipe: None,
+            format: None,
+            format_weight: None,
+            accuracy_weight: None,
+        }
     }
 
     #[test]
@@ -216,8 +232,12 @@ mod tests {
             "\n",
             r#"{"id": 4, "response": "no format", "answer": "left lung"}"#,
         );
-        let (out, summary) = score_jsonl(&RewardConfig::default(), input.as_bytes(), "in.jsonl").unwrap();
-        let recs: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let (out, summary) =
+            score_jsonl(&RewardConfig::default(), input.as_bytes(), "in.jsonl").unwrap();
+        let recs: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(recs.len(), 4);
         assert_eq!(recs[0]["id"], 1);
         assert_eq!(recs[0]["reward"], 1.0);
@@ -238,18 +258,37 @@ mod tests {
     fn malformed_lines_name_file_and_line() {
         let cfg = RewardConfig::default();
         for (input, needle) in [
-            ("{\"response\": \"a\", \"answer\": \"b\"}\n{oops\n", "f.jsonl:2: malformed JSON"),
+            (
+                "{\"response\": \"a\", \"answer\": \"b\"}\n{oops\n",
+                "f.jsonl:2: malformed JSON",
+            ),
             ("[1]\n", "f.jsonl:1: expected a JSON object"),
             ("{\"answer\": \"b\"}\n", "f.jsonl:1: missing `response`"),
             ("{\"response\": \"a\"}\n", "f.jsonl:1: missing `answer`"),
-            ("{\"response\": \"a\", \"answer\": null}\n", "f.jsonl:1: `answer` is null"),
-            ("\n\n{\"response\": \"a\", \"answer\": \"b\", \"task\": \"essay\"}\n", "f.jsonl:3: unknown task"),
-            ("{\"response\": 1, \"answer\": \"b\"}\n", "f.jsonl:1: `response` must be a string"),
+            (
+                "{\"response\": \"a\", \"answer\": null}\n",
+                "f.jsonl:1: `answer` is null",
+            ),
+            (
+                "\n\n{\"response\": \"a\", \"answer\": \"b\", \"task\": \"essay\"}\n",
+                "f.jsonl:3: unknown task",
+            ),
+            (
+                "{\"response\": 1, \"answer\": \"b\"}\n",
+                "f.jsonl:1: `response` must be a string",
+            ),
         ] {
-            let err = score_jsonl(&cfg, input.as_bytes(), "f.jsonl").unwrap_err().to_string();
+            let err = score_jsonl(&cfg, input.as_bytes(), "f.jsonl")
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
-        let err = score_jsonl(&cfg, b"{\"response\": \"\xff\", \"answer\": \"b\"}\n", "f.jsonl").unwrap_err();
+        let err = score_jsonl(
+            &cfg,
+            b"{\"response\": \"\xff\", \"answer\": \"b\"}\n",
+            "f.jsonl",
+        )
+        .unwrap_err();
         assert!(err.to_string().starts_with("f.jsonl:1:"));
     }
 
@@ -259,20 +298,26 @@ mod tests {
         let data = dir.path().join("in.jsonl");
         let out = dir.path().join("sub/out.jsonl");
         let recipe = dir.path().join("r.toml");
-        std::fs::write(&data, "{\"response\": \"<think>x</think><answer>C</answer>\", \"answer\": \"(C)\"}\n").unwrap();
+        std::fs::write(
+            &data,
+            "{\"response\": \"<think>x</think><answer>C</answer>\", \"answer\": \"(C)\"}\n",
+        )
+        .unwrap();
         std::fs::write(&recipe, "[grpo]\nlr = 1e-6\n[reward]\nformat = \"think_answer\"\nformat_weight = 0.2\naccuracy_weight = 0.8\n").unwrap();
 
         let mut a = args(data.clone(), out.clone());
         a.recipe = Some(recipe.clone());
         run(a.clone()).unwrap();
-        let rec: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+        let rec: Value =
+            serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
         assert!((rec["reward"].as_f64().unwrap() - 1.0).abs() < 1e-12);
 
         a.format_weight = Some(0.5);
         assert_eq!(resolve_config(&a).unwrap().format_weight, 0.5);
         a.format = Some(FormatKind::ThinkBoxed);
         run(a.clone()).unwrap();
-        let rec: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+        let rec: Value =
+            serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
         assert_eq!(rec["format"], 0.0);
         assert_eq!(rec["reward"], 0.0);
 
@@ -289,9 +334,22 @@ mod tests {
             #[command(flatten)]
             a: RewardArgs,
         }
-        let w = W::try_parse_from(["x", "--data", "a", "--out", "b", "--format", "think_answer", "--format-weight", "0.3"]).unwrap();
+        let w = W::try_parse_from([
+            "x",
+            "--data",
+            "a",
+            "--out",
+            "b",
+            "--format",
+            "think_answer",
+            "--format-weight",
+            "0.3",
+        ])
+        .unwrap();
         assert_eq!(w.a.format, Some(FormatKind::ThinkAnswer));
         assert_eq!(w.a.format_weight, Some(0.3));
-        assert!(W::try_parse_from(["x", "--data", "a", "--out", "b", "--format", "boxed"]).is_err());
+        assert!(
+            W::try_parse_from(["x", "--data", "a", "--out", "b", "--format", "boxed"]).is_err()
+        );
     }
 }

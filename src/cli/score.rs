@@ -11,15 +11,15 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::model::ModelBackend;
 use crate::backend::{check_precision, compute_model, dispatch, BackendArgs, BackendJob};
 use crate::data::encode::{Encoded, TrainOn};
 use crate::data::sharegpt::read_sharegpt;
 use crate::inputs::Processor;
-use crate::model::nn::to_vec;
-use crate::model::Qwen25VL;
 use crate::learn::batch::collate;
 use crate::learn::logprobs::target_logprobs;
+use crate::model::nn::to_vec;
+use crate::model::ModelBackend;
+use crate::model::Qwen25VL;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ScoreArgs {
@@ -67,13 +67,16 @@ impl BackendJob for ScoreJob {
         let model = Qwen25VL::<B>::load(&args.model, &device)
             .with_context(|| format!("loading model from {}", args.model.display()))?;
         let model = compute_model(&model, args.backend.precision);
-        let file = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+        let file = std::fs::File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
         let mut out = std::io::BufWriter::new(file);
         let bar = ProgressBar::new(records.len() as u64);
-        bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} records [{elapsed} < {eta}]").expect("style"));
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} records [{elapsed} < {eta}]")
+                .expect("style"),
+        );
         for (index, rec) in records.iter().enumerate() {
-            let enc = processor
-                .encode(rec, TrainOn::LastAssistant)?;
+            let enc = processor.encode(rec, TrainOn::LastAssistant)?;
             let score = score_encoded(&model, &enc, index).with_context(|| rec.origin.clone())?;
             serde_json::to_writer(&mut out, &score)?;
             out.write_all(b"\n")?;
@@ -86,10 +89,23 @@ impl BackendJob for ScoreJob {
 }
 
 /// Log-probs of the labelled tokens of one encoded sample.
-pub fn score_encoded<B: ModelBackend>(model: &Qwen25VL<B>, enc: &Encoded, index: usize) -> Result<RecordScore> {
+pub fn score_encoded<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    enc: &Encoded,
+    index: usize,
+) -> Result<RecordScore> {
     // One sample: no padding, so the pad id is irrelevant.
     let (logp, target_ids) = target_logprobs(model, &collate(&[enc], 0))?;
-    let logprobs: Vec<f64> = if target_ids.is_empty() { vec![] } else { to_vec(logp).iter().map(|&x| x as f64).collect() };
+    let logprobs: Vec<f64> = if target_ids.is_empty() {
+        vec![]
+    } else {
+        to_vec(logp).iter().map(|&x| x as f64).collect()
+    };
     let sum_logprob = logprobs.iter().sum();
-    Ok(RecordScore { index, target_ids, logprobs, sum_logprob })
+    Ok(RecordScore {
+        index,
+        target_ids,
+        logprobs,
+        sum_logprob,
+    })
 }

@@ -19,17 +19,19 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::model::ModelBackend;
 use crate::backend::{dispatch, BackendArgs, BackendJob, Precision};
 use crate::data::sharegpt::parse_record;
 use crate::data::template::ChatMessage;
+use crate::engine::generate_batched;
 use crate::eval::for_each_jsonl;
 use crate::generate::{rng_from_seed, Prompt, SamplingConfig};
-use crate::engine::generate_batched;
 use crate::inputs::Processor;
-use crate::models::load_generator;
+use crate::model::ModelBackend;
 use crate::model::Qwen25VL;
-use crate::synth::{self, candidate_correct, judge_prompt, parse_judge_reply, SynthConfig, SynthItem};
+use crate::models::load_generator;
+use crate::synth::{
+    self, candidate_correct, judge_prompt, parse_judge_reply, SynthConfig, SynthItem,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct SynthArgs {
@@ -79,11 +81,23 @@ pub fn run(args: SynthArgs) -> Result<()> {
         ensure!(args.n >= 1, "--n must be at least 1");
         let prepared = args.out.with_extension("candidates.jsonl");
         let backend = args.backend;
-        dispatch(backend, PrepareJob { args: args.clone(), out: prepared.clone() })?;
+        dispatch(
+            backend,
+            PrepareJob {
+                args: args.clone(),
+                out: prepared.clone(),
+            },
+        )?;
         args.candidates = prepared;
     }
-    ensure!(args.min_accuracy.is_finite() && (0.0..=1.0).contains(&args.min_accuracy), "--min-accuracy must be in [0, 1]");
-    let cfg = SynthConfig { seed: args.seed, min_accuracy: args.min_accuracy };
+    ensure!(
+        args.min_accuracy.is_finite() && (0.0..=1.0).contains(&args.min_accuracy),
+        "--min-accuracy must be in [0, 1]"
+    );
+    let cfg = SynthConfig {
+        seed: args.seed,
+        min_accuracy: args.min_accuracy,
+    };
     let s = synth::synthesize_file(&args.candidates, &args.out, &cfg, args.skip_invalid)?;
     for sk in &s.skipped {
         tracing::warn!("skipped {sk}");
@@ -110,7 +124,11 @@ struct PrepareJob {
 }
 
 /// A generator or judge model from an HF folder.
-fn load<B: ModelBackend>(dir: &Path, precision: Precision, device: &B::Device) -> Result<(Qwen25VL<B>, Processor, Vec<u32>)> {
+fn load<B: ModelBackend>(
+    dir: &Path,
+    precision: Precision,
+    device: &B::Device,
+) -> Result<(Qwen25VL<B>, Processor, Vec<u32>)> {
     load_generator::<B>(&dir.to_string_lossy(), 0, None, precision, device)
 }
 
@@ -118,18 +136,29 @@ impl BackendJob for PrepareJob {
     type Output = ();
     fn run<B: ModelBackend>(self, device: B::Device) -> Result<()> {
         let args = self.args;
-        let base = args.candidates.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = args
+            .candidates
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let mut records: Vec<(Value, String)> = vec![];
         let mut skipped = vec![];
-        for_each_jsonl(&args.candidates, args.skip_invalid, &mut skipped, |mut v, loc| {
-            let o = v.as_object_mut().ok_or_else(|| anyhow::anyhow!("a record must be a JSON object"))?;
-            if args.generate_with.is_some() || !o.contains_key("candidates") {
-                o.insert("candidates".into(), json!([]));
-            }
-            SynthItem::from_value(&v)?; // validate early, with FILE:LINE
-            records.push((v, loc.to_string()));
-            Ok(())
-        })?;
+        for_each_jsonl(
+            &args.candidates,
+            args.skip_invalid,
+            &mut skipped,
+            |mut v, loc| {
+                let o = v
+                    .as_object_mut()
+                    .ok_or_else(|| anyhow::anyhow!("a record must be a JSON object"))?;
+                if args.generate_with.is_some() || !o.contains_key("candidates") {
+                    o.insert("candidates".into(), json!([]));
+                }
+                SynthItem::from_value(&v)?; // validate early, with FILE:LINE
+                records.push((v, loc.to_string()));
+                Ok(())
+            },
+        )?;
         for s in &skipped {
             tracing::warn!("skipped {s}");
         }
@@ -140,21 +169,48 @@ impl BackendJob for PrepareJob {
             let mut prompts: Vec<Prompt> = vec![];
             for (v, loc) in &records {
                 let item = SynthItem::from_value(v)?;
-                let conv = parse_record(&json!({"messages": item.messages, "images": item.images}), &base, loc)?;
+                let conv = parse_record(
+                    &json!({"messages": item.messages, "images": item.images}),
+                    &base,
+                    loc,
+                )?;
                 let p = processor.conversation_prompt(&conv)?;
                 prompts.extend(std::iter::repeat_n(p, args.n));
             }
-            let cfg = SamplingConfig { temperature: args.temperature as f32, top_k: 0, top_p: 1.0, max_new_tokens: args.max_new_tokens };
+            let cfg = SamplingConfig {
+                temperature: args.temperature as f32,
+                top_k: 0,
+                top_p: 1.0,
+                max_new_tokens: args.max_new_tokens,
+            };
             cfg.validate()?;
-            let gens = generate_batched(&model, &prompts, &cfg, &stop, &mut rng_from_seed(args.seed), args.batch_size, |_, _| {})?;
+            let gens = generate_batched(
+                &model,
+                &prompts,
+                &cfg,
+                &stop,
+                &mut rng_from_seed(args.seed),
+                args.batch_size,
+                |_, _| {},
+            )?;
             for (k, (v, _)) in records.iter_mut().enumerate() {
                 let cands: Vec<Value> = gens[k * args.n..(k + 1) * args.n]
                     .iter()
-                    .map(|g| processor.tokenizer.decode(&g.tokens, true).map(|t| json!({"text": t})))
+                    .map(|g| {
+                        processor
+                            .tokenizer
+                            .decode(&g.tokens, true)
+                            .map(|t| json!({"text": t}))
+                    })
                     .collect::<Result<_>>()?;
                 v["candidates"] = Value::Array(cands);
             }
-            eprintln!("generated {} candidates for {} questions with {}", gens.len(), records.len(), dir.display());
+            eprintln!(
+                "generated {} candidates for {} questions with {}",
+                gens.len(),
+                records.len(),
+                dir.display()
+            );
             cache.insert(dir.clone(), (model, processor, stop));
         }
 
@@ -171,14 +227,25 @@ impl BackendJob for PrepareJob {
                 let item = SynthItem::from_value(v)?;
                 for (c, cand) in item.candidates.iter().enumerate() {
                     if cand.score.is_none() && candidate_correct(&item, cand, args.min_accuracy) {
-                        let msgs = vec![ChatMessage::text("user", judge_prompt(&item.question, &cand.text))];
+                        let msgs = vec![ChatMessage::text(
+                            "user",
+                            judge_prompt(&item.question, &cand.text),
+                        )];
                         prompts.push(processor.prompt(&msgs, &[])?);
                         slots.push((r, c));
                     }
                 }
             }
             let cfg = SamplingConfig::greedy(args.judge_max_new_tokens);
-            let gens = generate_batched(model, &prompts, &cfg, stop, &mut rng_from_seed(0), args.batch_size, |_, _| {})?;
+            let gens = generate_batched(
+                model,
+                &prompts,
+                &cfg,
+                stop,
+                &mut rng_from_seed(0),
+                args.batch_size,
+                |_, _| {},
+            )?;
             let mut unparsable = 0;
             for (g, &(r, c)) in gens.iter().zip(&slots) {
                 let reply = processor.tokenizer.decode(&g.tokens, true)?;
@@ -198,7 +265,10 @@ impl BackendJob for PrepareJob {
             );
         }
 
-        let mut w = std::io::BufWriter::new(std::fs::File::create(&self.out).with_context(|| format!("creating {}", self.out.display()))?);
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(&self.out)
+                .with_context(|| format!("creating {}", self.out.display()))?,
+        );
         for (v, _) in &records {
             serde_json::to_writer(&mut w, v)?;
             w.write_all(b"\n")?;

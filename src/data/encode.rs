@@ -61,21 +61,34 @@ impl Encoded {
 
     /// Labels with -100 for ignored positions.
     pub fn labels_i64(&self) -> Vec<i64> {
-        self.labels.iter().map(|l| l.map_or(IGNORE_INDEX, i64::from)).collect()
+        self.labels
+            .iter()
+            .map(|l| l.map_or(IGNORE_INDEX, i64::from))
+            .collect()
     }
 
     /// Number of `<|image_pad|>` tokens each image expands to.
     pub fn image_token_counts(&self, merge_size: usize) -> Vec<usize> {
-        self.image_grids.iter().map(|g| super::image::num_image_tokens(*g, merge_size)).collect()
+        self.image_grids
+            .iter()
+            .map(|g| super::image::num_image_tokens(*g, merge_size))
+            .collect()
     }
 }
 
 /// Loads and processes image files in order (errors name the file).
-pub fn process_images(processor: &ImageProcessorConfig, paths: &[PathBuf]) -> Result<Vec<ProcessedImage>> {
+pub fn process_images(
+    processor: &ImageProcessorConfig,
+    paths: &[PathBuf],
+) -> Result<Vec<ProcessedImage>> {
     paths
         .iter()
         .enumerate()
-        .map(|(i, p)| processor.process_path(p).with_context(|| format!("image {} of the record", i + 1)))
+        .map(|(i, p)| {
+            processor
+                .process_path(p)
+                .with_context(|| format!("image {} of the record", i + 1))
+        })
         .collect()
 }
 
@@ -83,7 +96,11 @@ fn check_roles(messages: &[ChatMessage]) -> Result<()> {
     ensure!(!messages.is_empty(), "empty conversation");
     let start = usize::from(messages[0].role == "system");
     for (i, m) in messages.iter().enumerate().skip(start) {
-        let expected = if (i - start) % 2 == 0 { "user" } else { "assistant" };
+        let expected = if (i - start) % 2 == 0 {
+            "user"
+        } else {
+            "assistant"
+        };
         ensure!(
             m.role == expected,
             "message {i} has role {:?} where {expected:?} was expected (optional system, then user/assistant alternating)",
@@ -94,7 +111,10 @@ fn check_roles(messages: &[ChatMessage]) -> Result<()> {
 }
 
 /// Builds token ids from text segments: `(text, trained)`.
-fn tokenize_segments(tok: &TextTokenizer, segments: &[(String, bool)]) -> Result<(Vec<u32>, Vec<Option<u32>>)> {
+fn tokenize_segments(
+    tok: &TextTokenizer,
+    segments: &[(String, bool)],
+) -> Result<(Vec<u32>, Vec<Option<u32>>)> {
     let mut ids = Vec::new();
     let mut labels = Vec::new();
     for (text, trained) in segments {
@@ -123,15 +143,20 @@ fn attach_images(
         !ids.contains(&special.video_pad),
         "the text contains <|video_pad|> tokens; videos are not supported"
     );
-    let counts: Vec<usize> =
-        images.iter().map(|im| super::image::num_image_tokens(im.grid_thw, merge_size)).collect();
+    let counts: Vec<usize> = images
+        .iter()
+        .map(|im| super::image::num_image_tokens(im.grid_thw, merge_size))
+        .collect();
     let total: usize = counts.iter().sum();
     let mut out_ids = Vec::with_capacity(ids.len() + total);
     let mut out_labels = Vec::with_capacity(ids.len() + total);
     let mut next = 0;
     for (t, l) in ids.into_iter().zip(labels) {
         if t == special.image_pad {
-            ensure!(l.is_none(), "an image is inside a trained (assistant) segment");
+            ensure!(
+                l.is_none(),
+                "an image is inside a trained (assistant) segment"
+            );
             out_ids.extend(std::iter::repeat_n(t, counts[next]));
             out_labels.extend(std::iter::repeat_n(None, counts[next]));
             next += 1;
@@ -141,7 +166,10 @@ fn attach_images(
         }
     }
     let pixel_cols = images.first().map_or(0, |im| im.cols);
-    ensure!(images.iter().all(|im| im.cols == pixel_cols), "images with different patch sizes");
+    ensure!(
+        images.iter().all(|im| im.cols == pixel_cols),
+        "images with different patch sizes"
+    );
     let pixel_rows = images.iter().map(|im| im.rows).sum();
     let mut pixel_values = Vec::with_capacity(pixel_rows * pixel_cols);
     let mut image_grids = Vec::with_capacity(images.len());
@@ -149,7 +177,14 @@ fn attach_images(
         pixel_values.extend_from_slice(&im.pixel_values);
         image_grids.push(im.grid_thw);
     }
-    Ok(Encoded { input_ids: out_ids, labels: out_labels, pixel_values, pixel_rows, pixel_cols, image_grids })
+    Ok(Encoded {
+        input_ids: out_ids,
+        labels: out_labels,
+        pixel_values,
+        pixel_rows,
+        pixel_cols,
+        image_grids,
+    })
 }
 
 /// The prompt/response text segments of a conversation (see the module doc); `bool` = trained.
@@ -208,7 +243,9 @@ pub fn encode_conversation(
     conv: &Conversation,
     train_on: TrainOn,
 ) -> Result<Encoded> {
-    encode_with(tok, template, processor, conv, train_on, |paths| process_images(processor, paths))
+    encode_with(tok, template, processor, conv, train_on, |paths| {
+        process_images(processor, paths)
+    })
 }
 
 /// [`encode_conversation`] without the pixels: the same token ids, labels and image grids
@@ -221,7 +258,9 @@ pub fn encode_conversation_shape(
     conv: &Conversation,
     train_on: TrainOn,
 ) -> Result<Encoded> {
-    encode_with(tok, template, processor, conv, train_on, |paths| paths.iter().map(|p| processor.shape_of_path(p)).collect())
+    encode_with(tok, template, processor, conv, train_on, |paths| {
+        paths.iter().map(|p| processor.shape_of_path(p)).collect()
+    })
 }
 
 fn encode_with(
@@ -270,9 +309,16 @@ pub fn encode_prompt_processed(
 ) -> Result<Encoded> {
     check_roles(messages)?;
     let last = messages.last().map(|m| m.role.as_str());
-    ensure!(last == Some("user"), "a generation prompt must end with a user message, got {last:?}");
+    ensure!(
+        last == Some("user"),
+        "a generation prompt must end with a user message, got {last:?}"
+    );
     let n: usize = messages.iter().map(ChatMessage::num_images).sum();
-    ensure!(n == images.len(), "{n} image placeholder(s) but {} image(s)", images.len());
+    ensure!(
+        n == images.len(),
+        "{n} image placeholder(s) but {} image(s)",
+        images.len()
+    );
     let text = template.render(messages, true)?;
     let ids = tok.encode(&text)?;
     let labels = vec![None; ids.len()];
@@ -301,9 +347,16 @@ fn protected_mask(ids: &[u32], special: &SpecialTokens) -> Vec<bool> {
 ///
 /// Returns `None` (the caller skips and counts the example) when the image blocks alone
 /// exceed `cutoff_len`, or when the example had labels and truncation removed all of them.
-pub fn truncate(encoded: Encoded, cutoff_len: usize, special: &SpecialTokens) -> Result<Option<Encoded>> {
+pub fn truncate(
+    encoded: Encoded,
+    cutoff_len: usize,
+    special: &SpecialTokens,
+) -> Result<Option<Encoded>> {
     ensure!(cutoff_len > 0, "cutoff_len must be > 0");
-    ensure!(encoded.labels.len() == encoded.input_ids.len(), "labels and input_ids differ in length");
+    ensure!(
+        encoded.labels.len() == encoded.input_ids.len(),
+        "labels and input_ids differ in length"
+    );
     if encoded.len() <= cutoff_len {
         return Ok(Some(encoded));
     }
@@ -324,7 +377,14 @@ pub fn truncate(encoded: Encoded, cutoff_len: usize, special: &SpecialTokens) ->
             to_remove -= 1;
         }
     }
-    let Encoded { input_ids, labels, pixel_values, pixel_rows, pixel_cols, image_grids } = encoded;
+    let Encoded {
+        input_ids,
+        labels,
+        pixel_values,
+        pixel_rows,
+        pixel_cols,
+        image_grids,
+    } = encoded;
     let (input_ids, labels): (Vec<u32>, Vec<Option<u32>>) = input_ids
         .into_iter()
         .zip(labels)
@@ -332,7 +392,14 @@ pub fn truncate(encoded: Encoded, cutoff_len: usize, special: &SpecialTokens) ->
         .filter(|(_, &d)| !d)
         .map(|(x, _)| x)
         .unzip();
-    let out = Encoded { input_ids, labels, pixel_values, pixel_rows, pixel_cols, image_grids };
+    let out = Encoded {
+        input_ids,
+        labels,
+        pixel_values,
+        pixel_rows,
+        pixel_cols,
+        image_grids,
+    };
     if had_labels && out.num_label_tokens() == 0 {
         return Ok(None);
     }
@@ -354,7 +421,11 @@ mod tests {
     }
 
     fn conv(messages: Vec<ChatMessage>, images: Vec<PathBuf>) -> Conversation {
-        Conversation { messages, images, origin: "test:1".into() }
+        Conversation {
+            messages,
+            images,
+            origin: "test:1".into(),
+        }
     }
 
     #[test]
@@ -367,7 +438,10 @@ mod tests {
         let p = ImageProcessorConfig::qwen2_5_vl();
         let c = conv(
             vec![
-                ChatMessage::new("user", vec![ContentPart::Image, ContentPart::Text("Describe.".into())]),
+                ChatMessage::new(
+                    "user",
+                    vec![ContentPart::Image, ContentPart::Text("Describe.".into())],
+                ),
                 ChatMessage::text("assistant", "A cat."),
             ],
             vec![img.clone()],
@@ -376,7 +450,10 @@ mod tests {
         assert_eq!(e.image_grids, vec![[1, 6, 4]]);
         assert_eq!((e.pixel_rows, e.pixel_cols), (24, 1176));
         assert_eq!(e.pixel_values.len(), 24 * 1176);
-        assert_eq!(e.input_ids.iter().filter(|&&x| x == sp.image_pad).count(), 6);
+        assert_eq!(
+            e.input_ids.iter().filter(|&&x| x == sp.image_pad).count(),
+            6
+        );
         let prompt = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n";
         let mut expect_ids = tok.encode(prompt).unwrap();
         let pos = expect_ids.iter().position(|&x| x == sp.image_pad).unwrap();
@@ -386,8 +463,17 @@ mod tests {
         expect_ids.extend(&resp);
         assert_eq!(e.input_ids, expect_ids);
         assert!(e.labels[..n_prompt].iter().all(Option::is_none));
-        assert_eq!(e.labels[n_prompt..].iter().map(|l| l.unwrap()).collect::<Vec<_>>(), resp);
-        assert_eq!(tok.decode(&e.input_ids[n_prompt..], false).unwrap(), "A cat.<|im_end|>\n");
+        assert_eq!(
+            e.labels[n_prompt..]
+                .iter()
+                .map(|l| l.unwrap())
+                .collect::<Vec<_>>(),
+            resp
+        );
+        assert_eq!(
+            tok.decode(&e.input_ids[n_prompt..], false).unwrap(),
+            "A cat.<|im_end|>\n"
+        );
         assert_eq!(e.labels_i64()[0], IGNORE_INDEX);
 
         // The generation prompt is the same prefix.
@@ -430,29 +516,58 @@ mod tests {
         let tok = tiny_tokenizer();
         let t = ChatTemplate::qwen2_vl();
         let p = ImageProcessorConfig::qwen2_5_vl();
-        let e = |c: Conversation| format!("{:#}", encode_conversation(&tok, &t, &p, &c, TrainOn::AllAssistant).unwrap_err());
+        let e = |c: Conversation| {
+            format!(
+                "{:#}",
+                encode_conversation(&tok, &t, &p, &c, TrainOn::AllAssistant).unwrap_err()
+            )
+        };
         // Trailing user turn.
         let msg = e(conv(vec![ChatMessage::text("user", "Q")], vec![]));
-        assert!(msg.contains("test:1") && msg.contains("not an assistant turn"), "{msg}");
+        assert!(
+            msg.contains("test:1") && msg.contains("not an assistant turn"),
+            "{msg}"
+        );
         // Missing image file.
         let msg = e(conv(
-            vec![ChatMessage::new("user", vec![ContentPart::Image]), ChatMessage::text("assistant", "A")],
+            vec![
+                ChatMessage::new("user", vec![ContentPart::Image]),
+                ChatMessage::text("assistant", "A"),
+            ],
             vec![dir.path().join("missing.png")],
         ));
         assert!(msg.contains("missing.png"), "{msg}");
         // Count mismatch.
-        let msg = e(conv(vec![ChatMessage::text("user", "Q"), ChatMessage::text("assistant", "A")], vec![dir.path().join("x.png")]));
-        assert!(msg.contains("0 image placeholder(s) but 1 image(s)"), "{msg}");
+        let msg = e(conv(
+            vec![
+                ChatMessage::text("user", "Q"),
+                ChatMessage::text("assistant", "A"),
+            ],
+            vec![dir.path().join("x.png")],
+        ));
+        assert!(
+            msg.contains("0 image placeholder(s) but 1 image(s)"),
+            "{msg}"
+        );
         // A literal <|image_pad|> in the text.
         let img = save_png(dir.path(), "a.png", 28, 28);
         let msg = e(conv(
             vec![
-                ChatMessage::new("user", vec![ContentPart::Image, ContentPart::Text("<|image_pad|>".into())]),
+                ChatMessage::new(
+                    "user",
+                    vec![
+                        ContentPart::Image,
+                        ContentPart::Text("<|image_pad|>".into()),
+                    ],
+                ),
                 ChatMessage::text("assistant", "A"),
             ],
             vec![img],
         ));
-        assert!(msg.contains("2 <|image_pad|> token(s) but there are 1 image(s)"), "{msg}");
+        assert!(
+            msg.contains("2 <|image_pad|> token(s) but there are 1 image(s)"),
+            "{msg}"
+        );
         // A template without the prefix property (drops history).
         let bad = ChatTemplate::from_source(
             "{% for m in messages[-1:] %}{{ m.role }}:{{ m.content[0].text }};{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
@@ -468,10 +583,16 @@ mod tests {
             ],
             vec![],
         );
-        let msg = format!("{:#}", encode_conversation(&tok, &bad, &p, &c, TrainOn::AllAssistant).unwrap_err());
+        let msg = format!(
+            "{:#}",
+            encode_conversation(&tok, &bad, &p, &c, TrainOn::AllAssistant).unwrap_err()
+        );
         assert!(msg.contains("does not"), "{msg}");
         // Generation prompt must end with a user turn.
-        let msg = format!("{:#}", encode_prompt(&tok, &t, &p, &c.messages, &[]).unwrap_err());
+        let msg = format!(
+            "{:#}",
+            encode_prompt(&tok, &t, &p, &c.messages, &[]).unwrap_err()
+        );
         assert!(msg.contains("must end with a user message"), "{msg}");
     }
 
@@ -491,9 +612,24 @@ mod tests {
     fn truncate_keeps_images() {
         let s = sp();
         // text(3) [vs pad pad vs_end] text(2, labelled)
-        let ids = vec![1, 2, 3, s.vision_start, s.image_pad, s.image_pad, s.vision_end, 7, 8];
+        let ids = vec![
+            1,
+            2,
+            3,
+            s.vision_start,
+            s.image_pad,
+            s.image_pad,
+            s.vision_end,
+            7,
+            8,
+        ];
         let labels = vec![None, None, None, None, None, None, None, Some(7), Some(8)];
-        let e = Encoded { input_ids: ids.clone(), labels, image_grids: vec![[1, 2, 4]], ..Default::default() };
+        let e = Encoded {
+            input_ids: ids.clone(),
+            labels,
+            image_grids: vec![[1, 2, 4]],
+            ..Default::default()
+        };
         assert_eq!(truncate(e.clone(), 9, &s).unwrap().unwrap(), e);
         let t = truncate(e.clone(), 8, &s).unwrap().unwrap();
         assert_eq!(t.input_ids, ids[..8]);
@@ -504,7 +640,10 @@ mod tests {
         let mut nolab = e.clone();
         nolab.labels = vec![None; 9];
         let t = truncate(nolab, 5, &s).unwrap().unwrap();
-        assert_eq!(t.input_ids, vec![1, s.vision_start, s.image_pad, s.image_pad, s.vision_end]);
+        assert_eq!(
+            t.input_ids,
+            vec![1, s.vision_start, s.image_pad, s.image_pad, s.vision_end]
+        );
         assert_eq!(t.image_grids, e.image_grids);
         // Image block alone larger than the cutoff.
         assert!(truncate(e.clone(), 3, &s).unwrap().is_none());
@@ -540,9 +679,14 @@ mod tests {
 
     /// Random multi-turn conversations (optional system turn, 1-3 user/assistant rounds).
     fn arb_turns() -> impl Strategy<Value = (bool, Vec<(String, String)>)> {
-        let word = prop::sample::select(vec!["lung", "x-ray", "no", "yes", "B", "nodule", "3 mm", "left.", "Why?", "ok"]);
+        let word = prop::sample::select(vec![
+            "lung", "x-ray", "no", "yes", "B", "nodule", "3 mm", "left.", "Why?", "ok",
+        ]);
         let text = prop::collection::vec(word, 1..6).prop_map(|w| w.join(" "));
-        (any::<bool>(), prop::collection::vec((text.clone(), text), 1..4))
+        (
+            any::<bool>(),
+            prop::collection::vec((text.clone(), text), 1..4),
+        )
     }
 
     proptest! {

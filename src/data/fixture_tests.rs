@@ -27,7 +27,11 @@ fn read_json(p: &Path) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// One f32 tensor of a safetensors file (little-endian), without the safetensors crate.
@@ -37,9 +41,17 @@ fn safetensors_f32(p: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let t = &header[name];
     assert_eq!(t["dtype"], "F32");
-    let shape = t["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let shape = t["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
     let off = t["data_offsets"].as_array().unwrap();
-    let (a, b) = (off[0].as_u64().unwrap() as usize, off[1].as_u64().unwrap() as usize);
+    let (a, b) = (
+        off[0].as_u64().unwrap() as usize,
+        off[1].as_u64().unwrap() as usize,
+    );
     let data = bytes[8 + n + a..8 + n + b]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -56,13 +68,24 @@ fn tokenizer_cases() {
         assert_eq!(tok.token_id(s), Some(id.as_u64().unwrap() as u32), "{s}");
     }
     assert_eq!(tok.special().image_pad, 612);
-    assert_eq!(tok.vocab_size(), cases["tokenizer_len"].as_u64().unwrap() as usize);
+    assert_eq!(
+        tok.vocab_size(),
+        cases["tokenizer_len"].as_u64().unwrap() as usize
+    );
     for c in cases["cases"].as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
         let got = tok.encode(text).unwrap();
         assert_eq!(got, ids(&c["ids"]), "{text:?}");
-        assert_eq!(tok.decode(&got, false).unwrap(), c["decoded"].as_str().unwrap(), "{text:?}");
-        assert_eq!(tok.decode(&got, true).unwrap(), c["decoded_skip_special"].as_str().unwrap(), "{text:?}");
+        assert_eq!(
+            tok.decode(&got, false).unwrap(),
+            c["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+        assert_eq!(
+            tok.decode(&got, true).unwrap(),
+            c["decoded_skip_special"].as_str().unwrap(),
+            "{text:?}"
+        );
     }
 }
 
@@ -101,12 +124,22 @@ fn samples_match_transformers() {
             })
             .collect();
         assert_eq!(conv.messages, msgs, "{name}");
-        let images: Vec<PathBuf> = s["images"].as_array().unwrap().iter().map(|p| dir.join(p.as_str().unwrap())).collect();
+        let images: Vec<PathBuf> = s["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| dir.join(p.as_str().unwrap()))
+            .collect();
         assert_eq!(conv.images, images, "{name}");
         let n = msgs.len();
-        assert_eq!(template.render(&msgs[..n - 1], true).unwrap(), s["prompt_text"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            template.render(&msgs[..n - 1], true).unwrap(),
+            s["prompt_text"].as_str().unwrap(),
+            "{name}"
+        );
 
-        let e = encode_conversation(&tok, &template, &processor, conv, TrainOn::LastAssistant).unwrap();
+        let e =
+            encode_conversation(&tok, &template, &processor, conv, TrainOn::LastAssistant).unwrap();
         assert_eq!(e.input_ids, ids(&s["input_ids"]), "{name}");
         let start = s["target_start"].as_u64().unwrap() as usize;
         assert!(e.labels[..start].iter().all(Option::is_none), "{name}");
@@ -125,8 +158,16 @@ fn samples_match_transformers() {
         if let Some(file) = s["pixel_values_file"].as_str() {
             let (shape, expected) = safetensors_f32(&dir.join(file), "pixel_values");
             assert_eq!(shape, vec![e.pixel_rows, e.pixel_cols], "{name}");
-            let diff = e.pixel_values.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            eprintln!("{name}: {} ids, grids {grids:?}, max |pixel diff| {diff:e}", e.input_ids.len());
+            let diff = e
+                .pixel_values
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "{name}: {} ids, grids {grids:?}, max |pixel diff| {diff:e}",
+                e.input_ids.len()
+            );
             max_pixel_diff = max_pixel_diff.max(diff);
         } else {
             assert!(e.pixel_values.is_empty());

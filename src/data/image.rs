@@ -13,9 +13,17 @@ use image::{DynamicImage, RgbImage};
 use serde_json::Value;
 
 /// transformers' `OPENAI_CLIP_MEAN`, the Qwen2-VL default (Python float -> f32, as numpy does).
-pub const CLIP_MEAN: [f32; 3] = [0.48145466_f64 as f32, 0.4578275_f64 as f32, 0.40821073_f64 as f32];
+pub const CLIP_MEAN: [f32; 3] = [
+    0.48145466_f64 as f32,
+    0.4578275_f64 as f32,
+    0.40821073_f64 as f32,
+];
 /// transformers' `OPENAI_CLIP_STD`, the Qwen2-VL default (Python float -> f32, as numpy does).
-pub const CLIP_STD: [f32; 3] = [0.26862954_f64 as f32, 0.26130258_f64 as f32, 0.27577711_f64 as f32];
+pub const CLIP_STD: [f32; 3] = [
+    0.26862954_f64 as f32,
+    0.26130258_f64 as f32,
+    0.27577711_f64 as f32,
+];
 
 /// Settings of `Qwen2VLImageProcessor` (read from `preprocessor_config.json`).
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +96,11 @@ impl ImageProcessorConfig {
     /// The published Qwen2-VL / Qwen2.5-VL `preprocessor_config.json` values
     /// (min_pixels 3136, max_pixels 12845056).
     pub fn qwen2_5_vl() -> Self {
-        Self { min_pixels: 3136, max_pixels: 12_845_056, ..Self::default() }
+        Self {
+            min_pixels: 3136,
+            max_pixels: 12_845_056,
+            ..Self::default()
+        }
     }
 
     /// Reads `DIR/preprocessor_config.json`.
@@ -119,7 +131,9 @@ impl ImageProcessorConfig {
         let get_bool = |key: &str, default: bool| -> Result<bool> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(default),
-                Some(x) => x.as_bool().with_context(|| format!("`{key}` must be a boolean, got {x}")),
+                Some(x) => x
+                    .as_bool()
+                    .with_context(|| format!("`{key}` must be a boolean, got {x}")),
             }
         };
         let get_triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
@@ -132,7 +146,10 @@ impl ImageProcessorConfig {
                 Some(Value::Array(a)) if a.len() == 3 => {
                     let mut out = [0f32; 3];
                     for (o, x) in out.iter_mut().zip(a) {
-                        *o = x.as_f64().with_context(|| format!("`{key}` entries must be numbers"))? as f32;
+                        *o = x
+                            .as_f64()
+                            .with_context(|| format!("`{key}` entries must be numbers"))?
+                            as f32;
                     }
                     Ok(out)
                 }
@@ -166,7 +183,9 @@ impl ImageProcessorConfig {
         cfg.image_mean = get_triple("image_mean", cfg.image_mean)?;
         cfg.image_std = get_triple("image_std", cfg.image_std)?;
         if let Some(x) = obj.get("rescale_factor").filter(|x| !x.is_null()) {
-            cfg.rescale_factor = x.as_f64().with_context(|| format!("`rescale_factor` must be a number, got {x}"))?;
+            cfg.rescale_factor = x
+                .as_f64()
+                .with_context(|| format!("`rescale_factor` must be a number, got {x}"))?;
         }
         cfg.do_resize = get_bool("do_resize", cfg.do_resize)?;
         cfg.do_rescale = get_bool("do_rescale", cfg.do_rescale)?;
@@ -174,7 +193,10 @@ impl ImageProcessorConfig {
         cfg.do_convert_rgb = get_bool("do_convert_rgb", cfg.do_convert_rgb)?;
         if let Some(r) = get_usize("resample")? {
             // PILImageResampling.BICUBIC == 3: the only filter implemented (and Qwen's).
-            ensure!(r == 3, "only bicubic resampling (resample = 3) is supported, got resample = {r}");
+            ensure!(
+                r == 3,
+                "only bicubic resampling (resample = 3) is supported, got resample = {r}"
+            );
         }
         cfg.validate()?;
         Ok(cfg)
@@ -206,7 +228,10 @@ impl ImageProcessorConfig {
 
     fn validate(&self) -> Result<()> {
         ensure!(self.patch_size > 0, "patch_size must be > 0");
-        ensure!(self.temporal_patch_size > 0, "temporal_patch_size must be > 0");
+        ensure!(
+            self.temporal_patch_size > 0,
+            "temporal_patch_size must be > 0"
+        );
         ensure!(self.merge_size > 0, "merge_size must be > 0");
         ensure!(self.max_pixels > 0, "max_pixels must be > 0");
         ensure!(
@@ -236,7 +261,13 @@ impl ImageProcessorConfig {
     /// The (height, width) the image will be resized to (after the optional pre-resize).
     pub fn target_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
         if self.do_resize {
-            smart_resize(height, width, self.factor(), self.min_pixels, self.max_pixels)
+            smart_resize(
+                height,
+                width,
+                self.factor(),
+                self.min_pixels,
+                self.max_pixels,
+            )
         } else {
             Ok((height, width))
         }
@@ -267,7 +298,11 @@ impl ImageProcessorConfig {
         let mut lut = [[0f32; 256]; 3];
         for (c, table) in lut.iter_mut().enumerate() {
             for (x, out) in table.iter_mut().enumerate() {
-                let mut v = if self.do_rescale { (x as f64 * self.rescale_factor) as f32 } else { x as f32 };
+                let mut v = if self.do_rescale {
+                    (x as f64 * self.rescale_factor) as f32
+                } else {
+                    x as f32
+                };
                 if self.do_normalize {
                     v = (v - self.image_mean[c]) / self.image_std[c];
                 }
@@ -300,7 +335,12 @@ impl ImageProcessorConfig {
             }
         }
         debug_assert_eq!(out.len(), rows * cols);
-        Ok(ProcessedImage { pixel_values: out, rows, cols, grid_thw: [1, gh, gw] })
+        Ok(ProcessedImage {
+            pixel_values: out,
+            rows,
+            cols,
+            grid_thw: [1, gh, gw],
+        })
     }
 
     /// What [`Self::process`] makes of an image of `width x height` pixels, without its pixels:
@@ -315,21 +355,31 @@ impl ImageProcessorConfig {
         };
         let (h, w) = self.target_size(h0, w0)?;
         let f = self.factor();
-        ensure!(h % f == 0 && w % f == 0, "image size {w}x{h} is not a multiple of {f} (do_resize is false)");
+        ensure!(
+            h % f == 0 && w % f == 0,
+            "image size {w}x{h} is not a multiple of {f} (do_resize is false)"
+        );
         let (gh, gw) = (h / self.patch_size, w / self.patch_size);
-        Ok(ProcessedImage { pixel_values: vec![], rows: gh * gw, cols: self.patch_dim(), grid_thw: [1, gh, gw] })
+        Ok(ProcessedImage {
+            pixel_values: vec![],
+            rows: gh * gw,
+            cols: self.patch_dim(),
+            grid_thw: [1, gh, gw],
+        })
     }
 
     /// [`Self::shape_of`] an image file, from its header (the pixels are not decoded).
     pub fn shape_of_path(&self, path: &Path) -> Result<ProcessedImage> {
         let (w, h) = image_size(path)?;
-        self.shape_of(w, h).with_context(|| format!("image {}", path.display()))
+        self.shape_of(w, h)
+            .with_context(|| format!("image {}", path.display()))
     }
 
     /// Loads and processes an image file.
     pub fn process_path(&self, path: &Path) -> Result<ProcessedImage> {
         let img = load_image(path)?;
-        self.process(&img).with_context(|| format!("processing image {}", path.display()))
+        self.process(&img)
+            .with_context(|| format!("processing image {}", path.display()))
     }
 }
 
@@ -343,11 +393,17 @@ pub fn smart_resize(
     min_pixels: usize,
     max_pixels: usize,
 ) -> Result<(usize, usize)> {
-    ensure!(height > 0 && width > 0, "image has an empty side ({width}x{height})");
+    ensure!(
+        height > 0 && width > 0,
+        "image has an empty side ({width}x{height})"
+    );
     ensure!(factor > 0, "factor must be > 0");
     let (hf, wf, ff) = (height as f64, width as f64, factor as f64);
     let ratio = hf.max(wf) / hf.min(wf);
-    ensure!(ratio <= 200.0, "absolute aspect ratio must be smaller than 200, got {ratio} ({width}x{height})");
+    ensure!(
+        ratio <= 200.0,
+        "absolute aspect ratio must be smaller than 200, got {ratio} ({width}x{height})"
+    );
     let mut h_bar = (hf / ff).round_ties_even() as usize * factor;
     let mut w_bar = (wf / ff).round_ties_even() as usize * factor;
     if h_bar * w_bar > max_pixels {
@@ -359,7 +415,10 @@ pub fn smart_resize(
         h_bar = (hf * beta / ff).ceil() as usize * factor;
         w_bar = (wf * beta / ff).ceil() as usize * factor;
     }
-    ensure!(h_bar > 0 && w_bar > 0, "smart_resize gave an empty size for {width}x{height}");
+    ensure!(
+        h_bar > 0 && w_bar > 0,
+        "smart_resize gave an empty size for {width}x{height}"
+    );
     Ok((h_bar, w_bar))
 }
 
@@ -371,7 +430,8 @@ pub fn smart_resize(
 /// to PIL's; the image crate's decoder differs by up to 4 levels. A truncated JPEG is an error,
 /// as in PIL. CMYK/YCCK JPEGs fall back to the image crate (PIL converts them differently).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot open image {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot open image {}", path.display()))?;
     decode_image(&bytes).with_context(|| format!("cannot decode image {}", path.display()))
 }
 
@@ -381,12 +441,19 @@ pub fn image_size(path: &Path) -> Result<(usize, usize)> {
         .with_context(|| format!("cannot open image {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    let (w, h) = reader.into_dimensions().with_context(|| format!("cannot decode image {}", path.display()))?;
+    let (w, h) = reader
+        .into_dimensions()
+        .with_context(|| format!("cannot decode image {}", path.display()))?;
     Ok((w as usize, h as usize))
 }
 
 /// The size [`llamafactory_preresize`] gives an image of `width x height` pixels.
-pub fn preresize_size(width: usize, height: usize, max_pixels: usize, min_pixels: usize) -> (usize, usize) {
+pub fn preresize_size(
+    width: usize,
+    height: usize,
+    max_pixels: usize,
+    min_pixels: usize,
+) -> (usize, usize) {
     let (mut w, mut h) = (width as u32, height as u32);
     let area = |w: u32, h: u32| w as f64 * h as f64;
     if area(w, h) > max_pixels as f64 {
@@ -467,9 +534,8 @@ fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<DynamicImage>> {
 pub fn to_rgb8_pil(img: &DynamicImage) -> RgbImage {
     use image::ImageBuffer;
     let (w, h) = (img.width(), img.height());
-    let from_fn = |f: &dyn Fn(u32, u32) -> [u8; 3]| {
-        ImageBuffer::from_fn(w, h, |x, y| image::Rgb(f(x, y)))
-    };
+    let from_fn =
+        |f: &dyn Fn(u32, u32) -> [u8; 3]| ImageBuffer::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
     match img {
         DynamicImage::ImageRgb8(im) => im.clone(),
         DynamicImage::ImageRgba8(im) => from_fn(&|x, y| {
@@ -486,8 +552,12 @@ pub fn to_rgb8_pil(img: &DynamicImage) -> RgbImage {
             let p = im.get_pixel(x, y).0;
             [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]
         }),
-        DynamicImage::ImageLuma16(im) => from_fn(&|x, y| [im.get_pixel(x, y).0[0].min(255) as u8; 3]),
-        DynamicImage::ImageLumaA16(im) => from_fn(&|x, y| [(im.get_pixel(x, y).0[0] >> 8) as u8; 3]),
+        DynamicImage::ImageLuma16(im) => {
+            from_fn(&|x, y| [im.get_pixel(x, y).0[0].min(255) as u8; 3])
+        }
+        DynamicImage::ImageLumaA16(im) => {
+            from_fn(&|x, y| [(im.get_pixel(x, y).0[0] >> 8) as u8; 3])
+        }
         other => other.to_rgb8(),
     }
 }
@@ -509,12 +579,18 @@ pub fn llamafactory_preresize(
     let area = |im: &RgbImage| im.width() as f64 * im.height() as f64;
     if area(&im) > max_pixels as f64 {
         let f = (max_pixels as f64 / area(&im)).sqrt();
-        let (w, h) = ((im.width() as f64 * f) as u32, (im.height() as f64 * f) as u32);
+        let (w, h) = (
+            (im.width() as f64 * f) as u32,
+            (im.height() as f64 * f) as u32,
+        );
         im = pil_resize_bicubic_as(&im, w, h, pillow)?;
     }
     if area(&im) < min_pixels as f64 {
         let f = (min_pixels as f64 / area(&im)).sqrt();
-        let (w, h) = ((im.width() as f64 * f) as u32, (im.height() as f64 * f) as u32);
+        let (w, h) = (
+            (im.width() as f64 * f) as u32,
+            (im.height() as f64 * f) as u32,
+        );
         im = pil_resize_bicubic_as(&im, w, h, pillow)?;
     }
     if im.width().min(im.height()) < 28 {
@@ -568,7 +644,10 @@ struct Coeffs {
 }
 
 fn precompute_coeffs(in_size: usize, in0: f32, in1: f32, out_size: usize) -> Result<Coeffs> {
-    ensure!(out_size > 0 && in_size > 0, "resize to or from an empty size");
+    ensure!(
+        out_size > 0 && in_size > 0,
+        "resize to or from an empty size"
+    );
     // C: `filterscale = scale = (double)(in1 - in0) / outSize;` (float subtraction).
     let scale = (in1 - in0) as f64 / out_size as f64;
     let filterscale = if scale < 1.0 { 1.0 } else { scale };
@@ -599,7 +678,11 @@ fn precompute_coeffs(in_size: usize, in0: f32, in1: f32, out_size: usize) -> Res
                 v /= ww;
             }
             let scaled = v * (1u32 << PRECISION_BITS) as f64;
-            row[x] = if v < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
+            row[x] = if v < 0.0 {
+                (-0.5 + scaled) as i32
+            } else {
+                (0.5 + scaled) as i32
+            };
         }
         bounds.push((xmin, n));
     }
@@ -634,7 +717,11 @@ fn resample_horizontal(input: &Plane, offset: usize, out_h: usize, c: &Coeffs) -
             out[xx * 3 + 2] = clip8(s2);
         }
     }
-    Plane { w: out_w, h: out_h, data }
+    Plane {
+        w: out_w,
+        h: out_h,
+        data,
+    }
 }
 
 fn resample_vertical(input: &Plane, c: &Coeffs) -> Plane {
@@ -656,11 +743,21 @@ fn resample_vertical(input: &Plane, c: &Coeffs) -> Plane {
             *o = clip8(a);
         }
     }
-    Plane { w: input.w, h: out_h, data }
+    Plane {
+        w: input.w,
+        h: out_h,
+        data,
+    }
 }
 
 /// Pillow's `ImagingResampleInner` for the bicubic filter on an RGB image.
-fn resample_inner(input: Plane, xsize: usize, ysize: usize, bx: [f32; 4], pillow: PillowVersion) -> Result<Plane> {
+fn resample_inner(
+    input: Plane,
+    xsize: usize,
+    ysize: usize,
+    bx: [f32; 4],
+    pillow: PillowVersion,
+) -> Result<Plane> {
     let need_horizontal = xsize != input.w || bx[0] != 0.0 || bx[2] != xsize as f32;
     let need_vertical = ysize != input.h || bx[1] != 0.0 || bx[3] != ysize as f32;
     // Pillow 13: "If height is being scaled down, but not width, run the vertical pass first".
@@ -718,7 +815,12 @@ pub fn pil_resize_bicubic(img: &RgbImage, width: u32, height: u32) -> Result<Rgb
 }
 
 /// [`pil_resize_bicubic`] reproducing a given Pillow version's pass order.
-pub fn pil_resize_bicubic_as(img: &RgbImage, width: u32, height: u32, pillow: PillowVersion) -> Result<RgbImage> {
+pub fn pil_resize_bicubic_as(
+    img: &RgbImage,
+    width: u32,
+    height: u32,
+    pillow: PillowVersion,
+) -> Result<RgbImage> {
     let (w0, h0) = (img.width() as usize, img.height() as usize);
     let (w, h) = (width as usize, height as usize);
     ensure!(w0 > 0 && h0 > 0, "cannot resize an empty image ({w0}x{h0})");
@@ -726,7 +828,11 @@ pub fn pil_resize_bicubic_as(img: &RgbImage, width: u32, height: u32, pillow: Pi
     if (w, h) == (w0, h0) {
         return Ok(img.clone());
     }
-    let plane = Plane { w: w0, h: h0, data: img.as_raw().clone() };
+    let plane = Plane {
+        w: w0,
+        h: h0,
+        data: img.as_raw().clone(),
+    };
     let out = if pillow == PillowVersion::V12_2 && h0 > w0 * 100 && h < h0 {
         // Image.resize: `self.im.resize((self.size[0], size[1]), resample, (0, box[1], self.size[0], box[3]))`
         // then `im.resize(size, resample, (box[0], 0, box[2], size[1]))`.
@@ -735,7 +841,8 @@ pub fn pil_resize_bicubic_as(img: &RgbImage, width: u32, height: u32, pillow: Pi
     } else {
         resample_inner(plane, w, h, [0.0, 0.0, w0 as f32, h0 as f32], pillow)?
     };
-    RgbImage::from_raw(out.w as u32, out.h as u32, out.data).context("internal error: resize buffer size")
+    RgbImage::from_raw(out.w as u32, out.h as u32, out.data)
+        .context("internal error: resize buffer size")
 }
 
 #[cfg(test)]
@@ -769,15 +876,20 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert_eq!(c, ImageProcessorConfig::qwen2_5_vl());
-        let c = ImageProcessorConfig::from_json_str(r#"{"size": {"shortest_edge": 100, "longest_edge": 5000}}"#)
-            .unwrap();
+        let c = ImageProcessorConfig::from_json_str(
+            r#"{"size": {"shortest_edge": 100, "longest_edge": 5000}}"#,
+        )
+        .unwrap();
         assert_eq!((c.min_pixels, c.max_pixels), (100, 5000));
         let c = ImageProcessorConfig::from_json_str(
             r#"{"size": {"shortest_edge": 100, "longest_edge": 5000}, "max_pixels": 7000}"#,
         )
         .unwrap();
         assert_eq!((c.min_pixels, c.max_pixels), (100, 7000));
-        assert_eq!(ImageProcessorConfig::from_json_str("{}").unwrap(), ImageProcessorConfig::default());
+        assert_eq!(
+            ImageProcessorConfig::from_json_str("{}").unwrap(),
+            ImageProcessorConfig::default()
+        );
         assert!(ImageProcessorConfig::from_json_str(r#"{"resample": 2}"#).is_err());
         assert!(ImageProcessorConfig::from_json_str(r#"{"max_pixels": "x"}"#).is_err());
         assert!(ImageProcessorConfig::from_json_str("[").is_err());
@@ -807,7 +919,10 @@ pub(crate) mod tests {
         let t = dir.path().join("truncated.jpg");
         std::fs::write(&t, &bytes[..bytes.len() / 2]).unwrap();
         let err = format!("{:#}", load_image(&t).unwrap_err());
-        assert!(err.contains("truncated.jpg") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("truncated.jpg") && err.contains("truncated"),
+            "{err}"
+        );
         // Corrupt header: a libjpeg error, reported (not a crash).
         let mut bad = bytes.clone();
         for b in bad.iter_mut().skip(2).take(200) {
@@ -819,9 +934,11 @@ pub(crate) mod tests {
         assert!(err.contains("corrupt.jpg"), "{err}");
         // Grayscale JPEG comes back as RGB with equal channels.
         let g = dir.path().join("g.jpg");
-        DynamicImage::ImageLuma8(image::GrayImage::from_fn(16, 8, |x, y| image::Luma([(x * 9 + y) as u8])))
-            .save(&g)
-            .unwrap();
+        DynamicImage::ImageLuma8(image::GrayImage::from_fn(16, 8, |x, y| {
+            image::Luma([(x * 9 + y) as u8])
+        }))
+        .save(&g)
+        .unwrap();
         let img = load_image(&g).unwrap().to_rgb8();
         assert!(img.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]));
     }
@@ -863,7 +980,10 @@ pub(crate) mod tests {
                                         let col = ((c * 2 + tt) * 14 + py) * 14 + px;
                                         let y = ((br * 2 + ir) * 14 + py) as u32;
                                         let x = ((bc * 2 + ic) * 14 + px) as u32;
-                                        assert_eq!(out.pixel_values[row * 1176 + col], val(c, y, x));
+                                        assert_eq!(
+                                            out.pixel_values[row * 1176 + col],
+                                            val(c, y, x)
+                                        );
                                     }
                                 }
                             }
@@ -884,21 +1004,37 @@ pub(crate) mod tests {
         };
         let dir = std::path::PathBuf::from(dir);
         let manifest: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
+                .unwrap();
         let s = |v: &Value| v.as_str().unwrap().to_string();
         let mut failures = Vec::new();
         for case in manifest["resize"].as_array().unwrap() {
             let input = load_image(&dir.join(s(&case["input"]))).unwrap().to_rgb8();
             let expected = load_image(&dir.join(s(&case["output"]))).unwrap().to_rgb8();
-            let (w, h) = (case["size"][0].as_u64().unwrap() as u32, case["size"][1].as_u64().unwrap() as u32);
+            let (w, h) = (
+                case["size"][0].as_u64().unwrap() as u32,
+                case["size"][1].as_u64().unwrap() as u32,
+            );
             let got = pil_resize_bicubic(&input, w, h).unwrap();
-            let diff = got.as_raw().iter().zip(expected.as_raw()).filter(|(a, b)| a != b).count();
-            eprintln!("resize {}x{} -> {w}x{h}: {diff} differing bytes", input.width(), input.height());
+            let diff = got
+                .as_raw()
+                .iter()
+                .zip(expected.as_raw())
+                .filter(|(a, b)| a != b)
+                .count();
+            eprintln!(
+                "resize {}x{} -> {w}x{h}: {diff} differing bytes",
+                input.width(),
+                input.height()
+            );
             assert_eq!(got.dimensions(), expected.dimensions());
             if diff != 0 {
                 failures.push(format!("resize case {case}"));
             }
-            for (key, version) in [("output_legacy", PillowVersion::Legacy), ("output_v12_2", PillowVersion::V12_2)] {
+            for (key, version) in [
+                ("output_legacy", PillowVersion::Legacy),
+                ("output_v12_2", PillowVersion::V12_2),
+            ] {
                 let expected = load_image(&dir.join(s(&case[key]))).unwrap().to_rgb8();
                 let got = pil_resize_bicubic_as(&input, w, h, version).unwrap();
                 if got != expected {
@@ -908,9 +1044,15 @@ pub(crate) mod tests {
         }
         for case in manifest["decode"].as_array().unwrap() {
             let got = to_rgb8_pil(&load_image(&dir.join(s(&case["input"]))).unwrap());
-            let expected = load_image(&dir.join(s(&case["decoded"]))).unwrap().to_rgb8();
-            let diffs: Vec<i32> =
-                got.as_raw().iter().zip(expected.as_raw()).map(|(&a, &b)| (a as i32 - b as i32).abs()).collect();
+            let expected = load_image(&dir.join(s(&case["decoded"])))
+                .unwrap()
+                .to_rgb8();
+            let diffs: Vec<i32> = got
+                .as_raw()
+                .iter()
+                .zip(expected.as_raw())
+                .map(|(&a, &b)| (a as i32 - b as i32).abs())
+                .collect();
             let n = diffs.iter().filter(|&&d| d != 0).count();
             eprintln!(
                 "jpeg decode {}: {n}/{} bytes differ from PIL, max abs diff {}",
@@ -929,14 +1071,40 @@ pub(crate) mod tests {
             let name = s(&case["input"]);
             let got = cfg.process_path(&dir.join(&name)).unwrap();
             let bytes = std::fs::read(dir.join(s(&case["values"]))).unwrap();
-            let expected: Vec<f32> =
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            let grid: Vec<usize> = case["grid"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let expected: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let grid: Vec<usize> = case["grid"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
             assert_eq!(got.grid_thw.to_vec(), grid, "{name}");
-            assert_eq!((got.rows, got.cols), (case["rows"].as_u64().unwrap() as usize, case["cols"].as_u64().unwrap() as usize));
-            let max = got.pixel_values.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let n = got.pixel_values.iter().zip(&expected).filter(|(a, b)| a != b).count();
-            eprintln!("process {name}: grid {grid:?}, {n}/{} values differ, max abs diff {max:e}", expected.len());
+            assert_eq!(
+                (got.rows, got.cols),
+                (
+                    case["rows"].as_u64().unwrap() as usize,
+                    case["cols"].as_u64().unwrap() as usize
+                )
+            );
+            let max = got
+                .pixel_values
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let n = got
+                .pixel_values
+                .iter()
+                .zip(&expected)
+                .filter(|(a, b)| a != b)
+                .count();
+            eprintln!(
+                "process {name}: grid {grid:?}, {n}/{} values differ, max abs diff {max:e}",
+                expected.len()
+            );
             if n != 0 {
                 failures.push(format!("process {name}"));
             }
@@ -946,10 +1114,15 @@ pub(crate) mod tests {
 
     #[test]
     fn rgb_conversion_like_pil() {
-        let g16 = image::ImageBuffer::from_fn(3, 1, |x, _| image::Luma([[100u16, 256, 65535][x as usize]]));
+        let g16 = image::ImageBuffer::from_fn(3, 1, |x, _| {
+            image::Luma([[100u16, 256, 65535][x as usize]])
+        });
         let rgb = to_rgb8_pil(&DynamicImage::ImageLuma16(g16));
         assert_eq!(rgb.as_raw(), &[100, 100, 100, 255, 255, 255, 255, 255, 255]);
         let rgba = image::RgbaImage::from_pixel(1, 1, image::Rgba([10, 20, 30, 0]));
-        assert_eq!(to_rgb8_pil(&DynamicImage::ImageRgba8(rgba)).as_raw(), &[10, 20, 30]);
+        assert_eq!(
+            to_rgb8_pil(&DynamicImage::ImageRgba8(rgba)).as_raw(),
+            &[10, 20, 30]
+        );
     }
 }

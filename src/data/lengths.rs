@@ -63,13 +63,22 @@ pub struct LengthEncoder<'a> {
 impl LengthEncoder<'_> {
     /// The encoded record as training truncates it (`None`: skipped as too long), pixels left out.
     pub fn shape(&self, conv: &Conversation) -> Result<Option<Encoded>> {
-        let e = encode_conversation_shape(self.tokenizer, self.template, self.images, conv, self.train_on)?;
+        let e = encode_conversation_shape(
+            self.tokenizer,
+            self.template,
+            self.images,
+            conv,
+            self.train_on,
+        )?;
         truncate(e, self.cutoff_len, self.tokenizer.special())
     }
 
     pub fn length(&self, conv: &Conversation) -> SampleLength {
         match self.shape(conv) {
-            Ok(Some(e)) => SampleLength::Ok(e.input_ids.len() as u32, e.labels.iter().skip(1).filter(|l| l.is_some()).count() as u32),
+            Ok(Some(e)) => SampleLength::Ok(
+                e.input_ids.len() as u32,
+                e.labels.iter().skip(1).filter(|l| l.is_some()).count() as u32,
+            ),
             Ok(None) => SampleLength::TooLong,
             Err(err) => SampleLength::Invalid(format!("{err:#}")),
         }
@@ -95,15 +104,29 @@ struct CacheFile {
 
 /// Where the lengths of `data` are cached.
 pub fn cache_path(data: &Path) -> PathBuf {
-    let mut name = data.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = data
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".lengths.json");
     data.with_file_name(name)
 }
 
 fn cache_key(data: &Path, encoder: &LengthEncoder) -> Result<String> {
-    let meta = std::fs::metadata(data).with_context(|| format!("dataset {}: cannot read", data.display()))?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
-    Ok(format!("v1 size={} mtime={} settings={:016x}", meta.len(), mtime, encoder.fingerprint()))
+    let meta = std::fs::metadata(data)
+        .with_context(|| format!("dataset {}: cannot read", data.display()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(format!(
+        "v1 size={} mtime={} settings={:016x}",
+        meta.len(),
+        mtime,
+        encoder.fingerprint()
+    ))
 }
 
 /// How a length scan went.
@@ -116,13 +139,24 @@ pub struct ScanReport {
 
 /// The lengths of `convs` (the records of the file `data`, in order), from the cache when it
 /// is current, else computed (in parallel, with a progress bar unless `quiet`) and cached.
-pub fn sample_lengths(data: &Path, convs: &[Conversation], encoder: &LengthEncoder, quiet: bool) -> Result<(Vec<SampleLength>, ScanReport)> {
+pub fn sample_lengths(
+    data: &Path,
+    convs: &[Conversation],
+    encoder: &LengthEncoder,
+    quiet: bool,
+) -> Result<(Vec<SampleLength>, ScanReport)> {
     let key = cache_key(data, encoder)?;
     let cache = cache_path(data);
     if let Ok(text) = std::fs::read_to_string(&cache) {
         if let Ok(c) = serde_json::from_str::<CacheFile>(&text) {
             if c.key == key && c.lengths.len() == convs.len() {
-                return Ok((c.lengths, ScanReport { cached: true, records: convs.len() }));
+                return Ok((
+                    c.lengths,
+                    ScanReport {
+                        cached: true,
+                        records: convs.len(),
+                    },
+                ));
             }
         }
     }
@@ -130,17 +164,36 @@ pub fn sample_lengths(data: &Path, convs: &[Conversation], encoder: &LengthEncod
     let file = CacheFile { key, lengths };
     // A cache that cannot be written (read-only data folder) only costs the next start a scan.
     let tmp = cache.with_extension(format!("json.{}.tmp", std::process::id())); // one per process: the nodes of a run may share the data folder
-    let written = serde_json::to_vec(&file).ok().and_then(|b| std::fs::write(&tmp, b).ok()).and_then(|_| std::fs::rename(&tmp, &cache).ok());
+    let written = serde_json::to_vec(&file)
+        .ok()
+        .and_then(|b| std::fs::write(&tmp, b).ok())
+        .and_then(|_| std::fs::rename(&tmp, &cache).ok());
     if written.is_none() && !quiet {
         eprintln!("note: could not write the length cache {}", cache.display());
     }
-    Ok((file.lengths, ScanReport { cached: false, records: convs.len() }))
+    Ok((
+        file.lengths,
+        ScanReport {
+            cached: false,
+            records: convs.len(),
+        },
+    ))
 }
 
 fn scan(convs: &[Conversation], encoder: &LengthEncoder, quiet: bool) -> Vec<SampleLength> {
-    let bar = if quiet || convs.len() < 1000 { ProgressBar::hidden() } else { ProgressBar::new(convs.len() as u64) };
-    bar.set_style(ProgressStyle::with_template("lengths {bar:30} {pos}/{len} records [{elapsed} < {eta}]").expect("progress template"));
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(convs.len().max(1));
+    let bar = if quiet || convs.len() < 1000 {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(convs.len() as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("lengths {bar:30} {pos}/{len} records [{elapsed} < {eta}]")
+            .expect("progress template"),
+    );
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(convs.len().max(1));
     let next = AtomicUsize::new(0);
     const BLOCK: usize = 256;
     let mut out: Vec<Option<SampleLength>> = vec![None; convs.len()];
@@ -164,11 +217,16 @@ fn scan(convs: &[Conversation], encoder: &LengthEncoder, quiet: bool) -> Vec<Sam
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("length scan thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("length scan thread"))
+            .collect()
     });
     for (i, l) in parts.into_iter().flatten() {
         out[i] = Some(l);
     }
     bar.finish_and_clear();
-    out.into_iter().map(|l| l.expect("every record scanned")).collect()
+    out.into_iter()
+        .map(|l| l.expect("every record scanned"))
+        .collect()
 }

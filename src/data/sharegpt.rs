@@ -75,7 +75,10 @@ fn parse_content(v: &Value) -> Result<Vec<ContentPart>> {
             for item in items {
                 match item.get("type").and_then(Value::as_str) {
                     Some("text") => {
-                        let t = item.get("text").and_then(Value::as_str).context("text part without a string `text`")?;
+                        let t = item
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .context("text part without a string `text`")?;
                         parts.extend(split_image_tags(t));
                     }
                     Some("image") => parts.push(ContentPart::Image),
@@ -90,7 +93,9 @@ fn parse_content(v: &Value) -> Result<Vec<ContentPart>> {
 
 /// Parses one record; relative image paths are resolved against `base_dir`.
 pub fn parse_record(record: &Value, base_dir: &Path, origin: &str) -> Result<Conversation> {
-    let obj = record.as_object().context("a record must be a JSON object")?;
+    let obj = record
+        .as_object()
+        .context("a record must be a JSON object")?;
     let (list, role_key, content_key) = if let Some(m) = obj.get("messages") {
         (m, "role", "content")
     } else if let Some(c) = obj.get("conversations") {
@@ -98,7 +103,9 @@ pub fn parse_record(record: &Value, base_dir: &Path, origin: &str) -> Result<Con
     } else {
         bail!("record has neither `messages` nor `conversations`");
     };
-    let list = list.as_array().context("`messages`/`conversations` must be a list")?;
+    let list = list
+        .as_array()
+        .context("`messages`/`conversations` must be a list")?;
     let mut messages = Vec::with_capacity(list.len() + 1);
     if let Some(sys) = obj.get("system").filter(|s| !s.is_null()) {
         let sys = sys.as_str().context("`system` must be a string")?;
@@ -112,7 +119,9 @@ pub fn parse_record(record: &Value, base_dir: &Path, origin: &str) -> Result<Con
             .and_then(Value::as_str)
             .with_context(|| format!("message {i} has no string `{role_key}`"))?;
         let role = normalise_role(role).with_context(|| format!("message {i}"))?;
-        let content = m.get(content_key).with_context(|| format!("message {i} has no `{content_key}`"))?;
+        let content = m
+            .get(content_key)
+            .with_context(|| format!("message {i} has no `{content_key}`"))?;
         let content = parse_content(content).with_context(|| format!("message {i}"))?;
         messages.push(ChatMessage::new(role, content));
     }
@@ -120,9 +129,16 @@ pub fn parse_record(record: &Value, base_dir: &Path, origin: &str) -> Result<Con
 
     // Roles: optional system first, then user/assistant alternating, user first.
     let start = usize::from(messages[0].role == "system");
-    ensure!(messages.len() > start, "conversation has only a system message");
+    ensure!(
+        messages.len() > start,
+        "conversation has only a system message"
+    );
     for (i, m) in messages.iter().enumerate().skip(start) {
-        let expected = if (i - start) % 2 == 0 { "user" } else { "assistant" };
+        let expected = if (i - start) % 2 == 0 {
+            "user"
+        } else {
+            "assistant"
+        };
         ensure!(
             m.role == expected,
             "message {i} has role {:?} where {expected:?} was expected (roles must alternate user/assistant after an optional first system message)",
@@ -144,10 +160,16 @@ pub fn parse_record(record: &Value, base_dir: &Path, origin: &str) -> Result<Con
             .collect::<Result<_>>()?,
         Some(other) => bail!("`images` must be a list of paths, got {other}"),
     };
-    let images: Vec<PathBuf> =
-        images.into_iter().map(|p| if p.is_relative() { base_dir.join(p) } else { p }).collect();
+    let images: Vec<PathBuf> = images
+        .into_iter()
+        .map(|p| if p.is_relative() { base_dir.join(p) } else { p })
+        .collect();
 
-    let conv = Conversation { messages, images, origin: origin.to_string() };
+    let conv = Conversation {
+        messages,
+        images,
+        origin: origin.to_string(),
+    };
     let tags = conv.num_image_parts();
     ensure!(
         tags == conv.images.len(),
@@ -176,9 +198,15 @@ pub struct SharegptReader {
 impl SharegptReader {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).with_context(|| format!("opening dataset {}", path.display()))?;
+        let file =
+            File::open(&path).with_context(|| format!("opening dataset {}", path.display()))?;
         let base_dir = base_dir_of(&path);
-        Ok(Self { lines: BufReader::new(file).lines(), path, base_dir, line_no: 0 })
+        Ok(Self {
+            lines: BufReader::new(file).lines(),
+            path,
+            base_dir,
+            line_no: 0,
+        })
     }
 
     /// Resolves relative image paths against `dir` instead of the file's directory
@@ -199,7 +227,11 @@ impl Iterator for SharegptReader {
             let origin = format!("{}:{}", self.path.display(), self.line_no);
             let line = match line {
                 Ok(l) => l,
-                Err(e) => return Some(Err(anyhow::Error::new(e).context(format!("{origin}: read error")))),
+                Err(e) => {
+                    return Some(Err(
+                        anyhow::Error::new(e).context(format!("{origin}: read error"))
+                    ))
+                }
             };
             if line.trim().is_empty() {
                 continue;
@@ -218,12 +250,18 @@ pub fn read_sharegpt(path: impl AsRef<Path>) -> Result<Vec<Conversation>> {
 }
 
 /// [`read_sharegpt`] resolving relative image paths against `media_dir` when given.
-pub fn read_sharegpt_with_media_dir(path: &Path, media_dir: Option<&Path>) -> Result<Vec<Conversation>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading dataset {}", path.display()))?;
-    let base_dir = media_dir.map(Path::to_path_buf).unwrap_or_else(|| base_dir_of(path));
+pub fn read_sharegpt_with_media_dir(
+    path: &Path,
+    media_dir: Option<&Path>,
+) -> Result<Vec<Conversation>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading dataset {}", path.display()))?;
+    let base_dir = media_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| base_dir_of(path));
     if text.trim_start().starts_with('[') {
-        let records: Vec<Value> =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON array", path.display()))?;
+        let records: Vec<Value> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON array", path.display()))?;
         return records
             .iter()
             .enumerate()
@@ -280,24 +318,41 @@ mod tests {
         assert_eq!(c.messages[0], ChatMessage::text("system", "Sys"));
         assert_eq!(
             c.messages[1].content,
-            vec![ContentPart::Image, ContentPart::Text("What is ".into()), ContentPart::Image, ContentPart::Text("this?".into())]
+            vec![
+                ContentPart::Image,
+                ContentPart::Text("What is ".into()),
+                ContentPart::Image,
+                ContentPart::Text("this?".into())
+            ]
         );
-        assert_eq!(c.images, vec![dir.path().join("a.png"), PathBuf::from("/abs/b.png")]);
+        assert_eq!(
+            c.images,
+            vec![dir.path().join("a.png"), PathBuf::from("/abs/b.png")]
+        );
         assert!(c.origin.ends_with("d.jsonl:1"));
         assert_eq!(c.last_assistant(), Some(2));
         let c = &convs[1];
         assert_eq!(c.messages[0].role, "user");
-        assert_eq!(c.messages[0].content, vec![ContentPart::Text("Hi".into()), ContentPart::Image]);
+        assert_eq!(
+            c.messages[0].content,
+            vec![ContentPart::Text("Hi".into()), ContentPart::Image]
+        );
         assert_eq!(c.messages[3], ChatMessage::text("assistant", "No"));
         assert_eq!(c.images, vec![dir.path().join("sub/c.jpg")]);
         assert!(c.origin.ends_with("d.jsonl:4"));
         let c = &convs[2];
         assert_eq!(c.messages[0], ChatMessage::text("system", "S"));
-        assert_eq!(c.messages[1].content, vec![ContentPart::Image, ContentPart::Text("Q".into())]);
+        assert_eq!(
+            c.messages[1].content,
+            vec![ContentPart::Image, ContentPart::Text("Q".into())]
+        );
         assert_eq!(c.last_assistant(), None);
 
         // Streaming reader gives the same records.
-        let streamed: Vec<Conversation> = SharegptReader::open(&p).unwrap().map(Result::unwrap).collect();
+        let streamed: Vec<Conversation> = SharegptReader::open(&p)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(streamed, convs);
         // JSON array form.
         let a = write(
@@ -314,7 +369,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "bad.jsonl", text);
         let e = format!("{:#}", read_sharegpt(&p).unwrap_err());
-        let streamed = SharegptReader::open(&p).unwrap().find_map(|r| r.err()).unwrap();
+        let streamed = SharegptReader::open(&p)
+            .unwrap()
+            .find_map(|r| r.err())
+            .unwrap();
         assert_eq!(format!("{streamed:#}"), e);
         e
     }
@@ -323,14 +381,27 @@ mod tests {
     fn errors_name_file_and_line() {
         let ok = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#;
         let e = err_of(&format!("{ok}\n\n{{not json\n"));
-        assert!(e.contains("bad.jsonl:3:") && e.contains("invalid JSON"), "{e}");
-        let e = err_of(r#"{"messages": [{"role": "user", "content": "<image><image>"}], "images": ["a.png"]}"#);
-        assert!(e.contains("bad.jsonl:1:") && e.contains("2 <image> tag(s) but 1 image(s)"), "{e}");
+        assert!(
+            e.contains("bad.jsonl:3:") && e.contains("invalid JSON"),
+            "{e}"
+        );
+        let e = err_of(
+            r#"{"messages": [{"role": "user", "content": "<image><image>"}], "images": ["a.png"]}"#,
+        );
+        assert!(
+            e.contains("bad.jsonl:1:") && e.contains("2 <image> tag(s) but 1 image(s)"),
+            "{e}"
+        );
         let e = err_of(r#"{"messages": [{"role": "user", "content": "x"}], "images": ["a.png"]}"#);
         assert!(e.contains("0 <image> tag(s) but 1 image(s)"), "{e}");
         let e = err_of(r#"{"messages": [{"role": "assistant", "content": "x"}]}"#);
-        assert!(e.contains("bad.jsonl:1:") && e.contains("role \"assistant\""), "{e}");
-        let e = err_of(r#"{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}"#);
+        assert!(
+            e.contains("bad.jsonl:1:") && e.contains("role \"assistant\""),
+            "{e}"
+        );
+        let e = err_of(
+            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}"#,
+        );
         assert!(e.contains("role \"user\""), "{e}");
         let e = err_of(r#"{"conversations": [{"from": "observation", "value": "x"}]}"#);
         assert!(e.contains("unsupported role \"observation\""), "{e}");
@@ -345,7 +416,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "arr.json", "[1]");
         let e = format!("{:#}", read_sharegpt(&p).unwrap_err());
-        assert!(e.contains("arr.json: record 1: a record must be a JSON object"), "{e}");
+        assert!(
+            e.contains("arr.json: record 1: a record must be a JSON object"),
+            "{e}"
+        );
         let missing = read_sharegpt("/nonexistent/file.jsonl").unwrap_err();
         assert!(format!("{missing:#}").contains("/nonexistent/file.jsonl"));
     }

@@ -35,12 +35,18 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: Vec<ContentPart>) -> Self {
-        Self { role: role.into(), content }
+        Self {
+            role: role.into(),
+            content,
+        }
     }
 
     /// A message with a single text part.
     pub fn text(role: impl Into<String>, text: impl Into<String>) -> Self {
-        Self { role: role.into(), content: vec![ContentPart::Text(text.into())] }
+        Self {
+            role: role.into(),
+            content: vec![ContentPart::Text(text.into())],
+        }
     }
 
     /// The concatenated text parts.
@@ -56,7 +62,10 @@ impl ChatMessage {
 
     /// Number of image parts.
     pub fn num_images(&self) -> usize {
-        self.content.iter().filter(|p| matches!(p, ContentPart::Image)).count()
+        self.content
+            .iter()
+            .filter(|p| matches!(p, ContentPart::Image))
+            .count()
     }
 
     /// The message as HF passes it to the template: content is a list of
@@ -85,7 +94,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("origin", &self.origin).finish()
+        f.debug_struct("ChatTemplate")
+            .field("origin", &self.origin)
+            .finish()
     }
 }
 
@@ -107,12 +118,18 @@ impl ChatTemplate {
         env.add_template_owned(NAME, source.clone())
             .map_err(|e| anyhow!("{e:#}"))
             .with_context(|| format!("compiling chat template from {origin}"))?;
-        Ok(Self { env, source, origin, extra: serde_json::Map::new() })
+        Ok(Self {
+            env,
+            source,
+            origin,
+            extra: serde_json::Map::new(),
+        })
     }
 
     /// The Qwen2-VL template of the reference doc.
     pub fn qwen2_vl() -> Self {
-        Self::from_source(QWEN2_VL_TEMPLATE, "built-in Qwen2-VL template").expect("built-in template compiles")
+        Self::from_source(QWEN2_VL_TEMPLATE, "built-in Qwen2-VL template")
+            .expect("built-in template compiles")
     }
 
     /// The template of a model directory, searched as `chat_template.jinja`,
@@ -127,7 +144,10 @@ impl ChatTemplate {
         let tok_cfg: Option<serde_json::Value> = if tok_cfg_path.exists() {
             let text = std::fs::read_to_string(&tok_cfg_path)
                 .with_context(|| format!("reading {}", tok_cfg_path.display()))?;
-            Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", tok_cfg_path.display()))?)
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", tok_cfg_path.display()))?,
+            )
         } else {
             None
         };
@@ -137,11 +157,14 @@ impl ChatTemplate {
             for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
                 let s = match cfg.get(key) {
                     Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                    Some(serde_json::Value::Object(o)) => {
+                        o.get("content").and_then(|c| c.as_str()).map(String::from)
+                    }
                     _ => None,
                 };
                 if let Some(s) = s {
-                    tmpl.extra.insert(key.to_string(), serde_json::Value::String(s));
+                    tmpl.extra
+                        .insert(key.to_string(), serde_json::Value::String(s));
                 }
             }
         }
@@ -151,19 +174,22 @@ impl ChatTemplate {
     fn find_in_dir(dir: &Path, tok_cfg: Option<&serde_json::Value>) -> Result<Self> {
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
-            let src = std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?;
+            let src = std::fs::read_to_string(&jinja)
+                .with_context(|| format!("reading {}", jinja.display()))?;
             return Self::from_source(src, jinja.display().to_string());
         }
         let json_path = dir.join("chat_template.json");
         if json_path.exists() {
-            let text =
-                std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", json_path.display()))?;
+            let text = std::fs::read_to_string(&json_path)
+                .with_context(|| format!("reading {}", json_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", json_path.display()))?;
             let src = v
                 .get("chat_template")
                 .and_then(|t| t.as_str())
-                .with_context(|| format!("{} has no string `chat_template`", json_path.display()))?;
+                .with_context(|| {
+                    format!("{} has no string `chat_template`", json_path.display())
+                })?;
             return Self::from_source(src, json_path.display().to_string());
         }
         if let Some(cfg) = tok_cfg {
@@ -172,14 +198,20 @@ impl ChatTemplate {
                 None | Some(serde_json::Value::Null) => {}
                 Some(serde_json::Value::String(s)) => return Self::from_source(s.clone(), origin),
                 Some(serde_json::Value::Array(list)) => {
-                    let default = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+                    let default = list
+                        .iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
                     let src = default
                         .and_then(|t| t.get("template"))
                         .and_then(|t| t.as_str())
-                        .with_context(|| format!("{origin}: `chat_template` list has no \"default\" template"))?;
+                        .with_context(|| {
+                            format!("{origin}: `chat_template` list has no \"default\" template")
+                        })?;
                     return Self::from_source(src, origin);
                 }
-                Some(other) => bail!("{origin}: `chat_template` must be a string or a list, got {other}"),
+                Some(other) => {
+                    bail!("{origin}: `chat_template` must be a string or a list, got {other}")
+                }
             }
         }
         Ok(Self::qwen2_vl())
@@ -202,7 +234,11 @@ impl ChatTemplate {
     }
 
     /// Renders messages given as JSON (HF's message dicts, e.g. string contents).
-    pub fn render_json(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let mut ctx = self.extra.clone();
         ctx.insert("messages".into(), messages.clone());
         ctx.insert("add_generation_prompt".into(), json!(add_generation_prompt));
@@ -229,7 +265,10 @@ fn arg_str<'a>(args: &'a [Value], i: usize, method: &str) -> Result<Option<&'a s
     match args.get(i) {
         None => Ok(None),
         Some(v) if v.is_none() || v.is_undefined() => Ok(None),
-        Some(v) => v.as_str().map(Some).ok_or_else(|| bad_args(format!("{method}: expected a string argument"))),
+        Some(v) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| bad_args(format!("{method}: expected a string argument"))),
     }
 }
 
@@ -237,7 +276,10 @@ fn arg_int(args: &[Value], i: usize, method: &str) -> Result<Option<i64>, Error>
     match args.get(i) {
         None => Ok(None),
         Some(v) if v.is_none() || v.is_undefined() => Ok(None),
-        Some(v) => v.as_i64().map(Some).ok_or_else(|| bad_args(format!("{method}: expected an integer argument"))),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| bad_args(format!("{method}: expected an integer argument"))),
     }
 }
 
@@ -261,11 +303,17 @@ fn prefixes(v: &Value, method: &str) -> Result<Vec<String>, Error> {
     if matches!(v.kind(), ValueKind::Seq) {
         let mut out = Vec::new();
         for item in v.try_iter()? {
-            out.push(item.as_str().ok_or_else(|| bad_args(format!("{method}: expected strings")))?.to_string());
+            out.push(
+                item.as_str()
+                    .ok_or_else(|| bad_args(format!("{method}: expected strings")))?
+                    .to_string(),
+            );
         }
         return Ok(out);
     }
-    Err(bad_args(format!("{method}: expected a string or a tuple of strings")))
+    Err(bad_args(format!(
+        "{method}: expected a string or a tuple of strings"
+    )))
 }
 
 fn py_split(s: &str, sep: Option<&str>, maxsplit: Option<i64>) -> Result<Vec<String>, Error> {
@@ -298,15 +346,33 @@ fn pycompat(_state: &State, value: &Value, method: &str, args: &[Value]) -> Resu
         ValueKind::String => {
             let s = value.as_str().unwrap_or_default();
             match method {
-                "strip" => Ok(Value::from(strip_with(s, arg_str(args, 0, method)?, true, true))),
-                "lstrip" => Ok(Value::from(strip_with(s, arg_str(args, 0, method)?, true, false))),
-                "rstrip" => Ok(Value::from(strip_with(s, arg_str(args, 0, method)?, false, true))),
+                "strip" => Ok(Value::from(strip_with(
+                    s,
+                    arg_str(args, 0, method)?,
+                    true,
+                    true,
+                ))),
+                "lstrip" => Ok(Value::from(strip_with(
+                    s,
+                    arg_str(args, 0, method)?,
+                    true,
+                    false,
+                ))),
+                "rstrip" => Ok(Value::from(strip_with(
+                    s,
+                    arg_str(args, 0, method)?,
+                    false,
+                    true,
+                ))),
                 "upper" => Ok(Value::from(s.to_uppercase())),
                 "lower" => Ok(Value::from(s.to_lowercase())),
                 "capitalize" => {
                     let mut c = s.chars();
                     Ok(Value::from(match c.next() {
-                        Some(f) => f.to_uppercase().chain(c.flat_map(char::to_lowercase)).collect::<String>(),
+                        Some(f) => f
+                            .to_uppercase()
+                            .chain(c.flat_map(char::to_lowercase))
+                            .collect::<String>(),
                         None => String::new(),
                     }))
                 }
@@ -324,31 +390,57 @@ fn pycompat(_state: &State, value: &Value, method: &str, args: &[Value]) -> Resu
                     Ok(Value::from(out))
                 }
                 "startswith" | "endswith" => {
-                    let p = args.first().ok_or_else(|| bad_args(format!("{method}: missing argument")))?;
+                    let p = args
+                        .first()
+                        .ok_or_else(|| bad_args(format!("{method}: missing argument")))?;
                     let ps = prefixes(p, method)?;
-                    let hit = ps.iter().any(|p| if method == "startswith" { s.starts_with(p) } else { s.ends_with(p) });
+                    let hit = ps.iter().any(|p| {
+                        if method == "startswith" {
+                            s.starts_with(p)
+                        } else {
+                            s.ends_with(p)
+                        }
+                    });
                     Ok(Value::from(hit))
                 }
-                "split" => Ok(Value::from(py_split(s, arg_str(args, 0, method)?, arg_int(args, 1, method)?)?)),
+                "split" => Ok(Value::from(py_split(
+                    s,
+                    arg_str(args, 0, method)?,
+                    arg_int(args, 1, method)?,
+                )?)),
                 "splitlines" => Ok(Value::from(s.lines().map(String::from).collect::<Vec<_>>())),
                 "replace" => {
-                    let old = arg_str(args, 0, method)?.ok_or_else(|| bad_args("replace: missing argument"))?;
-                    let new = arg_str(args, 1, method)?.ok_or_else(|| bad_args("replace: missing argument"))?;
+                    let old = arg_str(args, 0, method)?
+                        .ok_or_else(|| bad_args("replace: missing argument"))?;
+                    let new = arg_str(args, 1, method)?
+                        .ok_or_else(|| bad_args("replace: missing argument"))?;
                     Ok(Value::from(match arg_int(args, 2, method)? {
                         Some(n) if n >= 0 => s.replacen(old, new, n as usize),
                         _ => s.replace(old, new),
                     }))
                 }
                 "find" => {
-                    let sub = arg_str(args, 0, method)?.ok_or_else(|| bad_args("find: missing argument"))?;
-                    Ok(Value::from(s.find(sub).map(|i| s[..i].chars().count() as i64).unwrap_or(-1)))
+                    let sub = arg_str(args, 0, method)?
+                        .ok_or_else(|| bad_args("find: missing argument"))?;
+                    Ok(Value::from(
+                        s.find(sub)
+                            .map(|i| s[..i].chars().count() as i64)
+                            .unwrap_or(-1),
+                    ))
                 }
                 "count" => {
-                    let sub = arg_str(args, 0, method)?.ok_or_else(|| bad_args("count: missing argument"))?;
-                    Ok(Value::from(if sub.is_empty() { s.chars().count() + 1 } else { s.matches(sub).count() }))
+                    let sub = arg_str(args, 0, method)?
+                        .ok_or_else(|| bad_args("count: missing argument"))?;
+                    Ok(Value::from(if sub.is_empty() {
+                        s.chars().count() + 1
+                    } else {
+                        s.matches(sub).count()
+                    }))
                 }
                 "join" => {
-                    let items = args.first().ok_or_else(|| bad_args("join: missing argument"))?;
+                    let items = args
+                        .first()
+                        .ok_or_else(|| bad_args("join: missing argument"))?;
                     let parts: Vec<String> = items.try_iter()?.map(|v| v.to_string()).collect();
                     Ok(Value::from(parts.join(s)))
                 }
@@ -360,11 +452,21 @@ fn pycompat(_state: &State, value: &Value, method: &str, args: &[Value]) -> Resu
                     let p = arg_str(args, 0, method)?.unwrap_or("");
                     Ok(Value::from(s.strip_suffix(p).unwrap_or(s)))
                 }
-                "isdigit" => Ok(Value::from(!s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))),
-                "isalpha" => Ok(Value::from(!s.is_empty() && s.chars().all(char::is_alphabetic))),
-                "isspace" => Ok(Value::from(!s.is_empty() && s.chars().all(char::is_whitespace))),
-                "islower" => Ok(Value::from(s.chars().any(char::is_lowercase) && !s.chars().any(char::is_uppercase))),
-                "isupper" => Ok(Value::from(s.chars().any(char::is_uppercase) && !s.chars().any(char::is_lowercase))),
+                "isdigit" => Ok(Value::from(
+                    !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()),
+                )),
+                "isalpha" => Ok(Value::from(
+                    !s.is_empty() && s.chars().all(char::is_alphabetic),
+                )),
+                "isspace" => Ok(Value::from(
+                    !s.is_empty() && s.chars().all(char::is_whitespace),
+                )),
+                "islower" => Ok(Value::from(
+                    s.chars().any(char::is_lowercase) && !s.chars().any(char::is_uppercase),
+                )),
+                "isupper" => Ok(Value::from(
+                    s.chars().any(char::is_uppercase) && !s.chars().any(char::is_lowercase),
+                )),
                 _ => Err(unknown()),
             }
         }
@@ -386,19 +488,29 @@ fn pycompat(_state: &State, value: &Value, method: &str, args: &[Value]) -> Resu
                 Ok(Value::from(out))
             }
             "get" => {
-                let key = args.first().ok_or_else(|| bad_args("get: missing argument"))?;
+                let key = args
+                    .first()
+                    .ok_or_else(|| bad_args("get: missing argument"))?;
                 let v = value.get_item(key)?;
-                Ok(if v.is_undefined() { args.get(1).cloned().unwrap_or(Value::from(())) } else { v })
+                Ok(if v.is_undefined() {
+                    args.get(1).cloned().unwrap_or(Value::from(()))
+                } else {
+                    v
+                })
             }
             _ => Err(unknown()),
         },
         ValueKind::Seq => match method {
             "count" => {
-                let x = args.first().ok_or_else(|| bad_args("count: missing argument"))?;
+                let x = args
+                    .first()
+                    .ok_or_else(|| bad_args("count: missing argument"))?;
                 Ok(Value::from(value.try_iter()?.filter(|v| v == x).count()))
             }
             "index" => {
-                let x = args.first().ok_or_else(|| bad_args("index: missing argument"))?;
+                let x = args
+                    .first()
+                    .ok_or_else(|| bad_args("index: missing argument"))?;
                 value
                     .try_iter()?
                     .position(|v| &v == x)
@@ -416,7 +528,10 @@ mod tests {
     use super::*;
 
     fn example() -> Vec<ChatMessage> {
-        vec![ChatMessage::new("user", vec![ContentPart::Image, ContentPart::Text("Describe.".into())])]
+        vec![ChatMessage::new(
+            "user",
+            vec![ContentPart::Image, ContentPart::Text("Describe.".into())],
+        )]
     }
 
     const EXPECTED: &str = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n";
@@ -430,7 +545,8 @@ mod tests {
         let full = t.render(&msgs, false).unwrap();
         assert_eq!(full, format!("{EXPECTED}A cat.<|im_end|>\n"));
         // Own system prompt; string content through render_json.
-        let v = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
+        let v =
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
         assert_eq!(
             t.render_json(&v, false).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
@@ -442,18 +558,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         // Nothing: built-in.
-        assert_eq!(ChatTemplate::from_dir(d).unwrap().render(&example(), true).unwrap(), EXPECTED);
+        assert_eq!(
+            ChatTemplate::from_dir(d)
+                .unwrap()
+                .render(&example(), true)
+                .unwrap(),
+            EXPECTED
+        );
         // tokenizer_config.json list form.
         std::fs::write(
             d.join("tokenizer_config.json"),
             r#"{"eos_token": {"content": "<|im_end|>"}, "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ eos_token }}"}]}"#,
         )
         .unwrap();
-        assert_eq!(ChatTemplate::from_dir(d).unwrap().render(&example(), true).unwrap(), "D<|im_end|>");
+        assert_eq!(
+            ChatTemplate::from_dir(d)
+                .unwrap()
+                .render(&example(), true)
+                .unwrap(),
+            "D<|im_end|>"
+        );
         std::fs::write(d.join("tokenizer_config.json"), r#"{"chat_template": "S"}"#).unwrap();
-        assert_eq!(ChatTemplate::from_dir(d).unwrap().render(&example(), true).unwrap(), "S");
+        assert_eq!(
+            ChatTemplate::from_dir(d)
+                .unwrap()
+                .render(&example(), true)
+                .unwrap(),
+            "S"
+        );
         std::fs::write(d.join("chat_template.json"), r#"{"chat_template": "J"}"#).unwrap();
-        assert_eq!(ChatTemplate::from_dir(d).unwrap().render(&example(), true).unwrap(), "J");
+        assert_eq!(
+            ChatTemplate::from_dir(d)
+                .unwrap()
+                .render(&example(), true)
+                .unwrap(),
+            "J"
+        );
         std::fs::write(d.join("chat_template.jinja"), "K\n").unwrap();
         let t = ChatTemplate::from_dir(d).unwrap();
         assert_eq!(t.render(&example(), true).unwrap(), "K");
@@ -461,7 +601,10 @@ mod tests {
         // Errors name the file.
         std::fs::write(d.join("chat_template.jinja"), "{% if %}").unwrap();
         let err = ChatTemplate::from_dir(d).unwrap_err();
-        assert!(format!("{err:#}").contains("chat_template.jinja"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("chat_template.jinja"),
+            "{err:#}"
+        );
     }
 
     #[test]
@@ -471,20 +614,42 @@ mod tests {
                 .unwrap()
                 .render(&[ChatMessage::text("user", "  Hi there  ")], false)
         };
-        assert_eq!(r("{{ messages[0].content[0].text.strip() }}|").unwrap(), "Hi there|");
-        assert_eq!(r("{{ messages[0]['content'][0]['text'].lstrip() }}|").unwrap(), "Hi there  |");
-        assert_eq!(r("{{ 'a,b,,c'.split(',') | join('/') }}").unwrap(), "a/b//c");
+        assert_eq!(
+            r("{{ messages[0].content[0].text.strip() }}|").unwrap(),
+            "Hi there|"
+        );
+        assert_eq!(
+            r("{{ messages[0]['content'][0]['text'].lstrip() }}|").unwrap(),
+            "Hi there  |"
+        );
+        assert_eq!(
+            r("{{ 'a,b,,c'.split(',') | join('/') }}").unwrap(),
+            "a/b//c"
+        );
         assert_eq!(r("{{ ' a  b '.split() | length }}").unwrap(), "2");
-        assert_eq!(r("{% if 'abc'.startswith(('x', 'ab')) %}yes{% endif %}").unwrap(), "yes");
+        assert_eq!(
+            r("{% if 'abc'.startswith(('x', 'ab')) %}yes{% endif %}").unwrap(),
+            "yes"
+        );
         assert_eq!(r("{{ 'xxabcxx'.strip('x') }}").unwrap(), "abc");
-        assert_eq!(r("{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}").unwrap(), "a=1");
+        assert_eq!(
+            r("{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}").unwrap(),
+            "a=1"
+        );
         assert_eq!(r("{{ {'a': 1}.get('b', 7) }}").unwrap(), "7");
         // trim_blocks + lstrip_blocks.
         assert_eq!(r("  {% if true %}\nX\n  {% endif %}\nY").unwrap(), "X\nY");
         // Undefined variables are falsy (add_vision_id).
-        assert_eq!(r("{% if add_vision_id %}A{% else %}B{% endif %}").unwrap(), "B");
+        assert_eq!(
+            r("{% if add_vision_id %}A{% else %}B{% endif %}").unwrap(),
+            "B"
+        );
         // loop controls.
-        assert_eq!(r("{% for i in range(5) %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}").unwrap(), "01");
+        assert_eq!(
+            r("{% for i in range(5) %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}")
+                .unwrap(),
+            "01"
+        );
         let err = r("{{ raise_exception('bad roles') }}").unwrap_err();
         assert!(format!("{err:#}").contains("bad roles"), "{err:#}");
     }

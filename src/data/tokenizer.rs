@@ -41,7 +41,10 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer").field("path", &self.path).field("special", &self.special).finish()
+        f.debug_struct("TextTokenizer")
+            .field("path", &self.path)
+            .field("special", &self.special)
+            .finish()
     }
 }
 
@@ -85,7 +88,11 @@ impl TextTokenizer {
             im_end: id(SpecialTokens::IM_END)?,
             endoftext: id(SpecialTokens::ENDOFTEXT)?,
         };
-        Ok(Self { inner, special, path: origin })
+        Ok(Self {
+            inner,
+            special,
+            path: origin,
+        })
     }
 
     /// Token ids of `text`: no special tokens are added, but special tokens written in the text
@@ -162,7 +169,14 @@ pub(crate) fn tiny_tokenizer_json() -> String {
         vocab.insert(char::from_u32(*c).unwrap().to_string(), json!(*b));
     }
     // A few merges so that segmentation is not purely per byte.
-    let merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("o", "r"), ("Ċ", "Ċ")];
+    let merges = [
+        ("h", "e"),
+        ("l", "l"),
+        ("he", "ll"),
+        ("Ġ", "w"),
+        ("o", "r"),
+        ("Ċ", "Ċ"),
+    ];
     let mut next = 256u32;
     for (a, b) in merges {
         vocab.insert(format!("{a}{b}"), json!(next));
@@ -227,11 +241,16 @@ mod tests {
         assert_eq!(tok.token_id("<|im_end|>"), Some(264));
         assert_eq!(tok.token_id("<|nope|>"), None);
 
-        let ids = tok.encode("<|im_start|>user\nhello world<|im_end|>\n").unwrap();
+        let ids = tok
+            .encode("<|im_start|>user\nhello world<|im_end|>\n")
+            .unwrap();
         assert_eq!(ids[0], sp.im_start);
         assert!(ids.contains(&sp.im_end));
         assert!(ids.contains(&258)); // "hell" merge
-        assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|>user\nhello world<|im_end|>\n");
+        assert_eq!(
+            tok.decode(&ids, false).unwrap(),
+            "<|im_start|>user\nhello world<|im_end|>\n"
+        );
         assert_eq!(tok.decode(&ids, true).unwrap(), "user\nhello world\n");
         // No special tokens are added.
         assert_eq!(tok.encode("a").unwrap(), vec![b'a' as u32]);
@@ -247,7 +266,10 @@ mod tests {
         assert!(format!("{err:#}").contains("tokenizer.json"), "{err:#}");
         // A tokenizer without the vision tokens.
         let mut v: serde_json::Value = serde_json::from_str(&tiny_tokenizer_json()).unwrap();
-        v["added_tokens"].as_array_mut().unwrap().retain(|t| t["content"] != "<|image_pad|>");
+        v["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|t| t["content"] != "<|image_pad|>");
         std::fs::write(dir.path().join("tokenizer.json"), v.to_string()).unwrap();
         let err = TextTokenizer::from_dir(dir.path()).unwrap_err();
         assert!(format!("{err:#}").contains("<|image_pad|>"), "{err:#}");

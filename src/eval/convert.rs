@@ -202,12 +202,15 @@ pub fn write_records(path: &Path, records: &[BenchRecord]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut f = std::io::BufWriter::new(fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut f = std::io::BufWriter::new(
+        fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
     for r in records {
         serde_json::to_writer(&mut f, r)?;
         f.write_all(b"\n")?;
     }
-    f.flush().with_context(|| format!("writing {}", path.display()))?;
+    f.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -250,7 +253,8 @@ fn read_rows(path: &Path, opts: &ConvertOptions) -> Result<Vec<(String, Value)>>
 }
 
 fn is_parquet(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
 }
 
 /// A JSON array file, or JSONL (one object per line). Each value comes with its location
@@ -259,18 +263,28 @@ fn read_json_rows(path: &Path) -> Result<Vec<(String, Value)>> {
     let text = read_text(path)?;
     let trimmed = text.trim_start_matches('\u{feff}').trim_start();
     if trimmed.starts_with('[') {
-        let v: Value = serde_json::from_str(trimmed).with_context(|| format!("{}: malformed JSON", path.display()))?;
+        let v: Value = serde_json::from_str(trimmed)
+            .with_context(|| format!("{}: malformed JSON", path.display()))?;
         let arr = v.as_array().cloned().unwrap_or_default();
-        return Ok(arr.into_iter().enumerate().map(|(i, v)| (format!("{}[{i}]", path.display()), v)).collect());
+        return Ok(arr
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("{}[{i}]", path.display()), v))
+            .collect());
     }
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let line = if i == 0 { line.trim_start_matches('\u{feff}') } else { line };
+        let line = if i == 0 {
+            line.trim_start_matches('\u{feff}')
+        } else {
+            line
+        };
         if line.trim().is_empty() {
             continue;
         }
         let loc = format!("{}:{}", path.display(), i + 1);
-        let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("{loc}: malformed JSON: {e}"))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| anyhow!("{loc}: malformed JSON: {e}"))?;
         out.push((loc, v));
     }
     Ok(out)
@@ -293,14 +307,24 @@ fn need_str(obj: &Map<String, Value>, key: &str) -> Result<String> {
 fn image_ref(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Object(o) => o.get("path").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string),
+        Value::Object(o) => o
+            .get("path")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
         _ => None,
     }
 }
 
 fn join_str(root: &Path, rel: &str) -> String {
     let p = Path::new(rel);
-    if p.is_absolute() { p.to_path_buf() } else { root.join(p) }.to_string_lossy().into_owned()
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        root.join(p)
+    }
+    .to_string_lossy()
+    .into_owned()
 }
 
 fn is_yes_no(answer: &str) -> bool {
@@ -316,24 +340,37 @@ fn each_row(
     mut f: impl FnMut(&Map<String, Value>, usize) -> Result<Option<BenchRecord>>,
 ) -> Result<()> {
     for (i, (loc, v)) in rows.into_iter().enumerate() {
-        let res = v.as_object().context("a row must be a JSON object").and_then(|o| f(o, i)).and_then(|r| match r {
-            Some(mut r) => {
-                r.validate()?;
-                Ok(Some(r))
-            }
-            None => Ok(None),
-        });
+        let res = v
+            .as_object()
+            .context("a row must be a JSON object")
+            .and_then(|o| f(o, i))
+            .and_then(|r| match r {
+                Some(mut r) => {
+                    r.validate()?;
+                    Ok(Some(r))
+                }
+                None => Ok(None),
+            });
         match res {
             Ok(Some(r)) => conv.records.push(r),
             Ok(None) => conv.filtered += 1,
-            Err(e) if opts.skip_invalid => conv.skipped.push(Skipped { location: loc, reason: format!("{e:#}") }),
+            Err(e) if opts.skip_invalid => conv.skipped.push(Skipped {
+                location: loc,
+                reason: format!("{e:#}"),
+            }),
             Err(e) => return Err(anyhow!("{loc}: {e:#}")),
         }
     }
     Ok(())
 }
 
-fn record(format: BenchFormat, id: String, question: String, answer: String, answer_type: AnswerType) -> BenchRecord {
+fn record(
+    format: BenchFormat,
+    id: String,
+    question: String,
+    answer: String,
+    answer_type: AnswerType,
+) -> BenchRecord {
     BenchRecord {
         id: format!("{}/{}", format.key(), id),
         benchmark: format.benchmark().to_string(),
@@ -348,8 +385,14 @@ fn record(format: BenchFormat, id: String, question: String, answer: String, ans
 }
 
 fn meta_of(obj: &Map<String, Value>, keys: &[&str]) -> Option<Value> {
-    let m: Map<String, Value> =
-        keys.iter().filter_map(|k| obj.get(*k).filter(|v| !v.is_null()).map(|v| (k.to_string(), v.clone()))).collect();
+    let m: Map<String, Value> = keys
+        .iter()
+        .filter_map(|k| {
+            obj.get(*k)
+                .filter(|v| !v.is_null())
+                .map(|v| (k.to_string(), v.clone()))
+        })
+        .collect();
     (!m.is_empty()).then_some(Value::Object(m))
 }
 
@@ -357,11 +400,17 @@ fn meta_of(obj: &Map<String, Value>, keys: &[&str]) -> Option<Value> {
 // SLAKE
 
 fn slake(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
-    let file = if input.is_dir() { input.join("test.json") } else { input.to_path_buf() };
+    let file = if input.is_dir() {
+        input.join("test.json")
+    } else {
+        input.to_path_buf()
+    };
     let root = canon(&parent_of(&file))?;
     let mut conv = Conversion::default();
     each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| {
-        let lang = get_str(o, &["q_lang"]).unwrap_or_else(|| "en".into()).to_lowercase();
+        let lang = get_str(o, &["q_lang"])
+            .unwrap_or_else(|| "en".into())
+            .to_lowercase();
         if lang != "en" && !opts.all_languages {
             return Ok(None);
         }
@@ -372,7 +421,13 @@ fn slake(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
             _ => bail!("SLAKE answer_type must be OPEN or CLOSED, got {t:?}"),
         };
         let id = get_str(o, &["qid"]).unwrap_or_else(|| i.to_string());
-        let mut r = record(BenchFormat::Slake, id, need_str(o, "question")?, need_str(o, "answer")?, answer_type);
+        let mut r = record(
+            BenchFormat::Slake,
+            id,
+            need_str(o, "question")?,
+            need_str(o, "answer")?,
+            answer_type,
+        );
         r.images = vec![join_str(&root.join("imgs"), &need_str(o, "img_name")?)];
         r.lang = (lang != "en").then_some(lang);
         r.meta = meta_of(o, &["modality", "location", "content_type", "base_type"]);
@@ -385,15 +440,34 @@ fn slake(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
 // VQA-RAD and PathVQA rows
 
 /// `{"question", "answer", "image"}` rows (Hugging Face export); yes/no -> yes_no, else open.
-fn qa_row(format: BenchFormat, o: &Map<String, Value>, i: usize, root: &Path) -> Result<BenchRecord> {
+fn qa_row(
+    format: BenchFormat,
+    o: &Map<String, Value>,
+    i: usize,
+    root: &Path,
+) -> Result<BenchRecord> {
     let answer = need_str(o, "answer")?;
-    let t = if is_yes_no(&answer) { AnswerType::YesNo } else { AnswerType::Open };
+    let t = if is_yes_no(&answer) {
+        AnswerType::YesNo
+    } else {
+        AnswerType::Open
+    };
     let id = get_str(o, &["id", "qid"]).unwrap_or_else(|| i.to_string());
     let mut r = record(format, id, need_str(o, "question")?, answer, t);
-    let img = o.get("image").or_else(|| o.get("images")).context("missing field `image`")?;
+    let img = o
+        .get("image")
+        .or_else(|| o.get("images"))
+        .context("missing field `image`")?;
     r.images = match img {
-        Value::Array(a) => a.iter().filter_map(image_ref).map(|p| join_str(root, &p)).collect(),
-        v => vec![join_str(root, &image_ref(v).context("`image` must be a path or {\"path\": ...}")?)],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(image_ref)
+            .map(|p| join_str(root, &p))
+            .collect(),
+        v => vec![join_str(
+            root,
+            &image_ref(v).context("`image` must be a path or {\"path\": ...}")?,
+        )],
     };
     Ok(r)
 }
@@ -401,14 +475,25 @@ fn qa_row(format: BenchFormat, o: &Map<String, Value>, i: usize, root: &Path) ->
 fn vqa_rad(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     let file = if input.is_dir() {
         let osf = input.join("VQA_RAD Dataset Public.json");
-        ensure!(osf.exists(), "{} has no `VQA_RAD Dataset Public.json`; pass the file itself", input.display());
+        ensure!(
+            osf.exists(),
+            "{} has no `VQA_RAD Dataset Public.json`; pass the file itself",
+            input.display()
+        );
         osf
     } else {
         input.to_path_buf()
     };
     let root = canon(&parent_of(&file))?;
-    let split = opts.split.clone().unwrap_or_else(|| "test".into()).to_lowercase();
-    ensure!(matches!(split.as_str(), "test" | "train" | "all"), "VQA-RAD --split must be test, train or all, got {split:?}");
+    let split = opts
+        .split
+        .clone()
+        .unwrap_or_else(|| "test".into())
+        .to_lowercase();
+    ensure!(
+        matches!(split.as_str(), "test" | "train" | "all"),
+        "VQA-RAD --split must be test, train or all, got {split:?}"
+    );
     let img_dir = {
         let d = root.join("VQA_RAD Image Folder");
         if d.is_dir() {
@@ -430,11 +515,18 @@ fn vqa_rad(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
                 return Ok(None);
             }
             let answer = need_str(o, "answer")?;
-            let t = if is_yes_no(&answer) { AnswerType::YesNo } else { AnswerType::Open };
+            let t = if is_yes_no(&answer) {
+                AnswerType::YesNo
+            } else {
+                AnswerType::Open
+            };
             let id = get_str(o, &["qid"]).unwrap_or_else(|| i.to_string());
             let mut r = record(BenchFormat::VqaRad, id, need_str(o, "question")?, answer, t);
             r.images = vec![join_str(&img_dir, &need_str(o, "image_name")?)];
-            r.meta = meta_of(o, &["image_organ", "question_type", "answer_type", "phrase_type"]);
+            r.meta = meta_of(
+                o,
+                &["image_organ", "question_type", "answer_type", "phrase_type"],
+            );
             Ok(Some(r))
         } else {
             Ok(Some(qa_row(BenchFormat::VqaRad, o, i, &root)?))
@@ -463,51 +555,110 @@ fn pickle_to_json(v: serde_pickle::Value) -> Value {
         P::Bytes(b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
         P::String(s) => Value::String(s),
         P::List(l) | P::Tuple(l) => Value::Array(l.into_iter().map(pickle_to_json).collect()),
-        P::Set(s) | P::FrozenSet(s) => Value::Array(s.into_iter().map(|h| Value::String(key(h))).collect()),
-        P::Dict(d) => Value::Object(d.into_iter().map(|(k, v)| (key(k), pickle_to_json(v))).collect()),
+        P::Set(s) | P::FrozenSet(s) => {
+            Value::Array(s.into_iter().map(|h| Value::String(key(h))).collect())
+        }
+        P::Dict(d) => Value::Object(
+            d.into_iter()
+                .map(|(k, v)| (key(k), pickle_to_json(v)))
+                .collect(),
+        ),
     }
 }
 
 fn path_vqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
-    let split = opts.split.clone().unwrap_or_else(|| "test".into()).to_lowercase();
+    let split = opts
+        .split
+        .clone()
+        .unwrap_or_else(|| "test".into())
+        .to_lowercase();
     let file = if input.is_dir() {
         let cands = [
-            input.join("qas").join(&split).join(format!("{split}_qa.pkl")),
-            input.join("pvqa").join("qas").join(&split).join(format!("{split}_qa.pkl")),
+            input
+                .join("qas")
+                .join(&split)
+                .join(format!("{split}_qa.pkl")),
+            input
+                .join("pvqa")
+                .join("qas")
+                .join(&split)
+                .join(format!("{split}_qa.pkl")),
             input.join(format!("{split}_qa.pkl")),
         ];
-        cands.iter().find(|p| p.exists()).cloned().with_context(|| {
-            format!("{} has no qas/{split}/{split}_qa.pkl; pass the pickle or a JSON/JSONL export", input.display())
-        })?
+        cands
+            .iter()
+            .find(|p| p.exists())
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "{} has no qas/{split}/{split}_qa.pkl; pass the pickle or a JSON/JSONL export",
+                    input.display()
+                )
+            })?
     } else {
         input.to_path_buf()
     };
-    let is_pickle = file.extension().is_some_and(|e| e == "pkl" || e == "pickle");
+    let is_pickle = file
+        .extension()
+        .is_some_and(|e| e == "pkl" || e == "pickle");
     let mut conv = Conversion::default();
     if !is_pickle {
         let root = canon(&parent_of(&file))?;
-        each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| Ok(Some(qa_row(BenchFormat::PathVqa, o, i, &root)?)))?;
+        each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| {
+            Ok(Some(qa_row(BenchFormat::PathVqa, o, i, &root)?))
+        })?;
         return Ok(conv);
     }
     let bytes = fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-    let value: serde_pickle::Value =
-        serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new().decode_strings().replace_unresolved_globals())
-            .map_err(|e| anyhow!("{}: not a readable pickle: {e}", file.display()))?;
+    let value: serde_pickle::Value = serde_pickle::value_from_slice(
+        &bytes,
+        serde_pickle::DeOptions::new()
+            .decode_strings()
+            .replace_unresolved_globals(),
+    )
+    .map_err(|e| anyhow!("{}: not a readable pickle: {e}", file.display()))?;
     let rows = match pickle_to_json(value) {
         Value::Array(a) => a,
-        other => bail!("{}: expected a pickled list of dicts, got {}", file.display(), kind(&other)),
+        other => bail!(
+            "{}: expected a pickled list of dicts, got {}",
+            file.display(),
+            kind(&other)
+        ),
     };
     // The pvqa folder: the nearest ancestor with an images/ folder.
     let abs = canon(&file)?;
-    let pvqa = abs.ancestors().skip(1).find(|d| d.join("images").is_dir()).map(Path::to_path_buf).unwrap_or_else(|| parent_of(&abs));
+    let pvqa = abs
+        .ancestors()
+        .skip(1)
+        .find(|d| d.join("images").is_dir())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| parent_of(&abs));
     let img_dir = pvqa.join("images").join(&split);
-    let rows: Vec<(String, Value)> = rows.into_iter().enumerate().map(|(i, v)| (format!("{}[{i}]", file.display()), v)).collect();
+    let rows: Vec<(String, Value)> = rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (format!("{}[{i}]", file.display()), v))
+        .collect();
     each_row(rows, opts, &mut conv, |o, i| {
         let answer = need_str(o, "answer")?;
-        let t = if is_yes_no(&answer) { AnswerType::YesNo } else { AnswerType::Open };
-        let mut r = record(BenchFormat::PathVqa, i.to_string(), need_str(o, "question")?, answer, t);
+        let t = if is_yes_no(&answer) {
+            AnswerType::YesNo
+        } else {
+            AnswerType::Open
+        };
+        let mut r = record(
+            BenchFormat::PathVqa,
+            i.to_string(),
+            need_str(o, "question")?,
+            answer,
+            t,
+        );
         let img = need_str(o, "image")?;
-        let img = if Path::new(&img).extension().is_some() { img } else { format!("{img}.jpg") };
+        let img = if Path::new(&img).extension().is_some() {
+            img
+        } else {
+            format!("{img}.jpg")
+        };
         r.images = vec![join_str(&img_dir, &img)];
         Ok(Some(r))
     })?;
@@ -543,31 +694,62 @@ fn strip_choice_prefix(text: &str, letter: char) -> String {
 fn pmc_vqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     let file = if input.is_dir() {
         let cands = [input.join("test_2.csv"), input.join("test.csv")];
-        cands.iter().find(|p| p.exists()).cloned().with_context(|| format!("{} has no test_2.csv or test.csv", input.display()))?
+        cands
+            .iter()
+            .find(|p| p.exists())
+            .cloned()
+            .with_context(|| format!("{} has no test_2.csv or test.csv", input.display()))?
     } else {
         input.to_path_buf()
     };
     let root = canon(&parent_of(&file))?;
-    let img_dir = if root.join("figures").is_dir() { root.join("figures") } else { root.join("images") };
+    let img_dir = if root.join("figures").is_dir() {
+        root.join("figures")
+    } else {
+        root.join("images")
+    };
     let rows = csv::parse(&read_text(&file)?).with_context(|| file.display().to_string())?;
-    let (header, body) = rows.split_first().with_context(|| format!("{}: empty CSV", file.display()))?;
-    let col = |name: &str| header.fields.iter().position(|h| super::norm_key(h) == name);
-    let fig = col("figurepath").with_context(|| format!("{}: no Figure_path column", file.display()))?;
+    let (header, body) = rows
+        .split_first()
+        .with_context(|| format!("{}: empty CSV", file.display()))?;
+    let col = |name: &str| {
+        header
+            .fields
+            .iter()
+            .position(|h| super::norm_key(h) == name)
+    };
+    let fig =
+        col("figurepath").with_context(|| format!("{}: no Figure_path column", file.display()))?;
     let q = col("question").with_context(|| format!("{}: no Question column", file.display()))?;
     let ans = col("answer").with_context(|| format!("{}: no Answer column", file.display()))?;
     let label = col("answerlabel");
-    let index = col("index").or_else(|| header.fields.first().filter(|h| h.trim().is_empty()).map(|_| 0));
+    let index = col("index").or_else(|| {
+        header
+            .fields
+            .first()
+            .filter(|h| h.trim().is_empty())
+            .map(|_| 0)
+    });
     let choices: Vec<(char, usize)> = ['A', 'B', 'C', 'D', 'E', 'F']
         .into_iter()
         .filter_map(|l| col(&format!("choice{}", l.to_ascii_lowercase())).map(|i| (l, i)))
         .collect();
-    ensure!(!choices.is_empty(), "{}: no `Choice A`.. columns", file.display());
+    ensure!(
+        !choices.is_empty(),
+        "{}: no `Choice A`.. columns",
+        file.display()
+    );
     let mut conv = Conversion::default();
     for (n, row) in body.iter().enumerate() {
         let loc = format!("{}:{}", file.display(), row.line);
         let res = (|| -> Result<BenchRecord> {
             let field = |i: usize| row.fields.get(i).map(String::as_str).unwrap_or("");
-            ensure!(row.fields.len() >= header.fields.len(), "{} fields where the header has {}", row.fields.len(), header.fields.len());
+            ensure!(
+                row.fields.len() >= header.fields.len(),
+                "{} fields where the header has {}",
+                row.fields.len(),
+                header.fields.len()
+            );
             let mut options = BTreeMap::new();
             for &(l, i) in &choices {
                 let t = strip_choice_prefix(field(i), l);
@@ -575,7 +757,10 @@ fn pmc_vqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
                     options.insert(l.to_string(), t);
                 }
             }
-            let id = index.map(|i| field(i).trim().to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| n.to_string());
+            let id = index
+                .map(|i| field(i).trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| n.to_string());
             let answer_raw = field(ans).trim().to_string();
             let answer = resolve_mcq_answer(&answer_raw, &options)
                 .or_else(|| {
@@ -588,7 +773,13 @@ fn pmc_vqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
                     resolve_mcq_answer(&strip_choice_prefix(&answer_raw, c), &options)
                 })
                 .with_context(|| format!("answer {answer_raw:?} matches no option"))?;
-            let mut r = record(BenchFormat::PmcVqa, id, field(q).trim().to_string(), answer, AnswerType::Mcq);
+            let mut r = record(
+                BenchFormat::PmcVqa,
+                id,
+                field(q).trim().to_string(),
+                answer,
+                AnswerType::Mcq,
+            );
             r.options = Some(options);
             r.images = vec![join_str(&img_dir, field(fig).trim())];
             r.validate()?;
@@ -596,7 +787,10 @@ fn pmc_vqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         })();
         match res {
             Ok(r) => conv.records.push(r),
-            Err(e) if opts.skip_invalid => conv.skipped.push(Skipped { location: loc, reason: format!("{e:#}") }),
+            Err(e) if opts.skip_invalid => conv.skipped.push(Skipped {
+                location: loc,
+                reason: format!("{e:#}"),
+            }),
             Err(e) => return Err(anyhow!("{loc}: {e:#}")),
         }
     }
@@ -608,10 +802,28 @@ fn pmc_vqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
 
 fn omnimedvqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     let (files, root) = if input.is_dir() {
-        let oa = [input.join("QA_information").join("Open-access"), input.join("Open-access"), input.to_path_buf()]
-            .into_iter()
-            .find(|d| d.is_dir() && fs::read_dir(d).map(|mut r| r.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json")))).unwrap_or(false))
-            .with_context(|| format!("{} has no QA_information/Open-access/*.json", input.display()))?;
+        let oa = [
+            input.join("QA_information").join("Open-access"),
+            input.join("Open-access"),
+            input.to_path_buf(),
+        ]
+        .into_iter()
+        .find(|d| {
+            d.is_dir()
+                && fs::read_dir(d)
+                    .map(|mut r| {
+                        r.any(|e| {
+                            e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))
+                        })
+                    })
+                    .unwrap_or(false)
+        })
+        .with_context(|| {
+            format!(
+                "{} has no QA_information/Open-access/*.json",
+                input.display()
+            )
+        })?;
         let mut files: Vec<PathBuf> = fs::read_dir(&oa)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
@@ -619,7 +831,10 @@ fn omnimedvqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         files.sort();
         (files, omni_root(&canon(&oa)?))
     } else {
-        (vec![input.to_path_buf()], omni_root(&canon(&parent_of(input))?))
+        (
+            vec![input.to_path_buf()],
+            omni_root(&canon(&parent_of(input))?),
+        )
     };
     let mut conv = Conversion::default();
     for file in files {
@@ -632,23 +847,49 @@ fn omnimedvqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
                 }
             }
             ensure!(!options.is_empty(), "no option_A.. fields");
-            let exact: Vec<&String> = options.iter().filter(|(_, t)| **t == gt).map(|(k, _)| k).collect();
+            let exact: Vec<&String> = options
+                .iter()
+                .filter(|(_, t)| **t == gt)
+                .map(|(k, _)| k)
+                .collect();
             let letter = match exact.as_slice() {
                 [k] => (*k).clone(),
                 _ => {
                     let n = norm_words(&gt);
-                    let loose: Vec<&String> = options.iter().filter(|(_, t)| norm_words(t) == n).map(|(k, _)| k).collect();
+                    let loose: Vec<&String> = options
+                        .iter()
+                        .filter(|(_, t)| norm_words(t) == n)
+                        .map(|(k, _)| k)
+                        .collect();
                     match loose.as_slice() {
                         [k] => (*k).clone(),
-                        _ => bail!("gt_answer {gt:?} matches {} of the options {:?}", loose.len(), options.values().collect::<Vec<_>>()),
+                        _ => bail!(
+                            "gt_answer {gt:?} matches {} of the options {:?}",
+                            loose.len(),
+                            options.values().collect::<Vec<_>>()
+                        ),
                     }
                 }
             };
-            let id = get_str(o, &["question_id"]).unwrap_or_else(|| format!("{}/{i}", file.file_stem().unwrap_or_default().to_string_lossy()));
-            let mut r = record(BenchFormat::OmniMedVqa, id, need_str(o, "question")?, letter, AnswerType::Mcq);
+            let id = get_str(o, &["question_id"]).unwrap_or_else(|| {
+                format!(
+                    "{}/{i}",
+                    file.file_stem().unwrap_or_default().to_string_lossy()
+                )
+            });
+            let mut r = record(
+                BenchFormat::OmniMedVqa,
+                id,
+                need_str(o, "question")?,
+                letter,
+                AnswerType::Mcq,
+            );
             r.options = Some(options);
             r.images = vec![join_str(&root, &need_str(o, "image_path")?)];
-            r.meta = meta_of(o, &["dataset", "question_type", "modality_type", "modality"]);
+            r.meta = meta_of(
+                o,
+                &["dataset", "question_type", "modality_type", "modality"],
+            );
             Ok(Some(r))
         })?;
     }
@@ -670,8 +911,15 @@ fn omni_root(json_dir: &Path) -> PathBuf {
 
 fn medxpertqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     let file = if input.is_dir() {
-        let cands = [input.join("MM").join("test.jsonl"), input.join("test.jsonl")];
-        cands.iter().find(|p| p.exists()).cloned().with_context(|| format!("{} has no MM/test.jsonl", input.display()))?
+        let cands = [
+            input.join("MM").join("test.jsonl"),
+            input.join("test.jsonl"),
+        ];
+        cands
+            .iter()
+            .find(|p| p.exists())
+            .cloned()
+            .with_context(|| format!("{} has no MM/test.jsonl", input.display()))?
     } else {
         input.to_path_buf()
     };
@@ -684,17 +932,39 @@ fn medxpertqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         .unwrap_or_else(|| parent_of(&abs).join("images"));
     let mut conv = Conversion::default();
     each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| {
-        let opts_v = o.get("options").and_then(Value::as_object).context("missing `options` object")?;
+        let opts_v = o
+            .get("options")
+            .and_then(Value::as_object)
+            .context("missing `options` object")?;
         let options: BTreeMap<String, String> = opts_v
             .iter()
-            .map(|(k, v)| Ok((k.trim().to_ascii_uppercase(), v.as_str().map(str::to_string).with_context(|| format!("option {k} is not a string"))?)))
+            .map(|(k, v)| {
+                Ok((
+                    k.trim().to_ascii_uppercase(),
+                    v.as_str()
+                        .map(str::to_string)
+                        .with_context(|| format!("option {k} is not a string"))?,
+                ))
+            })
             .collect::<Result<_>>()?;
         let id = get_str(o, &["id"]).unwrap_or_else(|| i.to_string());
-        let mut r = record(BenchFormat::MedXpertQa, id, need_str(o, "question")?, need_str(o, "label")?, AnswerType::Mcq);
+        let mut r = record(
+            BenchFormat::MedXpertQa,
+            id,
+            need_str(o, "question")?,
+            need_str(o, "label")?,
+            AnswerType::Mcq,
+        );
         r.options = Some(options);
         r.images = match o.get("images") {
-            Some(Value::Array(a)) => a.iter().filter_map(image_ref).map(|p| join_str(&img_dir, &p)).collect(),
-            Some(v) => image_ref(v).map(|p| vec![join_str(&img_dir, &p)]).unwrap_or_default(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(image_ref)
+                .map(|p| join_str(&img_dir, &p))
+                .collect(),
+            Some(v) => image_ref(v)
+                .map(|p| vec![join_str(&img_dir, &p)])
+                .unwrap_or_default(),
             None => Vec::new(),
         };
         r.meta = meta_of(o, &["medical_task", "body_system", "question_type"]);
@@ -707,8 +977,13 @@ fn medxpertqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
 // MMMU (Health & Medicine)
 
 /// The five MMMU Health & Medicine subjects.
-pub const MMMU_HM_SUBJECTS: [&str; 5] =
-    ["Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health"];
+pub const MMMU_HM_SUBJECTS: [&str; 5] = [
+    "Basic_Medical_Science",
+    "Clinical_Medicine",
+    "Diagnostics_and_Laboratory_Medicine",
+    "Pharmacy",
+    "Public_Health",
+];
 
 /// Parse a Python list literal of strings (`['a', "b's", 'c\'d']`), as MMMU publishes `options`;
 /// a JSON list is accepted too.
@@ -717,7 +992,10 @@ pub fn parse_py_str_list(s: &str) -> Result<Vec<String>> {
         return Ok(v);
     }
     let c: Vec<char> = s.trim().chars().collect();
-    ensure!(c.first() == Some(&'[') && c.last() == Some(&']'), "not a list literal: {s:?}");
+    ensure!(
+        c.first() == Some(&'[') && c.last() == Some(&']'),
+        "not a list literal: {s:?}"
+    );
     let mut out = Vec::new();
     let mut i = 1;
     let n = c.len() - 1;
@@ -729,7 +1007,10 @@ pub fn parse_py_str_list(s: &str) -> Result<Vec<String>> {
             break;
         }
         let q = c[i];
-        ensure!(q == '\'' || q == '"', "expected a quoted string at {i} in {s:?}");
+        ensure!(
+            q == '\'' || q == '"',
+            "expected a quoted string at {i} in {s:?}"
+        );
         i += 1;
         let mut item = String::new();
         loop {
@@ -752,8 +1033,14 @@ pub fn parse_py_str_list(s: &str) -> Result<Vec<String>> {
                             'u' => 4,
                             _ => 8,
                         };
-                        let hex: String = c.get(i..i + len).map(|h| h.iter().collect()).unwrap_or_default();
-                        let cp = u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32).with_context(|| format!("bad escape \\{e}{hex} in {s:?}"))?;
+                        let hex: String = c
+                            .get(i..i + len)
+                            .map(|h| h.iter().collect())
+                            .unwrap_or_default();
+                        let cp = u32::from_str_radix(&hex, 16)
+                            .ok()
+                            .and_then(char::from_u32)
+                            .with_context(|| format!("bad escape \\{e}{hex} in {s:?}"))?;
                         item.push(cp);
                         i += len;
                     }
@@ -773,9 +1060,16 @@ fn mmmu(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
     let files: Vec<PathBuf> = if input.is_dir() {
         let mut v = Vec::new();
         collect_files(input, &mut v)?;
-        v.retain(|p| p.extension().is_some_and(|e| e == "json" || e == "jsonl" || e == "parquet"));
+        v.retain(|p| {
+            p.extension()
+                .is_some_and(|e| e == "json" || e == "jsonl" || e == "parquet")
+        });
         v.sort();
-        ensure!(!v.is_empty(), "{} has no .parquet/.json/.jsonl files", input.display());
+        ensure!(
+            !v.is_empty(),
+            "{} has no .parquet/.json/.jsonl files",
+            input.display()
+        );
         v
     } else {
         vec![input.to_path_buf()]
@@ -789,29 +1083,59 @@ fn mmmu(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
             let subject = MMMU_HM_SUBJECTS.iter().find(|s| {
                 id.strip_prefix(&format!("{split}_"))
                     .and_then(|rest| rest.strip_prefix(**s))
-                    .is_some_and(|tail| tail.starts_with('_') && tail[1..].chars().all(|c| c.is_ascii_digit()))
+                    .is_some_and(|tail| {
+                        tail.starts_with('_') && tail[1..].chars().all(|c| c.is_ascii_digit())
+                    })
             });
-            let Some(subject) = subject else { return Ok(None) };
+            let Some(subject) = subject else {
+                return Ok(None);
+            };
             let qt = get_str(o, &["question_type"]).unwrap_or_else(|| "multiple-choice".into());
             let question = need_str(o, "question")?;
             let answer = need_str(o, "answer")?;
             let mut r = if qt == "multiple-choice" {
                 let raw = match o.get("options") {
                     Some(Value::String(s)) => parse_py_str_list(s)?,
-                    Some(Value::Array(a)) => a.iter().map(|v| v.as_str().map(str::to_string).context("option is not a string")).collect::<Result<_>>()?,
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|v| {
+                            v.as_str()
+                                .map(str::to_string)
+                                .context("option is not a string")
+                        })
+                        .collect::<Result<_>>()?,
                     _ => bail!("missing `options`"),
                 };
                 ensure!(!raw.is_empty() && raw.len() <= 26, "{} options", raw.len());
-                let options: BTreeMap<String, String> =
-                    raw.into_iter().enumerate().map(|(k, t)| (((b'A' + k as u8) as char).to_string(), t)).collect();
-                let mut r = record(BenchFormat::Mmmu, id.clone(), question, answer, AnswerType::Mcq);
+                let options: BTreeMap<String, String> = raw
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, t)| (((b'A' + k as u8) as char).to_string(), t))
+                    .collect();
+                let mut r = record(
+                    BenchFormat::Mmmu,
+                    id.clone(),
+                    question,
+                    answer,
+                    AnswerType::Mcq,
+                );
                 r.options = Some(options);
                 r
             } else {
-                record(BenchFormat::Mmmu, id.clone(), question, answer, AnswerType::Closed)
+                record(
+                    BenchFormat::Mmmu,
+                    id.clone(),
+                    question,
+                    answer,
+                    AnswerType::Closed,
+                )
             };
-            r.images = (1..=7).filter_map(|k| o.get(&format!("image_{k}")).and_then(image_ref)).map(|p| join_str(&root, &p)).collect();
-            let mut meta = meta_of(o, &["img_type", "topic_difficulty", "subfield"]).unwrap_or_else(|| json!({}));
+            r.images = (1..=7)
+                .filter_map(|k| o.get(&format!("image_{k}")).and_then(image_ref))
+                .map(|p| join_str(&root, &p))
+                .collect();
+            let mut meta = meta_of(o, &["img_type", "topic_difficulty", "subfield"])
+                .unwrap_or_else(|| json!({}));
             meta["subject"] = json!(subject);
             r.meta = Some(meta);
             Ok(Some(r))
@@ -838,7 +1162,10 @@ mod tests {
 
     #[test]
     fn py_list_literal() {
-        assert_eq!(parse_py_str_list("['a', \"b's\", 'c\\'d', '\\u00e9']").unwrap(), vec!["a", "b's", "c'd", "é"]);
+        assert_eq!(
+            parse_py_str_list("['a', \"b's\", 'c\\'d', '\\u00e9']").unwrap(),
+            vec!["a", "b's", "c'd", "é"]
+        );
         assert_eq!(parse_py_str_list("[]").unwrap(), Vec::<String>::new());
         assert_eq!(parse_py_str_list("[\"x\", \"y\"]").unwrap(), vec!["x", "y"]);
         assert!(parse_py_str_list("['a'").is_err());
@@ -847,7 +1174,10 @@ mod tests {
 
     #[test]
     fn choice_prefix() {
-        assert_eq!(strip_choice_prefix(" A:Computed tomography ", 'A'), "Computed tomography");
+        assert_eq!(
+            strip_choice_prefix(" A:Computed tomography ", 'A'),
+            "Computed tomography"
+        );
         assert_eq!(strip_choice_prefix("B. MRI", 'B'), "MRI");
         assert_eq!(strip_choice_prefix("(C) PET", 'C'), "PET");
         assert_eq!(strip_choice_prefix("A:x", 'B'), "A:x");
@@ -855,9 +1185,18 @@ mod tests {
 
     #[test]
     fn format_names() {
-        assert_eq!("VQA_RAD".parse::<BenchFormat>().unwrap(), BenchFormat::VqaRad);
-        assert_eq!("MedXpertQA-MM".parse::<BenchFormat>().unwrap(), BenchFormat::MedXpertQa);
-        assert_eq!("mmmu-h&m".parse::<BenchFormat>().unwrap(), BenchFormat::Mmmu);
+        assert_eq!(
+            "VQA_RAD".parse::<BenchFormat>().unwrap(),
+            BenchFormat::VqaRad
+        );
+        assert_eq!(
+            "MedXpertQA-MM".parse::<BenchFormat>().unwrap(),
+            BenchFormat::MedXpertQa
+        );
+        assert_eq!(
+            "mmmu-h&m".parse::<BenchFormat>().unwrap(),
+            BenchFormat::Mmmu
+        );
         assert!("nope".parse::<BenchFormat>().is_err());
     }
 }

@@ -56,7 +56,10 @@ pub fn parse(text: &str) -> Result<Vec<Row>> {
             '\n' => {
                 if row_has_content || !field.is_empty() {
                     fields.push(std::mem::take(&mut field));
-                    rows.push(Row { line: row_line, fields: std::mem::take(&mut fields) });
+                    rows.push(Row {
+                        line: row_line,
+                        fields: std::mem::take(&mut fields),
+                    });
                 }
                 quoted_field = false;
                 row_has_content = false;
@@ -74,7 +77,10 @@ pub fn parse(text: &str) -> Result<Vec<Row>> {
     }
     if row_has_content || !field.is_empty() {
         fields.push(field);
-        rows.push(Row { line: row_line, fields });
+        rows.push(Row {
+            line: row_line,
+            fields,
+        });
     }
     Ok(rows)
 }

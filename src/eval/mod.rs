@@ -84,7 +84,12 @@ pub enum AnswerType {
 }
 
 impl AnswerType {
-    pub const ALL: [AnswerType; 4] = [AnswerType::Mcq, AnswerType::YesNo, AnswerType::Closed, AnswerType::Open];
+    pub const ALL: [AnswerType; 4] = [
+        AnswerType::Mcq,
+        AnswerType::YesNo,
+        AnswerType::Closed,
+        AnswerType::Open,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,11 +111,17 @@ impl std::str::FromStr for AnswerType {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         let k = s.trim().to_ascii_lowercase().replace('-', "_");
-        let k = if k == "yesno" { "yes_no".to_string() } else { k };
+        let k = if k == "yesno" {
+            "yes_no".to_string()
+        } else {
+            k
+        };
         Self::ALL
             .into_iter()
             .find(|t| t.as_str() == k)
-            .ok_or_else(|| anyhow!("unknown answer_type {s:?} (expected mcq, yes_no, closed or open)"))
+            .ok_or_else(|| {
+                anyhow!("unknown answer_type {s:?} (expected mcq, yes_no, closed or open)")
+            })
     }
 }
 
@@ -173,7 +184,15 @@ pub struct BenchRecord {
 
 /// The Table 1 columns, in the paper's order: (display name, normalised aliases).
 pub const TABLE1: [(&str, &[&str]); 7] = [
-    ("MMMU-H&M", &["mmmuhm", "mmmuhealthmedicine", "mmmuhealthandmedicine", "mmmu"]),
+    (
+        "MMMU-H&M",
+        &[
+            "mmmuhm",
+            "mmmuhealthmedicine",
+            "mmmuhealthandmedicine",
+            "mmmu",
+        ],
+    ),
     ("VQA-RAD", &["vqarad"]),
     ("SLAKE", &["slake", "slakeen", "slakevqa"]),
     ("PathVQA", &["pathvqa"]),
@@ -183,13 +202,18 @@ pub const TABLE1: [(&str, &[&str]); 7] = [
 ];
 
 fn norm_key(s: &str) -> String {
-    s.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
+    s.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 /// The Table 1 column index of a benchmark name (case, spaces and punctuation ignored).
 pub fn table1_column(benchmark: &str) -> Option<usize> {
     let k = norm_key(benchmark);
-    TABLE1.iter().position(|(_, aliases)| aliases.contains(&k.as_str()))
+    TABLE1
+        .iter()
+        .position(|(_, aliases)| aliases.contains(&k.as_str()))
 }
 
 /// The name a benchmark is reported under: the Table 1 display name when it is one of the seven,
@@ -213,7 +237,11 @@ fn string_field(obj: &serde_json::Map<String, Value>, key: &str) -> Result<Strin
 
 /// Normalised option text for matching (lowercase, alphanumeric words joined by one space).
 pub(crate) fn norm_words(s: &str) -> String {
-    s.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
+    s.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Resolve an MCQ ground truth to an option letter: a letter form (`B`, `(B)`, `b`, `B.`), else the
@@ -222,7 +250,9 @@ pub fn resolve_mcq_answer(answer: &str, options: &BTreeMap<String, String>) -> O
     let t = answer.trim();
     let c: Vec<char> = t.chars().collect();
     let letter = match c.as_slice() {
-        [l] | ['(', l, ')'] | [l, '.' | ')' | ':'] if l.is_ascii_alphabetic() => Some(l.to_ascii_uppercase()),
+        [l] | ['(', l, ')'] | [l, '.' | ')' | ':'] if l.is_ascii_alphabetic() => {
+            Some(l.to_ascii_uppercase())
+        }
         _ => None,
     };
     if let Some(l) = letter {
@@ -233,19 +263,27 @@ pub fn resolve_mcq_answer(answer: &str, options: &BTreeMap<String, String>) -> O
     }
     let n = norm_words(t);
     if !n.is_empty() {
-        let hits: Vec<&String> = options.iter().filter(|(_, v)| norm_words(v) == n).map(|(k, _)| k).collect();
+        let hits: Vec<&String> = options
+            .iter()
+            .filter(|(_, v)| norm_words(v) == n)
+            .map(|(k, _)| k)
+            .collect();
         if hits.len() == 1 {
             return Some(hits[0].clone());
         }
     }
     // "B. text" / "(B) text" whose letter exists
-    crate::rewards::parse_gt_choice(t).map(|l| l.to_string()).filter(|k| options.contains_key(k))
+    crate::rewards::parse_gt_choice(t)
+        .map(|l| l.to_string())
+        .filter(|k| options.contains_key(k))
 }
 
 impl BenchRecord {
     /// Parse and validate one record (errors name the offending field).
     pub fn from_value(v: &Value) -> Result<BenchRecord> {
-        let obj = v.as_object().context("a benchmark record must be a JSON object")?;
+        let obj = v
+            .as_object()
+            .context("a benchmark record must be a JSON object")?;
         let id = string_field(obj, "id")?;
         ensure!(!id.trim().is_empty(), "`id` is empty");
         let benchmark = string_field(obj, "benchmark")?;
@@ -254,7 +292,9 @@ impl BenchRecord {
         let answer = string_field(obj, "answer")?;
         let answer_type: AnswerType = match obj.get("answer_type") {
             Some(Value::String(s)) => s.parse()?,
-            None | Some(Value::Null) => bail!("missing field `answer_type` (mcq, yes_no, closed or open)"),
+            None | Some(Value::Null) => {
+                bail!("missing field `answer_type` (mcq, yes_no, closed or open)")
+            }
             Some(other) => bail!("`answer_type` must be a string, got {other}"),
         };
         let options = match obj.get("options") {
@@ -272,7 +312,10 @@ impl BenchRecord {
                         Value::Number(n) => n.to_string(),
                         other => bail!("option {k:?} must be a string, got {other}"),
                     };
-                    ensure!(out.insert(key, text).is_none(), "option {k:?} appears twice");
+                    ensure!(
+                        out.insert(key, text).is_none(),
+                        "option {k:?} appears twice"
+                    );
                 }
                 Some(out)
             }
@@ -284,7 +327,11 @@ impl BenchRecord {
             Some(Value::Array(a)) => a
                 .iter()
                 .enumerate()
-                .map(|(i, v)| v.as_str().map(str::to_string).with_context(|| format!("images[{i}] must be a string path, got {v}")))
+                .map(|(i, v)| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .with_context(|| format!("images[{i}] must be a string path, got {v}"))
+                })
                 .collect::<Result<_>>()?,
             Some(other) => bail!("`images` must be a list of paths, got {other}"),
         };
@@ -292,13 +339,26 @@ impl BenchRecord {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => {
                 let l = s.trim().to_ascii_lowercase();
-                ensure!(l == "en" || l == "zh", "`lang` must be \"en\" or \"zh\", got {s:?}");
+                ensure!(
+                    l == "en" || l == "zh",
+                    "`lang` must be \"en\" or \"zh\", got {s:?}"
+                );
                 Some(l)
             }
             Some(other) => bail!("`lang` must be a string, got {other}"),
         };
         let meta = obj.get("meta").filter(|m| !m.is_null()).cloned();
-        let mut rec = BenchRecord { id, benchmark, question, options, answer, answer_type, images, lang, meta };
+        let mut rec = BenchRecord {
+            id,
+            benchmark,
+            question,
+            options,
+            answer,
+            answer_type,
+            images,
+            lang,
+            meta,
+        };
         rec.validate()?;
         Ok(rec)
     }
@@ -308,7 +368,11 @@ impl BenchRecord {
     pub fn validate(&mut self) -> Result<()> {
         match self.answer_type {
             AnswerType::Mcq => {
-                let opts = self.options.as_ref().filter(|o| !o.is_empty()).context("an mcq record needs a non-empty `options` object")?;
+                let opts = self
+                    .options
+                    .as_ref()
+                    .filter(|o| !o.is_empty())
+                    .context("an mcq record needs a non-empty `options` object")?;
                 let letter = resolve_mcq_answer(&self.answer, opts).with_context(|| {
                     format!(
                         "mcq answer {:?} is neither one of the option letters {:?} nor the text of exactly one option",
@@ -320,7 +384,11 @@ impl BenchRecord {
             }
             AnswerType::YesNo => {
                 let a = self.answer.trim().trim_end_matches('.').to_lowercase();
-                ensure!(a == "yes" || a == "no", "a yes_no record needs answer \"yes\" or \"no\", got {:?}", self.answer);
+                ensure!(
+                    a == "yes" || a == "no",
+                    "a yes_no record needs answer \"yes\" or \"no\", got {:?}",
+                    self.answer
+                );
                 self.answer = a;
                 self.options = None;
             }
@@ -380,7 +448,10 @@ pub(crate) fn for_each_jsonl(
             .and_then(|v| f(v, &location));
         if let Err(e) = res {
             if skip_invalid {
-                skipped.push(Skipped { location, reason: format!("{e:#}") });
+                skipped.push(Skipped {
+                    location,
+                    reason: format!("{e:#}"),
+                });
             } else {
                 return Err(anyhow!("{location}: {e:#}"));
             }
@@ -402,7 +473,10 @@ pub fn read_bench_file(
     for_each_jsonl(path, skip_invalid, &mut skipped, |v, location| {
         let rec = BenchRecord::from_value(&v)?;
         if let Some(prev) = seen.get(&rec.id) {
-            bail!("duplicate id {:?} (first at {prev}); ids must be unique over all benchmark files", rec.id);
+            bail!(
+                "duplicate id {:?} (first at {prev}); ids must be unique over all benchmark files",
+                rec.id
+            );
         }
         seen.insert(rec.id.clone(), location.to_string());
         records.push(rec);
@@ -412,7 +486,10 @@ pub fn read_bench_file(
 }
 
 /// Read several benchmark files (ids unique over all of them).
-pub fn read_bench_files(paths: &[impl AsRef<Path>], skip_invalid: bool) -> Result<(Vec<BenchRecord>, Vec<Skipped>)> {
+pub fn read_bench_files(
+    paths: &[impl AsRef<Path>],
+    skip_invalid: bool,
+) -> Result<(Vec<BenchRecord>, Vec<Skipped>)> {
     let mut seen = HashMap::new();
     let mut records = Vec::new();
     let mut skipped = Vec::new();
@@ -427,12 +504,17 @@ pub fn read_bench_files(paths: &[impl AsRef<Path>], skip_invalid: bool) -> Resul
 /// Read a responses JSONL file: `{"id", "response"}` per line (other fields ignored; `response`
 /// null counts as no response). A malformed line, a missing id or a duplicate id is an error
 /// `FILE:LINE: ...`, or a [`Skipped`] entry with `skip_invalid`.
-pub fn read_responses(path: &Path, skip_invalid: bool) -> Result<(HashMap<String, String>, Vec<Skipped>)> {
+pub fn read_responses(
+    path: &Path,
+    skip_invalid: bool,
+) -> Result<(HashMap<String, String>, Vec<Skipped>)> {
     let mut out = HashMap::new();
     let mut first: HashMap<String, String> = HashMap::new();
     let mut skipped = Vec::new();
     for_each_jsonl(path, skip_invalid, &mut skipped, |v, location| {
-        let obj = v.as_object().context("a response record must be a JSON object")?;
+        let obj = v
+            .as_object()
+            .context("a response record must be a JSON object")?;
         let id = string_field(obj, "id")?;
         let response = match obj.get("response") {
             None => bail!("missing field `response`"),
@@ -455,14 +537,18 @@ pub fn read_responses(path: &Path, skip_invalid: bool) -> Result<(HashMap<String
 const MCQ_DIRECT: &str = "Answer with the option's letter from the given choices directly.";
 const MCQ_REASONING: &str = "Answer with the option's letter from the given choices and put the letter in one \"\\boxed{}\".";
 const YES_NO_DIRECT: &str = "Please output 'yes' or 'no'(no extra output).";
-const YES_NO_REASONING: &str = "Please output \"yes\" or \"no\" and put the answer in one \"\\boxed{}\".";
+const YES_NO_REASONING: &str =
+    "Please output \"yes\" or \"no\" and put the answer in one \"\\boxed{}\".";
 const CLOSED_DIRECT: &str = "Answer the question using a single word or phrase.";
-const CLOSED_REASONING: &str = "Answer the question using a single word or phrase and put the answer in one \"\\boxed{}\".";
+const CLOSED_REASONING: &str =
+    "Answer the question using a single word or phrase and put the answer in one \"\\boxed{}\".";
 const OPEN_DIRECT: &str = "Please answer the question concisely.";
-const OPEN_REASONING: &str = "Please answer the question concisely and put the answer in one \"\\boxed{}\".";
+const OPEN_REASONING: &str =
+    "Please answer the question concisely and put the answer in one \"\\boxed{}\".";
 
 const ZH_MCQ_DIRECT: &str = "请直接使用给定选项中的选项字母来回答该问题。";
-const ZH_MCQ_REASONING: &str = "请直接使用给定选项中的选项字母来回答该问题,并将答案包裹在\"\\boxed{}\"里";
+const ZH_MCQ_REASONING: &str =
+    "请直接使用给定选项中的选项字母来回答该问题,并将答案包裹在\"\\boxed{}\"里";
 const ZH_YES_NO_DIRECT: &str = "请输出'是'或'否'(不要有任何其它输出)。";
 const ZH_YES_NO_REASONING: &str = "请输出'是'或'否'，并将答案放在一个'\\boxed{}'中。";
 const ZH_CLOSED_DIRECT: &str = "请用一个单词或者短语回答该问题。";
@@ -473,7 +559,12 @@ const ZH_OPEN_REASONING: &str = "请简要回答该问题，并将答案放在�
 /// The options block of an MCQ prompt: one `"{letter}. {text}"` line per option, in letter order,
 /// joined by `\n` (MedEvalKit's OmniMedVQA / MedXpertQA layout).
 pub fn options_block(record: &BenchRecord) -> String {
-    record.option_pairs().iter().map(|(l, t)| format!("{l}. {t}")).collect::<Vec<_>>().join("\n")
+    record
+        .option_pairs()
+        .iter()
+        .map(|(l, t)| format!("{l}. {t}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// MedEvalKit's prompt text for a record (no system prompt; the caller puts the record's images
@@ -509,12 +600,43 @@ pub fn build_prompt(record: &BenchRecord, mode: Mode) -> String {
     match record.answer_type {
         AnswerType::Mcq => {
             let opts = options_block(record);
-            let head = if zh { format!("\n问题： {q}\n选项： \n{opts}") } else { format!("\nQuestion: {q}\nOptions: \n{opts}") };
-            format!("{head}\n{}", pick(MCQ_DIRECT, MCQ_REASONING, ZH_MCQ_DIRECT, ZH_MCQ_REASONING))
+            let head = if zh {
+                format!("\n问题： {q}\n选项： \n{opts}")
+            } else {
+                format!("\nQuestion: {q}\nOptions: \n{opts}")
+            };
+            format!(
+                "{head}\n{}",
+                pick(MCQ_DIRECT, MCQ_REASONING, ZH_MCQ_DIRECT, ZH_MCQ_REASONING)
+            )
         }
-        AnswerType::YesNo => format!("{q}\n{}", pick(YES_NO_DIRECT, YES_NO_REASONING, ZH_YES_NO_DIRECT, ZH_YES_NO_REASONING)),
-        AnswerType::Closed => format!("{q}\n{}", pick(CLOSED_DIRECT, CLOSED_REASONING, ZH_CLOSED_DIRECT, ZH_CLOSED_REASONING)),
-        AnswerType::Open => format!("{q}\n{}", pick(OPEN_DIRECT, OPEN_REASONING, ZH_OPEN_DIRECT, ZH_OPEN_REASONING)),
+        AnswerType::YesNo => format!(
+            "{q}\n{}",
+            pick(
+                YES_NO_DIRECT,
+                YES_NO_REASONING,
+                ZH_YES_NO_DIRECT,
+                ZH_YES_NO_REASONING
+            )
+        ),
+        AnswerType::Closed => format!(
+            "{q}\n{}",
+            pick(
+                CLOSED_DIRECT,
+                CLOSED_REASONING,
+                ZH_CLOSED_DIRECT,
+                ZH_CLOSED_REASONING
+            )
+        ),
+        AnswerType::Open => format!(
+            "{q}\n{}",
+            pick(
+                OPEN_DIRECT,
+                OPEN_REASONING,
+                ZH_OPEN_DIRECT,
+                ZH_OPEN_REASONING
+            )
+        ),
     }
 }
 
@@ -529,7 +651,9 @@ mod tests {
 
     #[test]
     fn prompts_direct_and_reasoning_exact() {
-        let m = rec(json!({"id": "1", "benchmark": "PMC-VQA", "question": "What modality?", "options": {"B": "MRI", "A": "CT"}, "answer": "b", "answer_type": "mcq"}));
+        let m = rec(
+            json!({"id": "1", "benchmark": "PMC-VQA", "question": "What modality?", "options": {"B": "MRI", "A": "CT"}, "answer": "b", "answer_type": "mcq"}),
+        );
         assert_eq!(m.answer, "B");
         assert_eq!(
             build_prompt(&m, Mode::Direct),
@@ -539,24 +663,44 @@ mod tests {
             build_prompt(&m, Mode::Reasoning),
             "\nQuestion: What modality?\nOptions: \nA. CT\nB. MRI\nAnswer with the option's letter from the given choices and put the letter in one \"\\boxed{}\"."
         );
-        let y = rec(json!({"id": "2", "benchmark": "VQA-RAD", "question": "Is it normal?", "answer": "Yes", "answer_type": "yes_no"}));
+        let y = rec(
+            json!({"id": "2", "benchmark": "VQA-RAD", "question": "Is it normal?", "answer": "Yes", "answer_type": "yes_no"}),
+        );
         assert_eq!(y.answer, "yes");
-        assert_eq!(build_prompt(&y, Mode::Direct), "Is it normal?\nPlease output 'yes' or 'no'(no extra output).");
+        assert_eq!(
+            build_prompt(&y, Mode::Direct),
+            "Is it normal?\nPlease output 'yes' or 'no'(no extra output)."
+        );
         assert_eq!(build_prompt(&y, Mode::Reasoning), "Is it normal?\nPlease output \"yes\" or \"no\" and put the answer in one \"\\boxed{}\".");
-        let c = rec(json!({"id": "3", "benchmark": "SLAKE", "question": "Which organ?", "answer": "Liver", "answer_type": "closed"}));
-        assert_eq!(build_prompt(&c, Mode::Direct), "Which organ?\nAnswer the question using a single word or phrase.");
+        let c = rec(
+            json!({"id": "3", "benchmark": "SLAKE", "question": "Which organ?", "answer": "Liver", "answer_type": "closed"}),
+        );
+        assert_eq!(
+            build_prompt(&c, Mode::Direct),
+            "Which organ?\nAnswer the question using a single word or phrase."
+        );
         assert_eq!(
             build_prompt(&c, Mode::Reasoning),
             "Which organ?\nAnswer the question using a single word or phrase and put the answer in one \"\\boxed{}\"."
         );
-        let o = rec(json!({"id": "4", "benchmark": "PathVQA", "question": "What is present?", "answer": "fibrosis", "answer_type": "open"}));
-        assert_eq!(build_prompt(&o, Mode::Direct), "What is present?\nPlease answer the question concisely.");
+        let o = rec(
+            json!({"id": "4", "benchmark": "PathVQA", "question": "What is present?", "answer": "fibrosis", "answer_type": "open"}),
+        );
+        assert_eq!(
+            build_prompt(&o, Mode::Direct),
+            "What is present?\nPlease answer the question concisely."
+        );
         assert_eq!(
             build_prompt(&o, Mode::Reasoning),
             "What is present?\nPlease answer the question concisely and put the answer in one \"\\boxed{}\"."
         );
-        let z = rec(json!({"id": "5", "benchmark": "SLAKE", "question": "哪个器官?", "answer": "肝脏", "answer_type": "open", "lang": "zh"}));
-        assert_eq!(build_prompt(&z, Mode::Direct), "哪个器官?\n请简要回答该问题。");
+        let z = rec(
+            json!({"id": "5", "benchmark": "SLAKE", "question": "哪个器官?", "answer": "肝脏", "answer_type": "open", "lang": "zh"}),
+        );
+        assert_eq!(
+            build_prompt(&z, Mode::Direct),
+            "哪个器官?\n请简要回答该问题。"
+        );
     }
 
     #[test]

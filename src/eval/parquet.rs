@@ -19,14 +19,24 @@ use serde_json::{json, Map, Value};
 /// Each row of `path` as `("FILE row N", object)`, N counted from 1.
 pub fn parquet_rows(path: &Path, media_dir: Option<&Path>) -> Result<Vec<(String, Value)>> {
     let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| anyhow!("{}: not a readable parquet file: {e}", path.display()))?;
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "rows".into());
-    let iter = reader.get_row_iter(None).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| anyhow!("{}: not a readable parquet file: {e}", path.display()))?;
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "rows".into());
+    let iter = reader
+        .get_row_iter(None)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, row) in iter.enumerate() {
         let loc = format!("{} row {}", path.display(), i + 1);
         let row = row.map_err(|e| anyhow!("{loc}: {e}"))?;
-        let mut sink = Media { dir: media_dir, stem: &stem, row: i + 1 };
+        let mut sink = Media {
+            dir: media_dir,
+            stem: &stem,
+            row: i + 1,
+        };
         let v = row_json(&row, &mut sink, "").with_context(|| loc.clone())?;
         out.push((loc, v));
     }
@@ -43,7 +53,9 @@ impl Media<'_> {
     /// Write the bytes of the image at `column` and return its path.
     fn write(&mut self, column: &str, bytes: &[u8], stored_path: Option<&str>) -> Result<String> {
         let Some(dir) = self.dir else {
-            bail!("column `{column}` holds image bytes; give a folder to write them to (--media-dir)");
+            bail!(
+                "column `{column}` holds image bytes; give a folder to write them to (--media-dir)"
+            );
         };
         let ext = stored_path
             .and_then(|p| Path::new(p).extension())
@@ -51,7 +63,12 @@ impl Media<'_> {
             .filter(|e| !e.is_empty() && e.len() <= 5)
             .unwrap_or_else(|| sniff_extension(bytes).to_string());
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let name = format!("{}-{}-{}.{ext}", self.stem, self.row, column.replace(['/', '\\', '.'], "_"));
+        let name = format!(
+            "{}-{}-{}.{ext}",
+            self.stem,
+            self.row,
+            column.replace(['/', '\\', '.'], "_")
+        );
         let p: PathBuf = dir.join(name);
         fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
         Ok(p.to_string_lossy().into_owned())
@@ -74,7 +91,11 @@ fn sniff_extension(b: &[u8]) -> &'static str {
 fn row_json(row: &Row, media: &mut Media, prefix: &str) -> Result<Value> {
     let mut obj = Map::new();
     for (name, field) in row.get_column_iter() {
-        let col = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+        let col = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
         obj.insert(name.clone(), field_json(field, media, &col)?);
     }
     Ok(Value::Object(obj))
@@ -83,7 +104,11 @@ fn row_json(row: &Row, media: &mut Media, prefix: &str) -> Result<Value> {
 /// The `{bytes, path}` struct of a `datasets` Image column, if `row` is one.
 fn image_struct(row: &Row) -> Option<(Option<&[u8]>, Option<&str>)> {
     let cols: Vec<(&String, &Field)> = row.get_column_iter().collect();
-    if cols.len() != 2 || !cols.iter().all(|(n, _)| n.as_str() == "bytes" || n.as_str() == "path") {
+    if cols.len() != 2
+        || !cols
+            .iter()
+            .all(|(n, _)| n.as_str() == "bytes" || n.as_str() == "path")
+    {
         return None;
     }
     let mut bytes = None;
@@ -116,7 +141,9 @@ fn field_json(f: &Field, media: &mut Media, col: &str) -> Result<Value> {
         Field::Str(s) => json!(s),
         Field::Bytes(b) => match std::str::from_utf8(b.data()) {
             Ok(s) => json!(s),
-            Err(_) => bail!("column `{col}` holds binary data that is not an image struct {{bytes, path}}"),
+            Err(_) => bail!(
+                "column `{col}` holds binary data that is not an image struct {{bytes, path}}"
+            ),
         },
         Field::Group(row) => match image_struct(row) {
             Some((Some(bytes), path)) => json!(media.write(col, bytes, path)?),

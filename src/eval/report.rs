@@ -64,7 +64,12 @@ impl EvalReport {
             let by_type: serde_json::Map<String, Value> = b
                 .by_type
                 .iter()
-                .map(|(t, s)| (t.to_string(), json!({"n": s.n, "correct": s.correct, "accuracy": s.accuracy})))
+                .map(|(t, s)| {
+                    (
+                        t.to_string(),
+                        json!({"n": s.n, "correct": s.correct, "accuracy": s.accuracy}),
+                    )
+                })
                 .collect();
             let mut o = json!({"n": b.n, "correct": b.correct, "accuracy": b.accuracy, "missing": b.missing, "by_type": by_type});
             if let Some(f1) = b.open_f1 {
@@ -86,7 +91,10 @@ impl EvalReport {
     /// evaluated shows `-`; benchmarks outside the seven get extra columns before `Avg.`),
     /// accuracies with one decimal, then notes on missing / unmatched / skipped lines.
     pub fn summary_markdown(&self) -> String {
-        let mut cols: Vec<(String, Option<f64>)> = TABLE1.iter().map(|(name, _)| (name.to_string(), None)).collect();
+        let mut cols: Vec<(String, Option<f64>)> = TABLE1
+            .iter()
+            .map(|(name, _)| (name.to_string(), None))
+            .collect();
         for b in &self.benchmarks {
             match table1_column(&b.name) {
                 Some(i) => cols[i].1 = Some(b.accuracy),
@@ -99,21 +107,52 @@ impl EvalReport {
         let _ = writeln!(s, "| Model | {} | Avg. |", header.join(" | "));
         let _ = writeln!(s, "|---|{}---|", "---|".repeat(cols.len()));
         let cells: Vec<String> = cols.iter().map(|(_, v)| fmt(*v)).collect();
-        let _ = writeln!(s, "| {} | {} | {} |", self.label.replace('|', "\\|"), cells.join(" | "), fmt(self.average));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            self.label.replace('|', "\\|"),
+            cells.join(" | "),
+            fmt(self.average)
+        );
         let _ = writeln!(s);
-        let _ = writeln!(s, "Accuracy in percent; Avg. is the mean of the evaluated benchmarks' accuracies.");
+        let _ = writeln!(
+            s,
+            "Accuracy in percent; Avg. is the mean of the evaluated benchmarks' accuracies."
+        );
         let _ = writeln!(s);
         for b in &self.benchmarks {
-            let types: Vec<String> =
-                b.by_type.iter().map(|(t, x)| format!("{t} {}/{} ({:.1})", x.correct, x.n, x.accuracy)).collect();
-            let f1 = b.open_f1.map(|f| format!("; open F1 {f:.1}")).unwrap_or_default();
-            let _ = writeln!(s, "- {}: {}/{} correct ({:.1}%): {}{f1}", b.name, b.correct, b.n, b.accuracy, types.join(", "));
+            let types: Vec<String> = b
+                .by_type
+                .iter()
+                .map(|(t, x)| format!("{t} {}/{} ({:.1})", x.correct, x.n, x.accuracy))
+                .collect();
+            let f1 = b
+                .open_f1
+                .map(|f| format!("; open F1 {f:.1}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "- {}: {}/{} correct ({:.1}%): {}{f1}",
+                b.name,
+                b.correct,
+                b.n,
+                b.accuracy,
+                types.join(", ")
+            );
         }
         if self.missing_responses > 0 {
-            let _ = writeln!(s, "- {} benchmark record(s) had no response (counted wrong).", self.missing_responses);
+            let _ = writeln!(
+                s,
+                "- {} benchmark record(s) had no response (counted wrong).",
+                self.missing_responses
+            );
         }
         if !self.unmatched_responses.is_empty() {
-            let _ = writeln!(s, "- {} response(s) matched no benchmark record (ignored).", self.unmatched_responses.len());
+            let _ = writeln!(
+                s,
+                "- {} response(s) matched no benchmark record (ignored).",
+                self.unmatched_responses.len()
+            );
         }
         if !self.skipped.is_empty() {
             let _ = writeln!(s, "- {} invalid input line(s) skipped.", self.skipped.len());
@@ -127,16 +166,24 @@ impl EvalReport {
 pub fn write_report(dir: &Path, report: &EvalReport) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("results.jsonl");
-    let mut f = std::io::BufWriter::new(fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?);
+    let mut f = std::io::BufWriter::new(
+        fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+    );
     for r in &report.results {
         serde_json::to_writer(&mut f, r)?;
         f.write_all(b"\n")?;
     }
-    f.flush().with_context(|| format!("writing {}", path.display()))?;
+    f.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
     let path = dir.join("summary.json");
-    fs::write(&path, serde_json::to_string_pretty(&report.summary_json())? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    fs::write(
+        &path,
+        serde_json::to_string_pretty(&report.summary_json())? + "\n",
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
     let path = dir.join("summary.md");
-    fs::write(&path, report.summary_markdown()).with_context(|| format!("writing {}", path.display()))?;
+    fs::write(&path, report.summary_markdown())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -146,9 +193,16 @@ pub fn write_report(dir: &Path, report: &EvalReport) -> Result<()> {
 /// Per benchmark: n, correct, accuracy in percent, per-type counts and the mean open F1; the
 /// average is the unweighted mean of the benchmark accuracies.
 pub fn score_responses(records: &[BenchRecord], responses: &HashMap<String, String>) -> EvalReport {
-    let results: Vec<ScoredRecord> = records.iter().map(|r| score_record(r, responses.get(&r.id).map(String::as_str))).collect();
+    let results: Vec<ScoredRecord> = records
+        .iter()
+        .map(|r| score_record(r, responses.get(&r.id).map(String::as_str)))
+        .collect();
     let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-    let mut unmatched: Vec<String> = responses.keys().filter(|k| !known.contains(k.as_str())).cloned().collect();
+    let mut unmatched: Vec<String> = responses
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .cloned()
+        .collect();
     unmatched.sort();
 
     let mut by_bench: BTreeMap<String, Vec<&ScoredRecord>> = BTreeMap::new();
@@ -171,13 +225,23 @@ pub fn score_responses(records: &[BenchRecord], responses: &HashMap<String, Stri
                 t.accuracy = percent(t.correct, t.n);
             }
             let f1s: Vec<f64> = rs.iter().filter_map(|r| r.f1).collect();
-            let open_f1 = (!f1s.is_empty()).then(|| 100.0 * f1s.iter().sum::<f64>() / f1s.len() as f64);
-            BenchSummary { name, n, correct, accuracy: percent(correct, n), missing, by_type, open_f1 }
+            let open_f1 =
+                (!f1s.is_empty()).then(|| 100.0 * f1s.iter().sum::<f64>() / f1s.len() as f64);
+            BenchSummary {
+                name,
+                n,
+                correct,
+                accuracy: percent(correct, n),
+                missing,
+                by_type,
+                open_f1,
+            }
         })
         .collect();
     // Table 1 order first, then the other benchmarks by name.
     benchmarks.sort_by_key(|b| (table1_column(&b.name).unwrap_or(usize::MAX), b.name.clone()));
-    let average = (!benchmarks.is_empty()).then(|| benchmarks.iter().map(|b| b.accuracy).sum::<f64>() / benchmarks.len() as f64);
+    let average = (!benchmarks.is_empty())
+        .then(|| benchmarks.iter().map(|b| b.accuracy).sum::<f64>() / benchmarks.len() as f64);
     let missing_responses = results.iter().filter(|r| r.missing).count();
     EvalReport {
         label: "model".to_string(),
@@ -229,7 +293,10 @@ mod tests {
         let lines: Vec<&str> = md.lines().collect();
         assert_eq!(lines[0], "| Model | MMMU-H&M | VQA-RAD | SLAKE | PathVQA | PMC-VQA | OmniMedVQA | MedXpertQA | other | Avg. |");
         assert_eq!(lines[1], "|---|---|---|---|---|---|---|---|---|---|");
-        assert_eq!(lines[2], "| m | - | - | 50.0 | - | - | - | - | 25.0 | 37.5 |");
+        assert_eq!(
+            lines[2],
+            "| m | - | - | 50.0 | - | - | - | - | 25.0 | 37.5 |"
+        );
         let j = r.summary_json();
         assert_eq!(j["benchmarks"]["SLAKE"]["accuracy"], 50.0);
         assert_eq!(j["average"], 37.5);

@@ -71,8 +71,17 @@ pub fn answer_span(response: &str) -> String {
 }
 
 /// MedEvalKit's answer markers, applied in this order.
-const ANSWER_MARKERS: &[&str] =
-    &["**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is", "answer:", "答案:", "final answer", "final answer is"];
+const ANSWER_MARKERS: &[&str] = &[
+    "**answer**:",
+    "**answer**",
+    "*answer*:",
+    "**answer:**",
+    "answer is",
+    "answer:",
+    "答案:",
+    "final answer",
+    "final answer is",
+];
 
 /// MedEvalKit's `parse_response` marker split, case-insensitive: for each marker in order, when the
 /// (lowercased) text contains it, keep only what follows its last occurrence. The result is
@@ -99,7 +108,10 @@ pub fn normalize_answer(s: &str) -> String {
 /// `yes` and `no` appears (after [`strip_answer_markers`]), else `None`.
 pub fn judge_yes_no(span: &str) -> Option<&'static str> {
     let t = strip_answer_markers(span);
-    let words: HashSet<&str> = t.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+    let words: HashSet<&str> = t
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
     match (words.contains("yes"), words.contains("no")) {
         (true, false) => Some("yes"),
         (false, true) => Some("no"),
@@ -121,7 +133,11 @@ pub fn token_prf(prediction: &str, reference: &str) -> (f64, f64, f64) {
     }
     let precision = common / p.len() as f64;
     let recall = common / r.len() as f64;
-    (precision, recall, 2.0 * precision * recall / (precision + recall))
+    (
+        precision,
+        recall,
+        2.0 * precision * recall / (precision + recall),
+    )
 }
 
 /// The option letter named by an answer span (see the module docs, mcq).
@@ -203,8 +219,8 @@ pub fn score_record(record: &BenchRecord, response: Option<&str>) -> ScoredRecor
 mod tests {
     use super::*;
     use crate::eval::report::score_responses;
-    use std::collections::HashMap;
     use serde_json::json;
+    use std::collections::HashMap;
 
     fn mcq() -> BenchRecord {
         BenchRecord::from_value(&json!({
@@ -227,10 +243,21 @@ mod tests {
     fn mcq_letters() {
         let r = mcq();
         assert!(ok(&r, "The answer is (C)."));
-        assert_eq!(score_record(&r, Some("The answer is (C).")).extracted.as_deref(), Some("C"));
+        assert_eq!(
+            score_record(&r, Some("The answer is (C)."))
+                .extracted
+                .as_deref(),
+            Some("C")
+        );
         assert!(ok(&r, "C"));
-        assert!(ok(&r, "(A) is tempting, but on reflection the answer is (C)."));
-        assert!(!ok(&r, "The answer is (C). Wait, re-evaluating: the answer is (B)."));
+        assert!(ok(
+            &r,
+            "(A) is tempting, but on reflection the answer is (C)."
+        ));
+        assert!(!ok(
+            &r,
+            "The answer is (C). Wait, re-evaluating: the answer is (B)."
+        ));
         assert!(!ok(&r, "A"));
         assert!(!ok(&r, ""));
         assert!(!ok(&r, "I am not sure"));
@@ -239,7 +266,10 @@ mod tests {
     #[test]
     fn mcq_reasoning_boxed_preferred() {
         let r = mcq();
-        assert!(ok(&r, "<think>(A) fits the consolidation, the answer is A... no.</think> \\boxed{C}"));
+        assert!(ok(
+            &r,
+            "<think>(A) fits the consolidation, the answer is A... no.</think> \\boxed{C}"
+        ));
         assert!(!ok(&r, "The answer is C. \\boxed{B}"));
         assert!(ok(&r, "<answer>C</answer>"));
     }
@@ -251,7 +281,12 @@ mod tests {
         assert!(ok(&r, "Vitamin A deficiency"));
         assert!(ok(&r, "\\boxed{vitamin a deficiency.}"));
         assert!(ok(&r, "It is most likely a vitamin a deficiency"));
-        assert_eq!(score_record(&r, Some("pleural effusion")).extracted.as_deref(), Some("B"));
+        assert_eq!(
+            score_record(&r, Some("pleural effusion"))
+                .extracted
+                .as_deref(),
+            Some("B")
+        );
     }
 
     #[test]
@@ -270,8 +305,14 @@ mod tests {
         assert!(!ok(&yes, "Yesterday"));
         assert!(!ok(&yes, "No"));
         // the answer marker decides
-        assert!(ok(&yes, "No obvious mass at first, but the final answer: yes"));
-        assert!(ok(&yes, "<think>no mass? there is one</think> \\boxed{yes}"));
+        assert!(ok(
+            &yes,
+            "No obvious mass at first, but the final answer: yes"
+        ));
+        assert!(ok(
+            &yes,
+            "<think>no mass? there is one</think> \\boxed{yes}"
+        ));
         assert_eq!(score_record(&no, Some("normal")).extracted, None);
     }
 

@@ -43,12 +43,21 @@ fn all_equal(g: &[f64]) -> bool {
 /// Panics when `group_size == 0` or `rewards.len()` is not a multiple of `group_size`.
 pub fn group_advantages(rewards: &[f64], group_size: usize, norm_by_std: bool) -> Vec<f64> {
     assert!(group_size > 0, "group_size must be positive");
-    assert_eq!(rewards.len() % group_size, 0, "{} rewards do not split into groups of {group_size}", rewards.len());
+    assert_eq!(
+        rewards.len() % group_size,
+        0,
+        "{} rewards do not split into groups of {group_size}",
+        rewards.len()
+    );
     let mut out = Vec::with_capacity(rewards.len());
     for g in rewards.chunks(group_size) {
         if g.len() == 1 {
             // verl: a prompt with a single response has mean 0 and std 1.
-            out.push(if norm_by_std { g[0] / (1.0 + ADV_EPS) } else { g[0] });
+            out.push(if norm_by_std {
+                g[0] / (1.0 + ADV_EPS)
+            } else {
+                g[0]
+            });
             continue;
         }
         if all_equal(g) {
@@ -73,8 +82,16 @@ pub fn group_advantages(rewards: &[f64], group_size: usize, norm_by_std: bool) -
 /// Panics like [`group_advantages`].
 pub fn zero_variance_groups(rewards: &[f64], group_size: usize) -> usize {
     assert!(group_size > 0, "group_size must be positive");
-    assert_eq!(rewards.len() % group_size, 0, "{} rewards do not split into groups of {group_size}", rewards.len());
-    rewards.chunks(group_size).filter(|g| g.len() > 1 && all_equal(g)).count()
+    assert_eq!(
+        rewards.len() % group_size,
+        0,
+        "{} rewards do not split into groups of {group_size}",
+        rewards.len()
+    );
+    rewards
+        .chunks(group_size)
+        .filter(|g| g.len() > 1 && all_equal(g))
+        .count()
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -146,13 +163,22 @@ pub fn masked_mean<B: Backend>(x: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B,
 
 /// Aggregate a per-token loss matrix `[responses, max_len]` into a scalar (shape `[1]`), as verl's
 /// `agg_loss` (see [`LossAgg`] for each mode).
-pub fn agg_loss<B: Backend>(loss_mat: Tensor<B, 2>, mask: Tensor<B, 2>, agg: LossAgg) -> Tensor<B, 1> {
+pub fn agg_loss<B: Backend>(
+    loss_mat: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    agg: LossAgg,
+) -> Tensor<B, 1> {
     let [_, width] = loss_mat.dims();
     match agg {
         LossAgg::TokenMean => masked_mean(loss_mat, mask),
         LossAgg::SeqMeanTokenSum => {
             let rows = masked(loss_mat, mask.clone()).sum_dim(1); // [n, 1]
-            let nonempty = mask.sum_dim(1).greater_elem(0.0).float().sum().clamp_min(1.0);
+            let nonempty = mask
+                .sum_dim(1)
+                .greater_elem(0.0)
+                .float()
+                .sum()
+                .clamp_min(1.0);
             rows.sum() / nonempty
         }
         LossAgg::SeqMeanTokenMean => {
@@ -161,7 +187,9 @@ pub fn agg_loss<B: Backend>(loss_mat: Tensor<B, 2>, mask: Tensor<B, 2>, agg: Los
             let nonempty = counts.greater_elem(0.0).float().sum().clamp_min(1.0);
             rows.sum() / nonempty
         }
-        LossAgg::SeqMeanTokenSumNorm => masked(loss_mat, mask).sum().div_scalar(width.max(1) as f64),
+        LossAgg::SeqMeanTokenSumNorm => {
+            masked(loss_mat, mask).sum().div_scalar(width.max(1) as f64)
+        }
     }
 }
 
@@ -191,7 +219,10 @@ impl<B: Backend> TokenAdvantages<B> for Tensor<B, 2> {
         if c == t {
             self
         } else {
-            assert_eq!(c, 1, "advantages must be [responses, 1] or [responses, max_len], got [{r}, {c}]");
+            assert_eq!(
+                c, 1,
+                "advantages must be [responses, 1] or [responses, max_len], got [{r}, {c}]"
+            );
             self.expand([n, t])
         }
     }
@@ -268,7 +299,12 @@ pub fn policy_loss<B: Backend>(
         }
     };
     let loss = agg_loss(loss_tok, mask, agg);
-    PolicyLossOut { loss, clip_frac, ppo_kl, clip_frac_lower }
+    PolicyLossOut {
+        loss,
+        clip_frac,
+        ppo_kl,
+        clip_frac_lower,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -377,7 +413,10 @@ mod tests {
     fn t2<Bk: Backend>(rows: &[Vec<f64>], device: &Bk::Device) -> Tensor<Bk, 2> {
         let n = rows.len();
         let t = rows.first().map_or(0, |r| r.len());
-        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().map(|x| *x as f32)).collect();
+        let flat: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| r.iter().map(|x| *x as f32))
+            .collect();
         Tensor::from_data(TensorData::new(flat, [n, t]), device)
     }
 
@@ -395,7 +434,10 @@ mod tests {
     }
 
     fn add(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
-        a.iter().zip(b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect()).collect()
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect())
+            .collect()
     }
 
     /// The acceptance case: 2 prompts x G = 3, 4 tokens.
@@ -499,7 +541,14 @@ mod tests {
         let c = case();
         let d = dev();
         let adv = group_advantages(&c.rewards, 3, true);
-        let want_adv = [1.1499302241624274, -0.48418114701575904, -0.6657490771466686, 0.0, 0.0, 0.0];
+        let want_adv = [
+            1.1499302241624274,
+            -0.48418114701575904,
+            -0.6657490771466686,
+            0.0,
+            0.0,
+            0.0,
+        ];
         for (a, w) in adv.iter().zip(want_adv) {
             assert!((a - w).abs() < 1e-12, "advantage {a} vs {w}");
         }
@@ -524,7 +573,11 @@ mod tests {
         let smtm = scalar(run(LossAgg::SeqMeanTokenMean).loss);
         let smts = scalar(run(LossAgg::SeqMeanTokenSum).loss);
         let norm = scalar(run(LossAgg::SeqMeanTokenSumNorm).loss);
-        let k3 = kl_penalty(t2::<B>(&c.logp, &d), t2::<B>(&c.reference, &d), KlKind::LowVarKl);
+        let k3 = kl_penalty(
+            t2::<B>(&c.logp, &d),
+            t2::<B>(&c.reference, &d),
+            KlKind::LowVarKl,
+        );
         let kl = scalar(agg_loss(k3, t2::<B>(&c.mask, &d), LossAgg::TokenMean));
         let total = pg + 0.01 * kl;
         println!(
@@ -532,15 +585,25 @@ mod tests {
              pg seq-mean-token-sum-norm {norm:.17}\nk3 token-mean {kl:.17}\ntotal {total:.17}\n\
              clip_frac {clip_frac:.17}\nppo_kl {ppo_kl:.17}"
         );
-        let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() < 1e-6, "{what}: {got} vs {want}");
+        let close = |got: f64, want: f64, what: &str| {
+            assert!((got - want).abs() < 1e-6, "{what}: {got} vs {want}")
+        };
         close(pg, 0.033080733255743115, "policy loss token-mean");
-        close(smtm, 0.012646453962434856, "policy loss seq-mean-token-mean");
+        close(
+            smtm,
+            0.012646453962434856,
+            "policy loss seq-mean-token-mean",
+        );
         close(kl, 0.02971933478160865, "k3 token-mean");
         close(total, 0.033377926603559205, "total");
         close(clip_frac, 0.2, "clip fraction");
         // Not in the brief; float64 numpy figures from the same formulas.
         close(smts, 0.08270183313935779, "policy loss seq-mean-token-sum");
-        close(norm, 0.12405274970903671, "policy loss seq-mean-token-sum-norm");
+        close(
+            norm,
+            0.12405274970903671,
+            "policy loss seq-mean-token-sum-norm",
+        );
         close(ppo_kl, -0.013333333333333336, "ppo_kl");
         // No dual-clip token is active here (no ratio > 3 with A < 0), so the loss is the same without it.
         let no_dual = policy_loss(
@@ -553,7 +616,11 @@ mod tests {
             None,
             LossAgg::TokenMean,
         );
-        close(scalar(no_dual.loss), 0.033080733255743115, "policy loss without dual clip");
+        close(
+            scalar(no_dual.loss),
+            0.033080733255743115,
+            "policy loss without dual clip",
+        );
         close(scalar(tm.clip_frac_lower), 0.0, "clip_frac_lower");
     }
 
@@ -562,8 +629,11 @@ mod tests {
         let c = case();
         let d = dev();
         let adv = group_advantages(&c.rewards, 3, true);
-        let per_token: Vec<Vec<f64>> =
-            adv.iter().zip(&c.mask).map(|(a, m)| m.iter().map(|x| a * x).collect()).collect();
+        let per_token: Vec<Vec<f64>> = adv
+            .iter()
+            .zip(&c.mask)
+            .map(|(a, m)| m.iter().map(|x| a * x).collect())
+            .collect();
         let col: Vec<Vec<f64>> = adv.iter().map(|a| vec![*a]).collect();
         let loss = |a: Tensor<B, 2>| {
             scalar(
@@ -582,7 +652,10 @@ mod tests {
         };
         let a = loss(t2::<B>(&per_token, &d));
         let b = loss(t2::<B>(&col, &d));
-        assert!((a - b).abs() < 1e-7 && (a - 0.033080733255743115).abs() < 1e-6, "{a} {b}");
+        assert!(
+            (a - b).abs() < 1e-7 && (a - 0.033080733255743115).abs() < 1e-6,
+            "{a} {b}"
+        );
     }
 
     #[test]
@@ -607,8 +680,14 @@ mod tests {
         assert!((loss - (3.0 + 1.0) / 2.0).abs() < 1e-6, "{loss}");
         assert!((scalar(out.clip_frac_lower.clone()) - 0.5).abs() < 1e-7);
         let g = vec2(lp.grad(&out.loss.backward()).unwrap());
-        assert!(g[0].abs() < 1e-7, "dual-clipped token has no gradient: {g:?}");
-        assert!((g[1] - 0.5).abs() < 1e-6, "unclipped token: d(-A*ratio)/dlogp / 2 = 0.5, got {g:?}");
+        assert!(
+            g[0].abs() < 1e-7,
+            "dual-clipped token has no gradient: {g:?}"
+        );
+        assert!(
+            (g[1] - 0.5).abs() < 1e-6,
+            "unclipped token: d(-A*ratio)/dlogp / 2 = 0.5, got {g:?}"
+        );
         // Without dual clip the loss is the unbounded -A * ratio.
         let out = policy_loss(
             t2::<B>(&logp, &d),
@@ -657,7 +736,9 @@ mod tests {
                 .loss,
             )
         };
-        let f64_loss = |logp: &[Vec<f64>]| ref_policy_loss(logp, &c.old, &adv, &c.mask, 0.2, 3.0, LossAgg::TokenMean);
+        let f64_loss = |logp: &[Vec<f64>]| {
+            ref_policy_loss(logp, &c.old, &adv, &c.mask, 0.2, 3.0, LossAgg::TokenMean)
+        };
         let t = c.logp[0].len();
         let mut nonzero = 0;
         for i in 0..c.logp.len() {
@@ -671,8 +752,14 @@ mod tests {
                 let g = grad[i * t + j];
                 let fd64 = fd(&f64_loss, 1e-6);
                 let fd32 = fd(&f32_loss, 1e-3);
-                assert!((g - fd64).abs() < 1e-5, "[{i},{j}] autodiff {g} vs f64 finite difference {fd64}");
-                assert!((g - fd32).abs() < 1e-4, "[{i},{j}] autodiff {g} vs f32 finite difference {fd32}");
+                assert!(
+                    (g - fd64).abs() < 1e-5,
+                    "[{i},{j}] autodiff {g} vs f64 finite difference {fd64}"
+                );
+                assert!(
+                    (g - fd32).abs() < 1e-4,
+                    "[{i},{j}] autodiff {g} vs f32 finite difference {fd32}"
+                );
                 if c.mask[i][j] == 0.0 {
                     assert_eq!(g, 0.0, "padding gets no gradient");
                 }
@@ -711,16 +798,28 @@ mod tests {
     #[test]
     fn aggregation_modes_with_empty_rows() {
         let d = dev();
-        let l = vec![vec![1.0, 2.0, f64::INFINITY], vec![5.0, 6.0, 7.0], vec![3.0, f64::NAN, 0.0]];
-        let m = vec![vec![1.0, 1.0, 0.0], vec![0.0, 0.0, 0.0], vec![1.0, 0.0, 0.0]];
+        let l = vec![
+            vec![1.0, 2.0, f64::INFINITY],
+            vec![5.0, 6.0, 7.0],
+            vec![3.0, f64::NAN, 0.0],
+        ];
+        let m = vec![
+            vec![1.0, 1.0, 0.0],
+            vec![0.0, 0.0, 0.0],
+            vec![1.0, 0.0, 0.0],
+        ];
         let agg = |a: LossAgg| scalar(agg_loss(t2::<B>(&l, &d), t2::<B>(&m, &d), a));
         assert!((agg(LossAgg::TokenMean) - 2.0).abs() < 1e-6);
         assert!((agg(LossAgg::SeqMeanTokenMean) - (1.5 + 3.0) / 2.0).abs() < 1e-6);
         assert!((agg(LossAgg::SeqMeanTokenSum) - (3.0 + 3.0) / 2.0).abs() < 1e-6);
         assert!((agg(LossAgg::SeqMeanTokenSumNorm) - 6.0 / 3.0).abs() < 1e-6);
         let zeros = vec![vec![0.0; 3]; 3];
-        for a in [LossAgg::TokenMean, LossAgg::SeqMeanTokenMean, LossAgg::SeqMeanTokenSum, LossAgg::SeqMeanTokenSumNorm]
-        {
+        for a in [
+            LossAgg::TokenMean,
+            LossAgg::SeqMeanTokenMean,
+            LossAgg::SeqMeanTokenSum,
+            LossAgg::SeqMeanTokenSumNorm,
+        ] {
             let v = scalar(agg_loss(t2::<B>(&l, &d), t2::<B>(&zeros, &d), a));
             assert_eq!(v, 0.0, "{a}: empty mask gives 0");
         }
@@ -732,14 +831,19 @@ mod tests {
     fn advantages_edge_cases() {
         // Group of one: verl's mean 0, std 1.
         let a = group_advantages(&[0.7, -2.0], 1, true);
-        assert!((a[0] - 0.7 / (1.0 + 1e-6)).abs() < 1e-15 && (a[1] + 2.0 / (1.0 + 1e-6)).abs() < 1e-15);
+        assert!(
+            (a[0] - 0.7 / (1.0 + 1e-6)).abs() < 1e-15 && (a[1] + 2.0 / (1.0 + 1e-6)).abs() < 1e-15
+        );
         assert_eq!(group_advantages(&[0.7, -2.0], 1, false), vec![0.7, -2.0]);
         assert_eq!(zero_variance_groups(&[0.7, -2.0], 1), 0);
         // Dr.GRPO: no std scaling.
         let a = group_advantages(&[1.0, 0.0, 0.0, 1.0], 4, false);
         assert_eq!(a, vec![0.5, -0.5, -0.5, 0.5]);
         // Equal rewards: exactly 0, even where (r - mean) would round to ~1e-17.
-        assert_eq!(group_advantages(&[0.1, 0.1, 0.1, 0.3, 0.3, 0.3], 3, true), vec![0.0; 6]);
+        assert_eq!(
+            group_advantages(&[0.1, 0.1, 0.1, 0.3, 0.3, 0.3], 3, true),
+            vec![0.0; 6]
+        );
         assert_eq!(zero_variance_groups(&[0.1, 0.1, 0.1, 0.3, 0.3, 0.2], 3), 1);
         // Binary rewards with G = 2: (1 - 0.5) / (0.7071 + 1e-6).
         let a = group_advantages(&[1.0, 0.0], 2, true);
@@ -757,11 +861,20 @@ mod tests {
         let d = dev();
         let v = 5usize;
         let mut data = vec![0.0f32; v]; // uniform: ln 5
-        data.extend([10.0, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]); // one-hot: 0
+        data.extend([
+            10.0,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+        ]); // one-hot: 0
         data.extend([1.0, 2.0, 3.0, 0.5, -1.0]);
         let logits = Tensor::<B, 3>::from_data(TensorData::new(data, [1, 3, v]), &d);
         let h = vec2(token_entropy_from_logits(logits));
-        let z: Vec<f64> = [1.0f64, 2.0, 3.0, 0.5, -1.0].iter().map(|x| x.exp()).collect();
+        let z: Vec<f64> = [1.0f64, 2.0, 3.0, 0.5, -1.0]
+            .iter()
+            .map(|x| x.exp())
+            .collect();
         let s: f64 = z.iter().sum();
         let want: f64 = -z.iter().map(|e| (e / s) * (e / s).ln()).sum::<f64>();
         assert!((h[0] - (5f64).ln()).abs() < 1e-5, "{h:?}");
@@ -794,11 +907,20 @@ mod tests {
         ] {
             assert_eq!(s.parse::<KlKind>().unwrap(), want, "{s}");
         }
-        assert_eq!("seq-mean-token-mean".parse::<LossAgg>().unwrap(), LossAgg::SeqMeanTokenMean);
+        assert_eq!(
+            "seq-mean-token-mean".parse::<LossAgg>().unwrap(),
+            LossAgg::SeqMeanTokenMean
+        );
         assert!("token-sum".parse::<LossAgg>().is_err());
         assert!("k4".parse::<KlKind>().is_err());
-        assert_eq!(serde_json::to_string(&LossAgg::SeqMeanTokenSumNorm).unwrap(), "\"seq_mean_token_sum_norm\"");
-        assert_eq!(serde_json::to_string(&KlKind::LowVarKl).unwrap(), "\"low_var_kl\"");
+        assert_eq!(
+            serde_json::to_string(&LossAgg::SeqMeanTokenSumNorm).unwrap(),
+            "\"seq_mean_token_sum_norm\""
+        );
+        assert_eq!(
+            serde_json::to_string(&KlKind::LowVarKl).unwrap(),
+            "\"low_var_kl\""
+        );
         assert_eq!(LossAgg::default(), LossAgg::TokenMean);
         assert_eq!(KlKind::default(), KlKind::LowVarKl);
         #[derive(Deserialize)]
@@ -807,7 +929,10 @@ mod tests {
             kl: KlKind,
         }
         let cfg: Cfg = toml::from_str("agg = \"seq-mean-token-mean\"\nkl = \"k3\"").unwrap();
-        assert_eq!((cfg.agg, cfg.kl), (LossAgg::SeqMeanTokenMean, KlKind::LowVarKl));
+        assert_eq!(
+            (cfg.agg, cfg.kl),
+            (LossAgg::SeqMeanTokenMean, KlKind::LowVarKl)
+        );
     }
 
     fn reward() -> impl Strategy<Value = f64> {

@@ -14,7 +14,6 @@ use crate::eval::{for_each_jsonl, Skipped};
 use crate::grpo::recipe::GrpoRecipe;
 use crate::rewards::{answer_text, Task};
 
-
 /// One RL prompt (EasyR1 layout).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RlRecord {
@@ -38,7 +37,9 @@ pub fn read_rl_records(path: &Path, skip_invalid: bool) -> Result<(Vec<RlRecord>
     let mut out = vec![];
     let mut skipped = vec![];
     for_each_jsonl(path, skip_invalid, &mut skipped, |v, location| {
-        let obj = v.as_object().ok_or_else(|| anyhow!("expected a JSON object"))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| anyhow!("expected a JSON object"))?;
         let problem = match obj.get("problem").or_else(|| obj.get("prompt")) {
             Some(Value::String(s)) => s.clone(),
             Some(other) => bail!("`problem` must be a string, got {other}"),
@@ -67,13 +68,23 @@ pub fn read_rl_records(path: &Path, skip_invalid: bool) -> Result<(Vec<RlRecord>
             Some(other) => bail!("`images` must be a list, got {other}"),
         };
         let tags = problem.matches(IMAGE_TAG).count();
-        ensure!(tags == images.len(), "the problem has {tags} <image> tags but the record has {} images", images.len());
+        ensure!(
+            tags == images.len(),
+            "the problem has {tags} <image> tags but the record has {} images",
+            images.len()
+        );
         let task = match obj.get("task") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.parse::<Task>()?),
             Some(other) => bail!("`task` must be a string, got {other}"),
         };
-        out.push(RlRecord { problem, answer, images, task, origin: location.to_string() });
+        out.push(RlRecord {
+            problem,
+            answer,
+            images,
+            task,
+            origin: location.to_string(),
+        });
         Ok(())
     })?;
     Ok((out, skipped))
@@ -93,13 +104,19 @@ pub fn prompt_messages(recipe: &GrpoRecipe, rec: &RlRecord) -> Vec<ChatMessage> 
 /// The prompt order of one epoch: a permutation of `0..n` seeded by `(seed, epoch)`.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ (epoch as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     order.shuffle(&mut rng);
     order
 }
 
 /// The sampler of rollout step `step`.
 pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (step as u64).wrapping_add(0x5851_F42D_4C95_7F2D))
+    ChaCha8Rng::seed_from_u64(
+        seed.wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ (step as u64).wrapping_add(0x5851_F42D_4C95_7F2D),
+    )
 }
-

@@ -28,17 +28,18 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use serde_json::{json, Value};
 
-use crate::model::{ModelBackend, TrainBackend};
 use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob, BackendArgs};
 use crate::data::encode::Encoded;
-use crate::eval::Skipped;
 use crate::engine::{generate_batched, generate_requests, EngineConfig, Request};
+use crate::eval::Skipped;
 use crate::generate::{stop_tokens, Generation, Prompt, SamplingConfig};
-use rand::Rng;
 use crate::grpo::algos::{agg_loss, kl_penalty, masked_mean, policy_loss, LossAgg};
 use crate::grpo::data::{epoch_order, prompt_messages, read_rl_records, step_rng, RlRecord};
 use crate::grpo::recipe::GrpoRecipe;
-use crate::grpo::rollout::{host_matrix, response_logprobs, rollout_sequence, score_groups, to_matrix, Rollout, ScoredGroups};
+use crate::grpo::rollout::{
+    host_matrix, response_logprobs, rollout_sequence, score_groups, to_matrix, Rollout,
+    ScoredGroups,
+};
 use crate::inputs::Processor;
 use crate::learn::batch::{collate, MicroBatch};
 use crate::learn::checkpoint::TrainState;
@@ -46,11 +47,15 @@ use crate::learn::freeze::count_params;
 use crate::learn::logprobs::{entropy_sum, target_hidden};
 use crate::learn::metrics::{plot_metrics, MetricsLog};
 use crate::learn::parallel::{run_ranks, shard_range, Rank};
-use crate::learn::run::{accumulate_gradients, prepare_output_dir, progress_bar, Trainee, TraineeSpec};
+use crate::learn::run::{
+    accumulate_gradients, prepare_output_dir, progress_bar, Trainee, TraineeSpec,
+};
 use crate::learn::schedule::lr_at;
+use crate::model::{ModelBackend, TrainBackend};
 use crate::model::{ModelInput, Qwen25VL};
 use crate::models::{load_model, model_files_dir};
 use crate::rewards::{self, RewardBreakdown, Task};
+use rand::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // Validation
@@ -71,7 +76,9 @@ fn summarize(breakdowns: &[RewardBreakdown]) -> RlEval {
     for b in breakdowns {
         by.entry(b.task).or_default().push(b);
     }
-    let mean = |v: &[&RewardBreakdown], f: fn(&RewardBreakdown) -> f64| v.iter().map(|b| f(b)).sum::<f64>() / v.len().max(1) as f64;
+    let mean = |v: &[&RewardBreakdown], f: fn(&RewardBreakdown) -> f64| {
+        v.iter().map(|b| f(b)).sum::<f64>() / v.len().max(1) as f64
+    };
     RlEval {
         n: breakdowns.len(),
         reward: breakdowns.iter().map(|b| b.reward).sum::<f64>() / n,
@@ -99,7 +106,15 @@ fn validate<B: ModelBackend>(
     stop: &[u32],
 ) -> Result<RlEval> {
     let cfg = SamplingConfig::greedy(recipe.max_response_len);
-    let gens = generate_batched(model, prompts, &cfg, stop, &mut step_rng(0, 0), recipe.rollout.generation_batch, |_, _| {})?;
+    let gens = generate_batched(
+        model,
+        prompts,
+        &cfg,
+        stop,
+        &mut step_rng(0, 0),
+        recipe.rollout.generation_batch,
+        |_, _| {},
+    )?;
     let rc = recipe.reward.config();
     let mut bs = vec![];
     for (g, rec) in gens.iter().zip(records) {
@@ -108,7 +123,6 @@ fn validate<B: ModelBackend>(
     }
     Ok(summarize(&bs))
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // CLI
@@ -145,19 +159,40 @@ pub struct GrpoSummary {
 pub fn run(args: GrpoArgs) -> Result<()> {
     let recipe = GrpoRecipe::from_file(&args.recipe, &args.set)?;
     let (n_prompts, n_skipped) = if args.dry_run && !recipe.data.exists() {
-        println!("note: {} does not exist yet; step counts need it", recipe.data.display());
+        println!(
+            "note: {} does not exist yet; step counts need it",
+            recipe.data.display()
+        );
         (None, 0)
     } else {
         let (records, skipped) = read_rl_records(&recipe.data, recipe.skip_invalid)?;
-        ensure!(!records.is_empty(), "{}: no RL record", recipe.data.display());
+        ensure!(
+            !records.is_empty(),
+            "{}: no RL record",
+            recipe.data.display()
+        );
         (Some(records.len()), skipped.len())
     };
-    println!("{}", crate::grpo::plan::describe(&recipe, n_prompts, n_skipped));
+    println!(
+        "{}",
+        crate::grpo::plan::describe(&recipe, n_prompts, n_skipped)
+    );
     if args.dry_run {
         return Ok(());
     }
-    let backend = BackendArgs { backend: recipe.backend, device: recipe.device, precision: recipe.precision };
-    let summary = dispatch_autodiff(backend, recipe.gradient_checkpointing, GrpoJob { recipe, resume: args.resume })?;
+    let backend = BackendArgs {
+        backend: recipe.backend,
+        device: recipe.device,
+        precision: recipe.precision,
+    };
+    let summary = dispatch_autodiff(
+        backend,
+        recipe.gradient_checkpointing,
+        GrpoJob {
+            recipe,
+            resume: args.resume,
+        },
+    )?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -177,7 +212,11 @@ impl AutodiffJob for GrpoJob {
 // ---------------------------------------------------------------------------------------------
 // The learner
 
-pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B::Device) -> Result<GrpoSummary> {
+pub fn train_grpo<B: TrainBackend>(
+    recipe: &GrpoRecipe,
+    resume: bool,
+    device: &B::Device,
+) -> Result<GrpoSummary> {
     let files = model_files_dir(&recipe.model)?;
     check_precision::<B>(recipe.precision, device)?;
     let processor = Processor::from_dir(&files, recipe.max_pixels)?;
@@ -185,14 +224,29 @@ pub fn train_grpo<B: TrainBackend>(recipe: &GrpoRecipe, resume: bool, device: &B
 
     // Data: the prompt records and the validation prompts.
     let (records, mut skipped) = read_rl_records(&recipe.data, recipe.skip_invalid)?;
-    ensure!(!records.is_empty(), "{}: no RL record", recipe.data.display());
+    ensure!(
+        !records.is_empty(),
+        "{}: no RL record",
+        recipe.data.display()
+    );
     let (eval_records, eval_prompts) = validation_prompts(recipe, &processor, &mut skipped)?;
 
     // One learner per rank (a thread per device of this node), all taking the same steps.
-    let run = GrpoRun { recipe, files, processor, records, eval_records, eval_prompts, skipped };
-    let mut summaries = run_ranks::<B::InnerBackend, _, _>(&recipe.parallel, recipe.backend, device, |rank, device| {
-        grpo_rank::<B>(&run, resume, &rank, &device)
-    })?;
+    let run = GrpoRun {
+        recipe,
+        files,
+        processor,
+        records,
+        eval_records,
+        eval_prompts,
+        skipped,
+    };
+    let mut summaries = run_ranks::<B::InnerBackend, _, _>(
+        &recipe.parallel,
+        recipe.backend,
+        device,
+        |rank, device| grpo_rank::<B>(&run, resume, &rank, &device),
+    )?;
     Ok(summaries.swap_remove(0))
 }
 
@@ -211,8 +265,21 @@ struct GrpoRun<'a> {
 /// prompts; the groups are gathered so that every rank scores all of them alike (a group never
 /// spans ranks), and each computes the loss of its own groups; the gradients are summed over the
 /// ranks before each update. Rank 0 alone logs, validates, checkpoints and exports.
-fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: &B::Device) -> Result<GrpoSummary> {
-    let GrpoRun { recipe, files, processor, records, eval_records, eval_prompts, .. } = ctx;
+fn grpo_rank<B: TrainBackend>(
+    ctx: &GrpoRun,
+    resume: bool,
+    rank: &Rank,
+    device: &B::Device,
+) -> Result<GrpoSummary> {
+    let GrpoRun {
+        recipe,
+        files,
+        processor,
+        records,
+        eval_records,
+        eval_prompts,
+        ..
+    } = ctx;
     let mut skipped = ctx.skipped.clone();
     let (out_dir, main) = (&recipe.output_dir, rank.is_main());
     let total_steps = recipe.total_steps(records.len());
@@ -231,7 +298,10 @@ fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: 
     run.sync_weights(rank)?;
     // The reference is kept in the compute dtype (bf16: half the memory).
     let reference: Option<Qwen25VL<B::InnerBackend>> = if recipe.algorithm.kl_coef > 0.0 {
-        Some(compute_model(&rank.sync_inner_from_main(load_model(&recipe.model, recipe.seed, device)?)?, recipe.precision))
+        Some(compute_model(
+            &rank.sync_inner_from_main(load_model(&recipe.model, recipe.seed, device)?)?,
+            recipe.precision,
+        ))
     } else {
         None
     };
@@ -251,30 +321,65 @@ fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: 
     }
     let resumed = run.resumed_from.is_some();
     let mut metrics = match main {
-        true => Some(MetricsLog::open(&out_dir.join("metrics.jsonl"), resumed.then_some(run.state.step))?),
+        true => Some(MetricsLog::open(
+            &out_dir.join("metrics.jsonl"),
+            resumed.then_some(run.state.step),
+        )?),
         false => None,
     };
-    let mut completions = if main { Some(CompletionsLog::open(recipe, resumed)?) } else { None };
+    let mut completions = if main {
+        Some(CompletionsLog::open(recipe, resumed)?)
+    } else {
+        None
+    };
     let validate_now = |model: &Qwen25VL<B::InnerBackend>| {
-        validate(&compute_model(model, recipe.precision), recipe, processor, eval_records, eval_prompts, &stop)
+        validate(
+            &compute_model(model, recipe.precision),
+            recipe,
+            processor,
+            eval_records,
+            eval_prompts,
+            &stop,
+        )
     };
     let eval_before = if main && !eval_records.is_empty() && !resumed {
         let r = validate_now(&run.model().valid())?;
-        eprintln!("validation before: reward {:.3}, accuracy {:.1}%, format {:.1}% ({} prompts)", r.reward, 100.0 * r.accuracy, 100.0 * r.format, r.n);
+        eprintln!(
+            "validation before: reward {:.3}, accuracy {:.1}%, format {:.1}% ({} prompts)",
+            r.reward,
+            100.0 * r.accuracy,
+            100.0 * r.format,
+            r.n
+        );
         Some(r)
     } else {
         None
     };
 
-    let bar = if main { progress_bar(total_steps, run.state.step) } else { indicatif::ProgressBar::hidden() };
+    let bar = if main {
+        progress_bar(total_steps, run.state.step)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let mut order = epoch_order(records.len(), recipe.seed, run.state.epoch);
     let mut step_rewards: Vec<f64> = vec![];
     while run.state.step < total_steps {
         let t_step = Instant::now();
         // 1. The step's prompts (wrapping into the next epoch's order).
-        let picked = next_prompts(&mut run.state, &mut order, records.len(), recipe.rollout.prompts_per_step, recipe.seed);
-        let (prompts, kept, skipped_now) = encode_prompts(recipe, processor, records, &picked, &mut skipped)?;
-        ensure!(!kept.is_empty(), "step {}: every prompt of the step was skipped", run.state.step + 1);
+        let picked = next_prompts(
+            &mut run.state,
+            &mut order,
+            records.len(),
+            recipe.rollout.prompts_per_step,
+            recipe.seed,
+        );
+        let (prompts, kept, skipped_now) =
+            encode_prompts(recipe, processor, records, &picked, &mut skipped)?;
+        ensure!(
+            !kept.is_empty(),
+            "step {}: every prompt of the step was skipped",
+            run.state.step + 1
+        );
 
         // 2. Rollouts: n samples per prompt from the policy as it is, this rank's prompts here
         //    (seeded per prompt: the same samples on any number of ranks), then gathered.
@@ -283,18 +388,43 @@ fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: 
         // One request per prompt with its n samples: the prompt (and its image) prefilled once.
         let base: u64 = step_rng(recipe.seed, run.state.step).random();
         let mine = shard_range(prompts.len(), rank.rank, rank.world);
-        let requests: Vec<Request> = mine.clone().map(|k| Request { prompt: prompts[k].clone(), n: g, seed: base.wrapping_add(k as u64) }).collect();
-        let engine = EngineConfig { max_rows: recipe.rollout.generation_batch, max_batch_tokens: recipe.rollout.max_batch_tokens };
-        let (groups, _) = generate_requests(&policy, &requests, &recipe.sampling(), &stop, &engine, |_, _| {})?;
+        let requests: Vec<Request> = mine
+            .clone()
+            .map(|k| Request {
+                prompt: prompts[k].clone(),
+                n: g,
+                seed: base.wrapping_add(k as u64),
+            })
+            .collect();
+        let engine = EngineConfig {
+            max_rows: recipe.rollout.generation_batch,
+            max_batch_tokens: recipe.rollout.max_batch_tokens,
+        };
+        let (groups, _) = generate_requests(
+            &policy,
+            &requests,
+            &recipe.sampling(),
+            &stop,
+            &engine,
+            |_, _| {},
+        )?;
         let local: Vec<Generation> = groups.into_iter().flatten().collect();
-        let gens = rank.all_gather_generations::<B::InnerBackend>(local, mine.start * g, prompts.len() * g, device)?;
+        let gens = rank.all_gather_generations::<B::InnerBackend>(
+            local,
+            mine.start * g,
+            prompts.len() * g,
+            device,
+        )?;
         let rollout_secs = t_roll.elapsed().as_secs_f64();
         let gen_tokens: usize = gens.iter().map(|x| x.tokens.len()).sum();
 
         // 3. Rewards and group-normalised advantages.
         let rc = recipe.reward.config();
         let scored = score_groups(
-            gens.into_iter().enumerate().map(|(i, gen)| (kept[i / g], gen)).collect(),
+            gens.into_iter()
+                .enumerate()
+                .map(|(i, gen)| (kept[i / g], gen))
+                .collect(),
             |tokens| processor.tokenizer.decode(tokens, true),
             |record, text| rewards::score(&rc, text, &records[record].answer, records[record].task),
             g,
@@ -303,31 +433,75 @@ fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: 
         )?;
         // This rank's responses as training sequences (prompt + response).
         let own = mine.start * g..mine.end * g;
-        let seqs: Vec<Encoded> = own.clone().map(|i| rollout_sequence(&prompts[i / g], &scored.rollouts[i].tokens)).collect();
+        let seqs: Vec<Encoded> = own
+            .clone()
+            .map(|i| rollout_sequence(&prompts[i / g], &scored.rollouts[i].tokens))
+            .collect();
 
         // 4. Old (before any update; reused when there is one update per step) and reference
         //    log-probs, both from logits / temperature.
         let pad_id = processor.tokenizer.special().pad();
         let (micro, temperature) = (recipe.ppo.micro_batch, recipe.rollout.temperature as f64);
-        let old_lp = if recipe.updates_per_step() == 1 { None } else { Some(response_logprobs(&policy, &seqs, pad_id, micro, temperature)?) };
-        let ref_lp = reference.as_ref().map(|r| response_logprobs(r, &seqs, pad_id, micro, temperature)).transpose()?;
+        let old_lp = if recipe.updates_per_step() == 1 {
+            None
+        } else {
+            Some(response_logprobs(
+                &policy,
+                &seqs,
+                pad_id,
+                micro,
+                temperature,
+            )?)
+        };
+        let ref_lp = reference
+            .as_ref()
+            .map(|r| response_logprobs(r, &seqs, pad_id, micro, temperature))
+            .transpose()?;
         drop(policy);
 
         // 5. Updates: ppo epochs x mini-batches, one optimizer step each.
         let t_upd = Instant::now();
-        let lp = StepLogprobs { old: old_lp.as_deref(), reference: ref_lp.as_deref() };
-        let stats = policy_update(&mut run, recipe, &scored, (&seqs, own.start), &lp, pad_id, total_steps, rank, device)?;
+        let lp = StepLogprobs {
+            old: old_lp.as_deref(),
+            reference: ref_lp.as_deref(),
+        };
+        let stats = policy_update(
+            &mut run,
+            recipe,
+            &scored,
+            (&seqs, own.start),
+            &lp,
+            pad_id,
+            total_steps,
+            rank,
+            device,
+        )?;
         let update_secs = t_upd.elapsed().as_secs_f64();
         run.state.step += 1;
         run.state.samples_seen += scored.rollouts.len();
         run.state.tokens_seen += stats.tokens;
 
         // 6. Metrics, completions, validation, checkpoint.
-        let m = step_metrics(&run.state, records.len(), &scored, &stats, kept.len(), skipped_now);
-        let m = with_timing(m, gen_tokens as f64 / rollout_secs.max(1e-9), stats.tokens as f64 / update_secs.max(1e-9), t_step.elapsed().as_secs_f64());
+        let m = step_metrics(
+            &run.state,
+            records.len(),
+            &scored,
+            &stats,
+            kept.len(),
+            skipped_now,
+        );
+        let m = with_timing(
+            m,
+            gen_tokens as f64 / rollout_secs.max(1e-9),
+            stats.tokens as f64 / update_secs.max(1e-9),
+            t_step.elapsed().as_secs_f64(),
+        );
         let step = run.state.step;
         step_rewards.push(m["reward_mean"].as_f64().unwrap_or(0.0));
-        if let (Some(metrics), true) = (&mut metrics, step % recipe.log_every.max(1) == 0 || step == total_steps) {
+        if let (Some(metrics), true) = (
+            &mut metrics,
+            step % recipe.log_every.max(1) == 0 || step == total_steps,
+        ) {
             metrics.write(&m)?;
         }
         if let Some(c) = &mut completions {
@@ -342,10 +516,20 @@ fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: 
             m["rollout_tokens_per_s"].as_f64().unwrap_or(0.0)
         ));
         bar.inc(1);
-        let Some(metrics) = &mut metrics else { continue };
-        if recipe.eval_every > 0 && step % recipe.eval_every == 0 && step < total_steps && !eval_records.is_empty() {
+        let Some(metrics) = &mut metrics else {
+            continue;
+        };
+        if recipe.eval_every > 0
+            && step % recipe.eval_every == 0
+            && step < total_steps
+            && !eval_records.is_empty()
+        {
             let r = validate_now(&run.model().valid())?;
-            bar.println(format!("step {step}: validation reward {:.3}, accuracy {:.1}%", r.reward, 100.0 * r.accuracy));
+            bar.println(format!(
+                "step {step}: validation reward {:.3}, accuracy {:.1}%",
+                r.reward,
+                100.0 * r.accuracy
+            ));
             metrics.write(&json!({"step": step, "val_reward": r.reward, "val_accuracy": r.accuracy, "val_format": r.format}))?;
         }
         if recipe.save_every > 0 && step % recipe.save_every == 0 && step < total_steps {
@@ -354,7 +538,13 @@ fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: 
     }
     bar.finish_and_clear();
     let k = step_rewards.len().min(10);
-    let mean = |v: &[f64]| if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            None
+        } else {
+            Some(v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
     let summary = GrpoSummary {
         steps: run.state.step,
         output_dir: out_dir.clone(),
@@ -364,30 +554,58 @@ fn grpo_rank<B: TrainBackend>(ctx: &GrpoRun, resume: bool, rank: &Rank, device: 
         eval_before,
         eval_after: None,
     };
-    let Some(metrics) = metrics else { return Ok(summary) };
+    let Some(metrics) = metrics else {
+        return Ok(summary);
+    };
 
     // The end (rank 0): final checkpoint, HF export, validation, plots.
     let trained = run.finish(out_dir, files, recipe.precision)?;
     let eval_after = if !eval_records.is_empty() {
         let r = validate_now(&trained)?;
-        eprintln!("validation after: reward {:.3}, accuracy {:.1}%, format {:.1}% ({} prompts)", r.reward, 100.0 * r.accuracy, 100.0 * r.format, r.n);
+        eprintln!(
+            "validation after: reward {:.3}, accuracy {:.1}%, format {:.1}% ({} prompts)",
+            r.reward,
+            100.0 * r.accuracy,
+            100.0 * r.format,
+            r.n
+        );
         Some(r)
     } else {
         None
     };
-    plot_metrics(metrics.path(), &["reward_mean", "accuracy", "kl", "response_len_mean", "entropy", "clip_frac"], out_dir)?;
+    plot_metrics(
+        metrics.path(),
+        &[
+            "reward_mean",
+            "accuracy",
+            "kl",
+            "response_len_mean",
+            "entropy",
+            "clip_frac",
+        ],
+        out_dir,
+    )?;
     for s in skipped.iter().take(10) {
         eprintln!("skipped {}: {}", s.location, s.reason);
     }
-    Ok(GrpoSummary { eval_after, ..summary })
+    Ok(GrpoSummary {
+        eval_after,
+        ..summary
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // The steps of the loop
 
 /// The validation records (`eval_data`, at most `eval_limit`) and their prompts.
-fn validation_prompts(recipe: &GrpoRecipe, processor: &Processor, skipped: &mut Vec<Skipped>) -> Result<(Vec<RlRecord>, Vec<Prompt>)> {
-    let Some(path) = &recipe.eval_data else { return Ok((vec![], vec![])) };
+fn validation_prompts(
+    recipe: &GrpoRecipe,
+    processor: &Processor,
+    skipped: &mut Vec<Skipped>,
+) -> Result<(Vec<RlRecord>, Vec<Prompt>)> {
+    let Some(path) = &recipe.eval_data else {
+        return Ok((vec![], vec![]));
+    };
     let (mut recs, s) = read_rl_records(path, recipe.skip_invalid)?;
     skipped.extend(s);
     if recipe.eval_limit > 0 {
@@ -395,14 +613,24 @@ fn validation_prompts(recipe: &GrpoRecipe, processor: &Processor, skipped: &mut 
     }
     let prompts = recs
         .iter()
-        .map(|r| processor.prompt(&prompt_messages(recipe, r), &r.images).with_context(|| r.origin.clone()))
+        .map(|r| {
+            processor
+                .prompt(&prompt_messages(recipe, r), &r.images)
+                .with_context(|| r.origin.clone())
+        })
         .collect::<Result<_>>()?;
     Ok((recs, prompts))
 }
 
 /// The record indices of the next `count` prompts of the seeded order, moving `state` on (and
 /// into the next epoch's order past the end of this one).
-fn next_prompts(state: &mut TrainState, order: &mut Vec<usize>, n_records: usize, count: usize, seed: u64) -> Vec<usize> {
+fn next_prompts(
+    state: &mut TrainState,
+    order: &mut Vec<usize>,
+    n_records: usize,
+    count: usize,
+    seed: u64,
+) -> Vec<usize> {
     let mut picked = Vec::with_capacity(count);
     while picked.len() < count {
         if state.batch_in_epoch >= order.len() {
@@ -428,10 +656,17 @@ fn encode_prompts(
     let (mut prompts, mut kept, mut skipped_now) = (vec![], vec![], 0usize);
     for &r in picked {
         let rec = &records[r];
-        let p = processor.prompt(&prompt_messages(recipe, rec), &rec.images).with_context(|| rec.origin.clone());
+        let p = processor
+            .prompt(&prompt_messages(recipe, rec), &rec.images)
+            .with_context(|| rec.origin.clone());
         let p = match p {
             Ok(p) if p.input_ids.len() <= recipe.max_prompt_len => Ok(p),
-            Ok(p) => Err(anyhow!("{}: prompt of {} tokens is over max_prompt_len {}", rec.origin, p.input_ids.len(), recipe.max_prompt_len)),
+            Ok(p) => Err(anyhow!(
+                "{}: prompt of {} tokens is over max_prompt_len {}",
+                rec.origin,
+                p.input_ids.len(),
+                recipe.max_prompt_len
+            )),
             Err(e) => Err(e),
         };
         match p {
@@ -441,9 +676,14 @@ fn encode_prompts(
             }
             Err(e) if recipe.skip_invalid => {
                 skipped_now += 1;
-                skipped.push(Skipped { location: rec.origin.clone(), reason: format!("{e:#}") });
+                skipped.push(Skipped {
+                    location: rec.origin.clone(),
+                    reason: format!("{e:#}"),
+                });
             }
-            Err(e) => return Err(e.context("use skip_invalid = true to skip (and count) such prompts")),
+            Err(e) => {
+                return Err(e.context("use skip_invalid = true to skip (and count) such prompts"))
+            }
         }
     }
     Ok((prompts, kept, skipped_now))
@@ -496,8 +736,15 @@ fn policy_update<B: TrainBackend>(
     let mut st = UpdateStats::default();
     for epoch in 0..recipe.ppo.epochs {
         for mini_start in (0..recipe.rollout.prompts_per_step).step_by(per_mini) {
-            let update = run.state.step * ups + epoch * (recipe.rollout.prompts_per_step / per_mini) + mini_start / per_mini;
-            st.lr = lr_at(&recipe.schedule, recipe.optimizer.lr, update, total_steps * ups);
+            let update = run.state.step * ups
+                + epoch * (recipe.rollout.prompts_per_step / per_mini)
+                + mini_start / per_mini;
+            st.lr = lr_at(
+                &recipe.schedule,
+                recipe.optimizer.lr,
+                update,
+                total_steps * ups,
+            );
             let members: Vec<usize> = (mini_start..(mini_start + per_mini).min(groups))
                 .filter(|&k| scored.in_update[k])
                 .flat_map(|k| k * g..(k + 1) * g)
@@ -508,72 +755,150 @@ fn policy_update<B: TrainBackend>(
             let mini_tokens: usize = members.iter().map(|&i| lens[i]).sum();
             // This rank's responses of the mini-batch (`seqs` and `lp` hold its own, from
             // `own_start`); the shares below are of the whole mini-batch, over all ranks.
-            let local: Vec<usize> = members.iter().copied().filter(|&i| i >= own_start && i < own_start + seqs.len()).collect();
+            let local: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&i| i >= own_start && i < own_start + seqs.len())
+                .collect();
             let micros: Vec<&[usize]> = local.chunks(recipe.ppo.micro_batch).collect();
-            let batches: Vec<MicroBatch> = micros.iter().map(|micro| collate(&micro.iter().map(|&i| &seqs[i - own_start]).collect::<Vec<_>>(), pad_id)).collect();
+            let batches: Vec<MicroBatch> = micros
+                .iter()
+                .map(|micro| {
+                    collate(
+                        &micro
+                            .iter()
+                            .map(|&i| &seqs[i - own_start])
+                            .collect::<Vec<_>>(),
+                        pad_id,
+                    )
+                })
+                .collect();
             let inputs: Vec<&ModelInput> = batches.iter().map(|mb| &mb.input).collect();
             let what = |_k: usize| format!("mini-batch at prompt {mini_start}, ppo epoch {epoch}");
             let ck = recipe.gradient_checkpointing;
-            let (_, grads) = accumulate_gradients(run.model(), recipe.precision, ck, &inputs, run.state.step + 1, what, |model, k, hidden| {
-                let (micro, mb) = (micros[k], &batches[k]);
-                let micro_lens: Vec<usize> = micro.iter().map(|&i| lens[i]).collect();
-                let micro_tokens: usize = micro_lens.iter().sum();
-                let (rows, targets) = target_hidden(mb, hidden);
-                if epoch == 0 {
-                    // Entropy of the sampling distribution (metric only, detached).
-                    st.entropy_sum += entropy_sum(model, rows.clone(), temperature);
-                    st.entropy_tokens += micro_tokens;
-                }
-                let logp = if targets.is_empty() { Tensor::zeros([0], device) } else { model.target_logprobs(rows, targets, temperature) };
-                let (logp, mask) = to_matrix(logp, &micro_lens);
-                let rows = |m: &[Vec<f32>]| host_matrix::<B>(&micro.iter().map(|&i| m[i - own_start].as_slice()).collect::<Vec<_>>(), device);
-                let old = match lp.old {
-                    Some(o) => rows(o),
-                    None => logp.clone().detach(),
-                };
-                let advs: Vec<f32> = micro.iter().map(|&i| scored.rollouts[i].advantage as f32).collect();
-                let adv = Tensor::<B, 1>::from_data(TensorData::new(advs, [micro.len()]), device);
-                let share = match alg.loss_agg {
-                    LossAgg::TokenMean => micro_tokens as f64 / mini_tokens.max(1) as f64,
-                    _ => micro.len() as f64 / members.len() as f64,
-                };
-                let pg = policy_loss(logp.clone(), old, adv, mask.clone(), alg.clip_low, alg.clip_high, alg.dual_clip, alg.loss_agg);
-                let mut loss = pg.loss.clone().mul_scalar(share);
-                if let (Some(r), true) = (lp.reference, alg.kl_coef > 0.0) {
-                    let kl_tok = kl_penalty(logp, rows(r), alg.kl_kind);
+            let (_, grads) = accumulate_gradients(
+                run.model(),
+                recipe.precision,
+                ck,
+                &inputs,
+                run.state.step + 1,
+                what,
+                |model, k, hidden| {
+                    let (micro, mb) = (micros[k], &batches[k]);
+                    let micro_lens: Vec<usize> = micro.iter().map(|&i| lens[i]).collect();
+                    let micro_tokens: usize = micro_lens.iter().sum();
+                    let (rows, targets) = target_hidden(mb, hidden);
                     if epoch == 0 {
-                        st.kl_sum += masked_mean(kl_tok.clone().detach(), mask.clone()).into_scalar().elem::<f64>() * micro_tokens as f64;
+                        // Entropy of the sampling distribution (metric only, detached).
+                        st.entropy_sum += entropy_sum(model, rows.clone(), temperature);
+                        st.entropy_tokens += micro_tokens;
                     }
-                    loss = loss + agg_loss(kl_tok, mask, alg.loss_agg).mul_scalar(alg.kl_coef * share);
-                }
-                if epoch == 0 {
-                    st.pg_sum += pg.loss.into_scalar().elem::<f64>() * micro_tokens as f64;
-                    st.clip_sum += pg.clip_frac.into_scalar().elem::<f64>() * micro_tokens as f64;
-                    st.loss_tokens += micro_tokens;
-                }
-                st.tokens += mb.input.input_ids.iter().map(Vec::len).sum::<usize>();
-                Ok(loss)
-            })?;
+                    let logp = if targets.is_empty() {
+                        Tensor::zeros([0], device)
+                    } else {
+                        model.target_logprobs(rows, targets, temperature)
+                    };
+                    let (logp, mask) = to_matrix(logp, &micro_lens);
+                    let rows = |m: &[Vec<f32>]| {
+                        host_matrix::<B>(
+                            &micro
+                                .iter()
+                                .map(|&i| m[i - own_start].as_slice())
+                                .collect::<Vec<_>>(),
+                            device,
+                        )
+                    };
+                    let old = match lp.old {
+                        Some(o) => rows(o),
+                        None => logp.clone().detach(),
+                    };
+                    let advs: Vec<f32> = micro
+                        .iter()
+                        .map(|&i| scored.rollouts[i].advantage as f32)
+                        .collect();
+                    let adv =
+                        Tensor::<B, 1>::from_data(TensorData::new(advs, [micro.len()]), device);
+                    let share = match alg.loss_agg {
+                        LossAgg::TokenMean => micro_tokens as f64 / mini_tokens.max(1) as f64,
+                        _ => micro.len() as f64 / members.len() as f64,
+                    };
+                    let pg = policy_loss(
+                        logp.clone(),
+                        old,
+                        adv,
+                        mask.clone(),
+                        alg.clip_low,
+                        alg.clip_high,
+                        alg.dual_clip,
+                        alg.loss_agg,
+                    );
+                    let mut loss = pg.loss.clone().mul_scalar(share);
+                    if let (Some(r), true) = (lp.reference, alg.kl_coef > 0.0) {
+                        let kl_tok = kl_penalty(logp, rows(r), alg.kl_kind);
+                        if epoch == 0 {
+                            st.kl_sum += masked_mean(kl_tok.clone().detach(), mask.clone())
+                                .into_scalar()
+                                .elem::<f64>()
+                                * micro_tokens as f64;
+                        }
+                        loss = loss
+                            + agg_loss(kl_tok, mask, alg.loss_agg).mul_scalar(alg.kl_coef * share);
+                    }
+                    if epoch == 0 {
+                        st.pg_sum += pg.loss.into_scalar().elem::<f64>() * micro_tokens as f64;
+                        st.clip_sum +=
+                            pg.clip_frac.into_scalar().elem::<f64>() * micro_tokens as f64;
+                        st.loss_tokens += micro_tokens;
+                    }
+                    st.tokens += mb.input.input_ids.iter().map(Vec::len).sum::<usize>();
+                    Ok(loss)
+                },
+            )?;
             let grads = rank.all_reduce_grads(run.model(), grads)?;
-            st.grad_norms.push(run.update(grads, st.lr, recipe.optimizer.max_grad_norm));
+            st.grad_norms
+                .push(run.update(grads, st.lr, recipe.optimizer.max_grad_norm));
         }
     }
     // The measurements of every rank's responses.
-    let sums = [st.pg_sum, st.kl_sum, st.clip_sum, st.loss_tokens as f64, st.entropy_sum, st.entropy_tokens as f64, st.tokens as f64];
+    let sums = [
+        st.pg_sum,
+        st.kl_sum,
+        st.clip_sum,
+        st.loss_tokens as f64,
+        st.entropy_sum,
+        st.entropy_tokens as f64,
+        st.tokens as f64,
+    ];
     let sums = rank.sum_values::<B::InnerBackend>(&sums, device)?;
-    (st.pg_sum, st.kl_sum, st.clip_sum, st.loss_tokens) = (sums[0], sums[1], sums[2], sums[3] as usize);
+    (st.pg_sum, st.kl_sum, st.clip_sum, st.loss_tokens) =
+        (sums[0], sums[1], sums[2], sums[3] as usize);
     (st.entropy_sum, st.entropy_tokens, st.tokens) = (sums[4], sums[5] as usize, sums[6] as usize);
     Ok(st)
 }
 
 /// The metrics line of a step (before timing).
-fn step_metrics(state: &TrainState, n_records: usize, scored: &ScoredGroups, st: &UpdateStats, groups: usize, skipped_now: usize) -> Value {
-    let breakdowns: Vec<RewardBreakdown> = scored.rollouts.iter().map(|r| r.reward.clone()).collect();
+fn step_metrics(
+    state: &TrainState,
+    n_records: usize,
+    scored: &ScoredGroups,
+    st: &UpdateStats,
+    groups: usize,
+    skipped_now: usize,
+) -> Value {
+    let breakdowns: Vec<RewardBreakdown> =
+        scored.rollouts.iter().map(|r| r.reward.clone()).collect();
     let s = summarize(&breakdowns);
     let rewards = &scored.rewards;
     let n_r = rewards.len() as f64;
-    let reward_std = (rewards.iter().map(|r| (r - s.reward).powi(2)).sum::<f64>() / (n_r - 1.0).max(1.0)).sqrt();
-    let per = |x: f64| if st.loss_tokens > 0 { x / st.loss_tokens as f64 } else { 0.0 };
+    let reward_std =
+        (rewards.iter().map(|r| (r - s.reward).powi(2)).sum::<f64>() / (n_r - 1.0).max(1.0)).sqrt();
+    let per = |x: f64| {
+        if st.loss_tokens > 0 {
+            x / st.loss_tokens as f64
+        } else {
+            0.0
+        }
+    };
     let lens: Vec<usize> = scored.rollouts.iter().map(|r| r.tokens.len()).collect();
     json!({
         "step": state.step, "epoch": state.epoch as f64 + state.batch_in_epoch as f64 / n_records as f64, "lr": st.lr,
@@ -590,7 +915,12 @@ fn step_metrics(state: &TrainState, n_records: usize, scored: &ScoredGroups, st:
 }
 
 /// The step's throughput and wall time added to its metrics line.
-fn with_timing(mut m: Value, rollout_tokens_per_s: f64, update_tokens_per_s: f64, step_secs: f64) -> Value {
+fn with_timing(
+    mut m: Value,
+    rollout_tokens_per_s: f64,
+    update_tokens_per_s: f64,
+    step_secs: f64,
+) -> Value {
     let o = m.as_object_mut().expect("metrics are an object");
     o.insert("rollout_tokens_per_s".into(), json!(rollout_tokens_per_s));
     o.insert("update_tokens_per_s".into(), json!(update_tokens_per_s));
@@ -607,13 +937,28 @@ impl CompletionsLog {
             return Ok(Self(None));
         }
         let p = recipe.output_dir.join("completions.jsonl");
-        let f = if resumed { std::fs::OpenOptions::new().create(true).append(true).open(&p) } else { std::fs::File::create(&p) }
-            .with_context(|| format!("opening {}", p.display()))?;
+        let f = if resumed {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+        } else {
+            std::fs::File::create(&p)
+        }
+        .with_context(|| format!("opening {}", p.display()))?;
         Ok(Self(Some(std::io::BufWriter::new(f))))
     }
 
-    fn write(&mut self, recipe: &GrpoRecipe, step: usize, records: &[RlRecord], rollouts: &[Rollout]) -> Result<()> {
-        let Some(w) = self.0.as_mut() else { return Ok(()) };
+    fn write(
+        &mut self,
+        recipe: &GrpoRecipe,
+        step: usize,
+        records: &[RlRecord],
+        rollouts: &[Rollout],
+    ) -> Result<()> {
+        let Some(w) = self.0.as_mut() else {
+            return Ok(());
+        };
         if step % recipe.log_completions_every != 0 {
             return Ok(());
         }

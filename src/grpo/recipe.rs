@@ -113,13 +113,21 @@ pub struct RewardRecipe {
 
 impl Default for RewardRecipe {
     fn default() -> Self {
-        Self { format: FormatKind::ThinkBoxed, format_weight: 0.1, accuracy_weight: 0.9 }
+        Self {
+            format: FormatKind::ThinkBoxed,
+            format_weight: 0.1,
+            accuracy_weight: 0.9,
+        }
     }
 }
 
 impl RewardRecipe {
     pub fn config(&self) -> RewardConfig {
-        RewardConfig { format: self.format, format_weight: self.format_weight, accuracy_weight: self.accuracy_weight }
+        RewardConfig {
+            format: self.format,
+            format_weight: self.format_weight,
+            accuracy_weight: self.accuracy_weight,
+        }
     }
 }
 
@@ -242,13 +250,18 @@ fn default_template() -> String {
     "{problem}".into()
 }
 fn constant_schedule() -> ScheduleConfig {
-    ScheduleConfig { kind: ScheduleKind::Constant, warmup_ratio: 0.0, min_lr_ratio: 0.0 }
+    ScheduleConfig {
+        kind: ScheduleKind::Constant,
+        warmup_ratio: 0.0,
+        min_lr_ratio: 0.0,
+    }
 }
 
 impl GrpoRecipe {
     pub fn from_file(path: impl AsRef<Path>, overrides: &[String]) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read recipe", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read recipe", path.display()))?;
         Self::from_str_with(&text, &path.display().to_string(), overrides)
     }
 
@@ -256,7 +269,14 @@ impl GrpoRecipe {
         let recipe: GrpoRecipe = load_toml(text, origin, overrides)?;
         let errors = recipe.errors();
         if !errors.is_empty() {
-            bail!("{}", errors.iter().map(|e| format!("{origin}: {e}")).collect::<Vec<_>>().join("\n"));
+            bail!(
+                "{}",
+                errors
+                    .iter()
+                    .map(|e| format!("{origin}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
         }
         Ok(recipe)
     }
@@ -268,7 +288,10 @@ impl GrpoRecipe {
         check_precision_backend(self.precision, self.backend, &mut e);
         self.parallel.check(&mut e);
         if !self.prompt_template.contains("{problem}") {
-            e.push(format!("prompt_template must contain {{problem}}, got {:?}", self.prompt_template));
+            e.push(format!(
+                "prompt_template must contain {{problem}}, got {:?}",
+                self.prompt_template
+            ));
         }
         self.freeze.check("freeze", &mut e);
         self.optimizer.check("optimizer", &mut e);
@@ -278,10 +301,16 @@ impl GrpoRecipe {
             e.push("rollout.prompts_per_step must be >= 1".into());
         }
         if r.n < 2 {
-            e.push(format!("rollout.n (the group size) must be >= 2 for group-normalised advantages, got {}", r.n));
+            e.push(format!(
+                "rollout.n (the group size) must be >= 2 for group-normalised advantages, got {}",
+                r.n
+            ));
         }
         if !(r.temperature.is_finite() && r.temperature > 0.0) {
-            e.push(format!("rollout.temperature must be > 0 (GRPO samples), got {}", r.temperature));
+            e.push(format!(
+                "rollout.temperature must be > 0 (GRPO samples), got {}",
+                r.temperature
+            ));
         }
         if !(r.top_p > 0.0 && r.top_p <= 1.0) {
             e.push(format!("rollout.top_p must be in (0, 1], got {}", r.top_p));
@@ -304,10 +333,16 @@ impl GrpoRecipe {
         }
         let a = &self.algorithm;
         if !(a.clip_low >= 0.0 && a.clip_low < 1.0) {
-            e.push(format!("algorithm.clip_low must be in [0, 1), got {}", a.clip_low));
+            e.push(format!(
+                "algorithm.clip_low must be in [0, 1), got {}",
+                a.clip_low
+            ));
         }
         if !(a.clip_high >= 0.0 && a.clip_high.is_finite()) {
-            e.push(format!("algorithm.clip_high must be >= 0, got {}", a.clip_high));
+            e.push(format!(
+                "algorithm.clip_high must be >= 0, got {}",
+                a.clip_high
+            ));
         }
         if let Some(c) = a.dual_clip {
             if !(c > 1.0) {
@@ -318,7 +353,10 @@ impl GrpoRecipe {
             e.push(format!("algorithm.kl_coef must be >= 0, got {}", a.kl_coef));
         }
         let w = &self.reward;
-        if !(w.format_weight >= 0.0 && w.accuracy_weight >= 0.0 && (w.format_weight + w.accuracy_weight - 1.0).abs() < 1e-9) {
+        if !(w.format_weight >= 0.0
+            && w.accuracy_weight >= 0.0
+            && (w.format_weight + w.accuracy_weight - 1.0).abs() < 1e-9)
+        {
             e.push(format!(
                 "reward.format_weight + reward.accuracy_weight must be 1 (both >= 0), got {} + {}",
                 w.format_weight, w.accuracy_weight
@@ -394,12 +432,19 @@ micro_batch = 8
 
     #[test]
     fn bad_values_are_named() {
-        let err = GrpoRecipe::from_str_with(MIN, "t.toml", &["ppo.mini_batch=3".into(), "rollout.n=1".into()])
-            .unwrap_err()
-            .to_string();
+        let err = GrpoRecipe::from_str_with(
+            MIN,
+            "t.toml",
+            &["ppo.mini_batch=3".into(), "rollout.n=1".into()],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("t.toml: ppo.mini_batch (3)"), "{err}");
         assert!(err.contains("rollout.n"), "{err}");
-        let err = GrpoRecipe::from_str_with(&format!("{MIN}\n[algorithm]\nclip = 0.2\n"), "t.toml", &[]).unwrap_err().to_string();
+        let err =
+            GrpoRecipe::from_str_with(&format!("{MIN}\n[algorithm]\nclip = 0.2\n"), "t.toml", &[])
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("unknown field `clip`"), "{err}");
     }
 }

@@ -5,14 +5,13 @@
 use anyhow::{anyhow, Result};
 use burn::prelude::*;
 
-use crate::model::ModelBackend;
 use crate::data::encode::Encoded;
 use crate::generate::Prompt;
 use crate::learn::batch::collate;
 use crate::learn::logprobs::target_logprobs_of;
+use crate::model::ModelBackend;
 use crate::model::Qwen25VL;
 use crate::rewards::RewardBreakdown;
-
 
 /// One sampled response with its reward and advantage.
 #[derive(Debug, Clone)]
@@ -33,7 +32,11 @@ pub fn rollout_sequence(prompt: &Prompt, tokens: &[u32]) -> Encoded {
     let mut labels = vec![None; prompt.input_ids.len()];
     labels.extend(tokens.iter().map(|&t| Some(t)));
     let pixel_rows: usize = prompt.image_grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-    let pixel_cols = if pixel_rows > 0 { prompt.pixel_values.len() / pixel_rows } else { 0 };
+    let pixel_cols = if pixel_rows > 0 {
+        prompt.pixel_values.len() / pixel_rows
+    } else {
+        0
+    };
     Encoded {
         input_ids,
         labels,
@@ -90,7 +93,11 @@ pub fn response_logprobs<B: ModelBackend>(
         let mb = collate(&refs, pad_id);
         let hidden = model.forward_hidden(&mb.input, None)?;
         let (logp, _) = target_logprobs_of(model, &mb, hidden, temperature);
-        let flat: Vec<f32> = logp.into_data().convert::<f32>().to_vec().map_err(|e| anyhow!("{e:?}"))?;
+        let flat: Vec<f32> = logp
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| anyhow!("{e:?}"))?;
         let mut off = 0;
         for e in chunk {
             let n = e.labels.iter().skip(1).filter(|l| l.is_some()).count();
@@ -100,7 +107,6 @@ pub fn response_logprobs<B: ModelBackend>(
     }
     Ok(out)
 }
-
 
 /// The responses of one step scored: rewards per response, group-normalised advantages, and
 /// which groups take part in the update.
@@ -127,13 +133,35 @@ pub fn score_groups(
     for (record, gen) in responses {
         let text = decode(&gen.tokens)?;
         let reward = reward(record, &text);
-        rollouts.push(Rollout { record, tokens: gen.tokens, text, stopped: gen.stopped, reward, advantage: 0.0 });
+        rollouts.push(Rollout {
+            record,
+            tokens: gen.tokens,
+            text,
+            stopped: gen.stopped,
+            reward,
+            advantage: 0.0,
+        });
     }
     let rewards: Vec<f64> = rollouts.iter().map(|r| r.reward.reward).collect();
-    for (r, a) in rollouts.iter_mut().zip(crate::grpo::algos::group_advantages(&rewards, g, norm_by_std)) {
+    for (r, a) in rollouts
+        .iter_mut()
+        .zip(crate::grpo::algos::group_advantages(
+            &rewards,
+            g,
+            norm_by_std,
+        ))
+    {
         r.advantage = a;
     }
     let zero_variance = crate::grpo::algos::zero_variance_groups(&rewards, g);
-    let in_update = rewards.chunks(g).map(|grp| !(drop_zero_variance && grp.iter().all(|&x| x == grp[0]))).collect();
-    Ok(ScoredGroups { rollouts, rewards, zero_variance, in_update })
+    let in_update = rewards
+        .chunks(g)
+        .map(|grp| !(drop_zero_variance && grp.iter().all(|&x| x == grp[0])))
+        .collect();
+    Ok(ScoredGroups {
+        rollouts,
+        rewards,
+        zero_variance,
+        in_update,
+    })
 }

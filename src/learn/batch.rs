@@ -14,7 +14,10 @@ pub struct MicroBatch {
 
 pub fn collate(samples: &[&Encoded], pad_id: u32) -> MicroBatch {
     let t = samples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
-    let mut input = ModelInput { attention_mask: Some(vec![]), ..Default::default() };
+    let mut input = ModelInput {
+        attention_mask: Some(vec![]),
+        ..Default::default()
+    };
     let mut labels = vec![];
     let mut target_tokens = 0;
     for e in samples {
@@ -32,9 +35,13 @@ pub fn collate(samples: &[&Encoded], pad_id: u32) -> MicroBatch {
         input.image_grids.extend_from_slice(&e.image_grids);
         labels.push(l);
     }
-    MicroBatch { input, labels, target_tokens, samples: samples.len() }
+    MicroBatch {
+        input,
+        labels,
+        target_tokens,
+        samples: samples.len(),
+    }
 }
-
 
 /// Packed rows (LLaMA-Factory's `neat_packing`): each row holds several samples one after
 /// another, then right padding to the longest row. Every token carries its sample's id
@@ -43,12 +50,27 @@ pub fn collate(samples: &[&Encoded], pad_id: u32) -> MicroBatch {
 /// boundary; `target_tokens` counts what [`collate`] counts for the same samples, so the loss
 /// (mean over target tokens) is the same as without packing.
 pub fn collate_packed(rows: &[Vec<&Encoded>], pad_id: u32) -> MicroBatch {
-    let t = rows.iter().map(|r| r.iter().map(|e| e.input_ids.len()).sum::<usize>()).max().unwrap_or(0);
-    let mut input = ModelInput { segments: Some(vec![]), ..Default::default() };
+    let t = rows
+        .iter()
+        .map(|r| r.iter().map(|e| e.input_ids.len()).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    let mut input = ModelInput {
+        segments: Some(vec![]),
+        ..Default::default()
+    };
     let (mut labels, mut target_tokens, mut samples) = (vec![], 0, 0);
     for row in rows {
-        let (mut ids, mut seg, mut lab) = (Vec::with_capacity(t), Vec::with_capacity(t), Vec::with_capacity(t));
-        for (s, e) in row.iter().enumerate().filter(|(_, e)| !e.input_ids.is_empty()) {
+        let (mut ids, mut seg, mut lab) = (
+            Vec::with_capacity(t),
+            Vec::with_capacity(t),
+            Vec::with_capacity(t),
+        );
+        for (s, e) in row
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.input_ids.is_empty())
+        {
             ids.extend_from_slice(&e.input_ids);
             seg.extend(std::iter::repeat_n(s as i32, e.input_ids.len()));
             lab.push(None);
@@ -66,7 +88,12 @@ pub fn collate_packed(rows: &[Vec<&Encoded>], pad_id: u32) -> MicroBatch {
         input.segments.as_mut().unwrap().push(seg);
         labels.push(lab);
     }
-    MicroBatch { input, labels, target_tokens, samples }
+    MicroBatch {
+        input,
+        labels,
+        target_tokens,
+        samples,
+    }
 }
 
 /// Pack samples (given by their lengths, in order) into rows of at most `cutoff_len` tokens:
@@ -83,7 +110,10 @@ pub fn pack_rows(lengths: &[usize], cutoff_len: usize, window: usize) -> Vec<Vec
         idx.sort_by(|&a, &b| lengths[b].cmp(&lengths[a])); // stable: ties keep the order
         let mut open: Vec<(usize, Vec<usize>)> = vec![]; // (tokens, samples)
         for i in idx {
-            match open.iter_mut().find(|(used, _)| used + lengths[i] <= cutoff_len) {
+            match open
+                .iter_mut()
+                .find(|(used, _)| used + lengths[i] <= cutoff_len)
+            {
                 Some((used, r)) => {
                     *used += lengths[i];
                     r.push(i);

@@ -75,7 +75,8 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     let final_dir = output_dir.join(format!("checkpoint-{}", state.step));
     let tmp = output_dir.join(format!(".tmp-checkpoint-{}", state.step));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let hf = tmp.join("hf");
@@ -84,18 +85,26 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     BinFileRecorder::<FullPrecisionSettings>::new()
         .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
         .map_err(|e| anyhow::anyhow!("writing optimizer state: {e:?}"))?;
-    let pause_step = std::env::var("INFIMED_CHECKPOINT_PAUSE_STEP").ok().and_then(|v| v.parse::<usize>().ok());
-    let pause_ms = std::env::var("INFIMED_CHECKPOINT_PAUSE_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    let pause_step = std::env::var("INFIMED_CHECKPOINT_PAUSE_STEP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let pause_ms = std::env::var("INFIMED_CHECKPOINT_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
     if let (Some(ms), true) = (pause_ms, pause_step.is_none_or(|s| s == state.step)) {
         // Test hook: widen the window in which a crash leaves an incomplete checkpoint.
-        eprintln!("checkpoint {}: pausing {ms} ms before completing", state.step);
+        eprintln!(
+            "checkpoint {}: pausing {ms} ms before completing",
+            state.step
+        );
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
     Ok(final_dir)
 }
 
@@ -105,10 +114,19 @@ pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let mut best: Option<(usize, PathBuf)> = None;
-    for e in std::fs::read_dir(output_dir).with_context(|| format!("reading {}", output_dir.display()))? {
+    for e in std::fs::read_dir(output_dir)
+        .with_context(|| format!("reading {}", output_dir.display()))?
+    {
         let p = e?.path();
-        let Some(name) = p.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else { continue };
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
+            continue;
+        };
         if !p.join(STATE_FILE).exists() {
             continue;
         }
@@ -120,12 +138,17 @@ pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Load a checkpoint's state and optimizer record; the model is loaded by the caller from `hf/`.
-pub fn load_checkpoint<B: AutodiffBackend>(dir: &Path, optim: Adam<B>, device: &B::Device) -> Result<(Adam<B>, TrainState)> {
-    let text = std::fs::read_to_string(dir.join(STATE_FILE)).with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?;
-    let state: TrainState = serde_json::from_str(&text).with_context(|| format!("parsing {}", dir.join(STATE_FILE).display()))?;
+pub fn load_checkpoint<B: AutodiffBackend>(
+    dir: &Path,
+    optim: Adam<B>,
+    device: &B::Device,
+) -> Result<(Adam<B>, TrainState)> {
+    let text = std::fs::read_to_string(dir.join(STATE_FILE))
+        .with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", dir.join(STATE_FILE).display()))?;
     let record = BinFileRecorder::<FullPrecisionSettings>::new()
         .load(dir.join(OPTIMIZER_FILE), device)
         .map_err(|e| anyhow::anyhow!("reading optimizer state of {}: {e:?}", dir.display()))?;
     Ok((optim.load_record(record), state))
 }
-

@@ -29,7 +29,11 @@ impl Default for FreezeConfig {
     /// The paper's setting (and LLaMA-Factory's defaults): vision tower and projector frozen,
     /// language model trained.
     fn default() -> Self {
-        Self { vision_tower: true, projector: true, language_model: false }
+        Self {
+            vision_tower: true,
+            projector: true,
+            language_model: false,
+        }
     }
 }
 
@@ -42,7 +46,6 @@ impl FreezeConfig {
         }
     }
 }
-
 
 /// Give every parameter an id from its position in the module tree, so optimizer state saved
 /// by one process matches the parameters of the next (burn draws ids at random by default).
@@ -61,10 +64,18 @@ pub fn assign_stable_param_ids<B: Backend, M: Module<B>>(module: M) -> M {
 /// Freeze parts of the model as LLaMA-Factory does for qwen2_5_vl: vision tower =
 /// `visual.patch_embed` + `visual.blocks`; projector = `visual.merger`; language model =
 /// `model.*` + `lm_head`. Frozen parameters get no gradient and no optimizer state.
-pub fn apply_freeze<B: AutodiffBackend>(mut model: Qwen25VL<B>, freeze: &FreezeConfig) -> Qwen25VL<B> {
+pub fn apply_freeze<B: AutodiffBackend>(
+    mut model: Qwen25VL<B>,
+    freeze: &FreezeConfig,
+) -> Qwen25VL<B> {
     if freeze.vision_tower {
         model.visual.patch_embed = model.visual.patch_embed.no_grad();
-        model.visual.blocks = model.visual.blocks.into_iter().map(|b| b.no_grad()).collect();
+        model.visual.blocks = model
+            .visual
+            .blocks
+            .into_iter()
+            .map(|b| b.no_grad())
+            .collect();
     }
     if freeze.projector {
         model.visual.merger = model.visual.merger.no_grad();
@@ -93,4 +104,3 @@ pub fn count_params<B: Backend, M: Module<B>>(module: &M) -> (usize, usize) {
     module.visit(&mut c);
     (c.0, c.1)
 }
-

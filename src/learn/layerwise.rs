@@ -36,12 +36,20 @@ pub fn layerwise_backward<B: TrainBackend>(
     input: &ModelInput,
     head: impl FnOnce(&Qwen25VL<B>, Tensor<B, 3>) -> Result<Tensor<B, 1>>,
 ) -> Result<(f64, GradientsParams)> {
-    let device = model.devices().into_iter().next().context("model has no parameters")?;
+    let device = model
+        .devices()
+        .into_iter()
+        .next()
+        .context("model has no parameters")?;
     let mut acc = GradientsAccumulator::<Qwen25VL<B>>::new();
 
     // Forward without a graph, keeping every layer's input.
     let inner = compute_model(&model.valid(), precision);
-    let inner_device = inner.devices().into_iter().next().context("model has no parameters")?;
+    let inner_device = inner
+        .devices()
+        .into_iter()
+        .next()
+        .context("model has no parameters")?;
     let mut x = inner.embed(input, &inner_device)?;
     let dtype = x.dtype();
     let (LayerInputs { cos, sin, attn }, _) = inner.layer_inputs(input, dtype, &inner_device)?;
@@ -68,15 +76,19 @@ pub fn layerwise_backward<B: TrainBackend>(
     let (LayerInputs { cos, sin, attn }, _) = model.layer_inputs(input, dtype, &device)?;
     for (l, layer) in model.model.layers.iter().enumerate().rev() {
         let layer = compute_model(layer, precision);
-        let x = Tensor::<B, 3>::from_inner(saved.pop().expect("one saved input per layer")).require_grad();
+        let x = Tensor::<B, 3>::from_inner(saved.pop().expect("one saved input per layer"))
+            .require_grad();
         let y = layer.forward(x.clone(), cos.clone(), sin.clone(), &attn, None);
         let grads = (y * Tensor::from_inner(g)).sum().backward();
-        g = x.grad(&grads).with_context(|| format!("layer {l}: no gradient reached its input"))?;
+        g = x
+            .grad(&grads)
+            .with_context(|| format!("layer {l}: no gradient reached its input"))?;
         acc.accumulate(model, GradientsParams::from_grads(grads, model));
     }
 
     // The embeddings (and the vision tower and projector, when they train).
-    let embed_trains = count_params(&model.model.embed_tokens).0 + count_params(&model.visual).0 > 0;
+    let embed_trains =
+        count_params(&model.model.embed_tokens).0 + count_params(&model.visual).0 > 0;
     if embed_trains {
         let bottom = shallow(model, precision, Part::Embed);
         let embeds = bottom.embed(input, &device)?;
@@ -105,11 +117,20 @@ fn shallow<B: TrainBackend>(model: &Qwen25VL<B>, precision: Precision, part: Par
             compute_model(&text.norm, precision),
             model.lm_head.as_ref().map(|h| compute_model(h, precision)),
         ),
-        Part::Embed => (compute_model(&text.embed_tokens, precision), compute_model(&model.visual, precision), text.norm.clone(), None),
+        Part::Embed => (
+            compute_model(&text.embed_tokens, precision),
+            compute_model(&model.visual, precision),
+            text.norm.clone(),
+            None,
+        ),
     };
     Qwen25VL {
         visual,
-        model: TextModel { embed_tokens, layers: vec![], norm },
+        model: TextModel {
+            embed_tokens,
+            layers: vec![],
+            norm,
+        },
         lm_head,
         config: model.config.clone(),
         attention: model.attention,

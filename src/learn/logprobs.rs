@@ -7,9 +7,9 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::TensorData;
 
-use crate::model::ModelBackend;
 use crate::learn::batch::MicroBatch;
 use crate::model::nn::int1;
+use crate::model::ModelBackend;
 use crate::model::Qwen25VL;
 
 /// Row indices (`row * seq + position`) of the positions before the batch's target tokens, and
@@ -31,8 +31,15 @@ pub fn target_rows(batch: &MicroBatch) -> (Vec<usize>, Vec<u32>) {
 
 /// Logits `[targets, vocab]` at the positions before the batch's target tokens (computed only
 /// there), with the target ids, in batch order (row by row, left to right).
-pub fn target_logits<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<(Tensor<B, 2>, Vec<u32>)> {
-    let device = model.devices().into_iter().next().context("model has no parameters")?;
+pub fn target_logits<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    batch: &MicroBatch,
+) -> Result<(Tensor<B, 2>, Vec<u32>)> {
+    let device = model
+        .devices()
+        .into_iter()
+        .next()
+        .context("model has no parameters")?;
     if target_rows(batch).0.is_empty() {
         let v = model.config.text.vocab_size;
         return Ok((Tensor::zeros([0, v], &device), vec![]));
@@ -43,36 +50,60 @@ pub fn target_logits<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch) -
 
 /// [`target_logits`] from the final hidden states `[B, T, C]` of the batch (computed elsewhere,
 /// e.g. by the per-layer checkpointed backward pass).
-pub fn target_logits_of<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch, hidden: Tensor<B, 3>) -> (Tensor<B, 2>, Vec<u32>) {
+pub fn target_logits_of<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    batch: &MicroBatch,
+    hidden: Tensor<B, 3>,
+) -> (Tensor<B, 2>, Vec<u32>) {
     let (rows, targets) = target_hidden(batch, hidden);
     (model.logits(rows), targets)
 }
 
 /// The final hidden states `[targets, C]` at the positions before the batch's target tokens,
 /// with the target ids.
-pub fn target_hidden<B: Backend>(batch: &MicroBatch, hidden: Tensor<B, 3>) -> (Tensor<B, 2>, Vec<u32>) {
+pub fn target_hidden<B: Backend>(
+    batch: &MicroBatch,
+    hidden: Tensor<B, 3>,
+) -> (Tensor<B, 2>, Vec<u32>) {
     let device = hidden.device();
     let (rows, targets) = target_rows(batch);
     let [b, t, c] = hidden.dims();
     if rows.is_empty() {
         return (Tensor::zeros([0, c], &device), targets);
     }
-    (hidden.reshape([b * t, c]).select(0, int1::<B>(&rows, &device)), targets)
+    (
+        hidden
+            .reshape([b * t, c])
+            .select(0, int1::<B>(&rows, &device)),
+        targets,
+    )
 }
 
 /// `log_softmax(logits / temperature)` of the batch's target tokens from its final hidden
 /// states, in batch order, with the target ids; the logits are never materialised for all
 /// targets at once (see `infimed_model::head`).
-pub fn target_logprobs_of<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch, hidden: Tensor<B, 3>, temperature: f64) -> (Tensor<B, 1>, Vec<u32>) {
+pub fn target_logprobs_of<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    batch: &MicroBatch,
+    hidden: Tensor<B, 3>,
+    temperature: f64,
+) -> (Tensor<B, 1>, Vec<u32>) {
     let (rows, targets) = target_hidden(batch, hidden);
     if targets.is_empty() {
         return (Tensor::zeros([0], &rows.device()), targets);
     }
-    (model.target_logprobs(rows, targets.clone(), temperature), targets)
+    (
+        model.target_logprobs(rows, targets.clone(), temperature),
+        targets,
+    )
 }
 
 /// Sum over the batch's target tokens of `-log p(token)`, from the batch's final hidden states.
-pub fn token_nll_sum_of<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch, hidden: Tensor<B, 3>) -> Tensor<B, 1> {
+pub fn token_nll_sum_of<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    batch: &MicroBatch,
+    hidden: Tensor<B, 3>,
+) -> Tensor<B, 1> {
     let device = hidden.device();
     let (logp, targets) = target_logprobs_of(model, batch, hidden, 1.0);
     if targets.is_empty() {
@@ -83,22 +114,35 @@ pub fn token_nll_sum_of<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch
 
 /// Sum over rows of the entropy of `softmax(logits / temperature)` for final hidden states
 /// `rows [N, C]` (a metric: no gradient), a chunk of rows at a time.
-pub fn entropy_sum<B: ModelBackend>(model: &Qwen25VL<B>, rows: Tensor<B, 2>, temperature: f64) -> f64 {
+pub fn entropy_sum<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    rows: Tensor<B, 2>,
+    temperature: f64,
+) -> f64 {
     let head = model.head_matrix().detach();
     let rows = rows.detach();
     let [n, _] = rows.dims();
     let mut total = 0.0;
     for start in (0..n).step_by(crate::model::head::HEAD_CHUNK) {
         let len = crate::model::head::HEAD_CHUNK.min(n - start);
-        let z = crate::model::nn::upcast(rows.clone().narrow(0, start, len).matmul(head.clone())).div_scalar(temperature);
+        let z = crate::model::nn::upcast(rows.clone().narrow(0, start, len).matmul(head.clone()))
+            .div_scalar(temperature);
         let lp = log_softmax(z, 1);
-        total += (lp.clone().exp() * lp).sum().neg().into_scalar().elem::<f64>();
+        total += (lp.clone().exp() * lp)
+            .sum()
+            .neg()
+            .into_scalar()
+            .elem::<f64>();
     }
     total
 }
 
 /// `log_softmax(logits / temperature)` at the target ids: `[targets]`.
-pub fn gather_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32], temperature: f64) -> Tensor<B, 1> {
+pub fn gather_logprobs<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: &[u32],
+    temperature: f64,
+) -> Tensor<B, 1> {
     let n = targets.len();
     let device = logits.device();
     if n == 0 {
@@ -106,7 +150,11 @@ pub fn gather_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32], temper
     }
     // The log-softmax in f32 whatever the compute dtype (a bf16 head's logits are upcast).
     let logits = crate::model::nn::upcast(logits);
-    let logits = if temperature == 1.0 { logits } else { logits.div_scalar(temperature) };
+    let logits = if temperature == 1.0 {
+        logits
+    } else {
+        logits.div_scalar(temperature)
+    };
     let logp = log_softmax(logits, 1);
     let ids: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
     let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
@@ -115,8 +163,15 @@ pub fn gather_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32], temper
 
 /// Log-probs of the batch's target tokens (each from the logits at the position before it;
 /// logits are computed only at those positions), with the target ids, in batch order.
-pub fn target_logprobs<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<(Tensor<B, 1>, Vec<u32>)> {
-    let device = model.devices().into_iter().next().context("model has no parameters")?;
+pub fn target_logprobs<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    batch: &MicroBatch,
+) -> Result<(Tensor<B, 1>, Vec<u32>)> {
+    let device = model
+        .devices()
+        .into_iter()
+        .next()
+        .context("model has no parameters")?;
     if target_rows(batch).0.is_empty() {
         return Ok((Tensor::zeros([0], &device), vec![]));
     }
@@ -125,12 +180,18 @@ pub fn target_logprobs<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch)
 }
 
 /// Sum over the batch's target tokens of `-log p(token)`.
-pub fn token_nll_sum<B: ModelBackend>(model: &Qwen25VL<B>, batch: &MicroBatch) -> Result<Tensor<B, 1>> {
+pub fn token_nll_sum<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    batch: &MicroBatch,
+) -> Result<Tensor<B, 1>> {
     let (logp, targets) = target_logprobs(model, batch)?;
     if targets.is_empty() {
-        let device = model.devices().into_iter().next().context("model has no parameters")?;
+        let device = model
+            .devices()
+            .into_iter()
+            .next()
+            .context("model has no parameters")?;
         return Ok(Tensor::zeros([1], &device));
     }
     Ok(logp.sum().neg())
 }
-

@@ -31,11 +31,15 @@ impl MetricsLog {
                 .collect(),
             _ => vec![],
         };
-        let mut file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         for l in kept {
             writeln!(file, "{l}")?;
         }
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
@@ -51,8 +55,12 @@ impl MetricsLog {
 
 /// Write one SVG line plot per requested key of a metrics JSONL (x = step).
 pub fn plot_metrics(metrics: &Path, keys: &[&str], out_dir: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(metrics).with_context(|| format!("reading {}", metrics.display()))?;
-    let rows: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     let mut written = vec![];
     for key in keys {
         let pts: Vec<(f64, f64)> = rows
@@ -64,7 +72,8 @@ pub fn plot_metrics(metrics: &Path, keys: &[&str], out_dir: &Path) -> Result<Vec
             continue;
         }
         let path = out_dir.join(format!("{}.svg", key.replace('/', "_")));
-        std::fs::write(&path, svg_line_plot(key, &pts)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, svg_line_plot(key, &pts))
+            .with_context(|| format!("writing {}", path.display()))?;
         written.push(path);
     }
     Ok(written)
@@ -73,11 +82,18 @@ pub fn plot_metrics(metrics: &Path, keys: &[&str], out_dir: &Path) -> Result<Vec
 /// A small self-contained SVG line chart with axes and min/max labels.
 pub fn svg_line_plot(title: &str, pts: &[(f64, f64)]) -> String {
     let (w, h, m) = (640.0, 360.0, 50.0);
-    let (x0, x1) = pts.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let (y0, y1) = pts.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let (x0, x1) = pts
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let (y0, y1) = pts
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
     let sx = |x: f64| m + (x - x0) / (x1 - x0).max(1e-12) * (w - 2.0 * m);
     let sy = |y: f64| h - m - (y - y0) / (y1 - y0).max(1e-12) * (h - 2.0 * m);
-    let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+    let path: Vec<String> = pts
+        .iter()
+        .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+        .collect();
     format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>

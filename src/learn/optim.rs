@@ -61,14 +61,19 @@ impl OptimizerConfig {
             errors.push(format!("{field}.eps must be > 0, got {}", self.eps));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            errors.push(format!("{field}.weight_decay must be >= 0, got {}", self.weight_decay));
+            errors.push(format!(
+                "{field}.weight_decay must be >= 0, got {}",
+                self.weight_decay
+            ));
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            errors.push(format!("{field}.max_grad_norm must be >= 0 (0 = no clipping), got {}", self.max_grad_norm));
+            errors.push(format!(
+                "{field}.max_grad_norm must be >= 0 (0 = no clipping), got {}",
+                self.max_grad_norm
+            ));
         }
     }
 }
-
 
 /// AdamW with the recipe's values (burn's defaults, eps 1e-5 and weight decay 1e-4, differ
 /// from PyTorch's; the update rule itself is PyTorch's decoupled one).
@@ -85,7 +90,11 @@ pub type Adam<B> = burn::optim::adaptor::OptimizerAdaptor<AdamW, Qwen25VL<B>, B>
 
 /// Clip the gradients to a global L2 norm as `torch.nn.utils.clip_grad_norm_` (HF Trainer):
 /// `coef = max_norm / (norm + 1e-6)`, applied when `coef < 1`. Returns the norm before clipping.
-pub fn clip_grad_norm<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+pub fn clip_grad_norm<B: AutodiffBackend, M: Module<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> f64 {
     struct SumSq<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
         parts: Vec<Tensor<B::InnerBackend, 1>>,
@@ -97,7 +106,10 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut 
             }
         }
     }
-    let mut v = SumSq::<B> { grads, parts: vec![] };
+    let mut v = SumSq::<B> {
+        grads,
+        parts: vec![],
+    };
     module.visit(&mut v);
     if v.parts.is_empty() {
         return 0.0;
@@ -114,7 +126,8 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut 
             impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
                 fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
                     if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-                        self.grads.register::<B::InnerBackend, D>(param.id, g.mul_scalar(self.coef));
+                        self.grads
+                            .register::<B::InnerBackend, D>(param.id, g.mul_scalar(self.coef));
                     }
                 }
             }
@@ -123,4 +136,3 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut 
     }
     norm
 }
-

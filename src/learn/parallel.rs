@@ -26,7 +26,10 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::{AutodiffBackend, DeviceId};
 use burn::tensor::TensorPrimitive;
-use burn_collective::{AllReduceStrategy, CollectiveConfig, CollectiveError, GlobalCollectiveError, PeerId, ReduceOperation};
+use burn_collective::{
+    AllReduceStrategy, CollectiveConfig, CollectiveError, GlobalCollectiveError, PeerId,
+    ReduceOperation,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
@@ -76,7 +79,13 @@ fn one() -> usize {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { devices: Devices::default(), nodes: 1, node_rank: 0, coordinator: None, node_address: None }
+        Self {
+            devices: Devices::default(),
+            nodes: 1,
+            node_rank: 0,
+            coordinator: None,
+            node_address: None,
+        }
     }
 }
 
@@ -106,7 +115,9 @@ impl ParallelConfig {
     pub fn check(&self, errors: &mut Vec<String>) {
         match &self.devices {
             Devices::Count(0) => errors.push("parallel.devices must be >= 1".into()),
-            Devices::Ids(ids) if ids.is_empty() => errors.push("parallel.devices must list at least one device id".into()),
+            Devices::Ids(ids) if ids.is_empty() => {
+                errors.push("parallel.devices must list at least one device id".into())
+            }
             Devices::Ids(ids) => {
                 let mut sorted = ids.clone();
                 sorted.sort_unstable();
@@ -121,7 +132,10 @@ impl ParallelConfig {
             errors.push("parallel.nodes must be >= 1".into());
         }
         if self.node_rank >= self.nodes.max(1) {
-            errors.push(format!("parallel.node_rank must be in 0..{} (parallel.nodes), got {}", self.nodes, self.node_rank));
+            errors.push(format!(
+                "parallel.node_rank must be in 0..{} (parallel.nodes), got {}",
+                self.nodes, self.node_rank
+            ));
         }
         if self.nodes > 1 {
             match &self.coordinator {
@@ -182,11 +196,18 @@ impl NodePorts {
         let nodes: Vec<String> = addresses
             .split(", ")
             .map(|a| {
-                let port = a.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok());
+                let port = a
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok());
                 match port.filter(|&p| p > self.base) {
                     Some(p) => {
                         let k = (p - self.base - 1) as usize;
-                        format!("node {k} (ranks {}-{}) at {a}", k * self.local, (k + 1) * self.local - 1)
+                        format!(
+                            "node {k} (ranks {}-{}) at {a}",
+                            k * self.local,
+                            (k + 1) * self.local - 1
+                        )
                     }
                     None => format!("the node at {a}"),
                 }
@@ -199,7 +220,12 @@ impl NodePorts {
 impl Rank {
     /// The only rank of a run without data parallelism.
     pub fn single() -> Self {
-        Self { rank: 0, world: 1, aborted: Arc::new(AtomicBool::new(false)), nodes: None }
+        Self {
+            rank: 0,
+            world: 1,
+            aborted: Arc::new(AtomicBool::new(false)),
+            nodes: None,
+        }
     }
 
     /// Rank 0 logs, writes metrics, checkpoints and the export.
@@ -219,24 +245,33 @@ impl Rank {
     }
 
     /// Sum of a tensor over the ranks (itself on a single rank).
-    pub fn all_reduce_sum<B: Backend, const D: usize>(&self, tensor: Tensor<B, D>) -> Result<Tensor<B, D>> {
+    pub fn all_reduce_sum<B: Backend, const D: usize>(
+        &self,
+        tensor: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>> {
         if self.world == 1 {
             return Ok(tensor);
         }
         self.check_alive()?;
-        let out = burn_collective::all_reduce::<B>(self.peer(), tensor.into_primitive().tensor(), ReduceOperation::Sum)
-            .map_err(|e| self.collective_error(e))?;
+        let out = burn_collective::all_reduce::<B>(
+            self.peer(),
+            tensor.into_primitive().tensor(),
+            ReduceOperation::Sum,
+        )
+        .map_err(|e| self.collective_error(e))?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 
     /// A failed all-reduce, naming the node (and its ranks) that was lost where that is the cause.
     fn collective_error(&self, e: CollectiveError) -> anyhow::Error {
         match (&e, &self.nodes) {
-            (CollectiveError::Global(GlobalCollectiveError::PeerLostAt(at)), Some(nodes)) => anyhow!(
+            (CollectiveError::Global(GlobalCollectiveError::PeerLostAt(at)), Some(nodes)) => {
+                anyhow!(
                 "rank {}: all-reduce failed: lost {}: its process ended or its connection dropped",
                 self.rank,
                 nodes.describe(at)
-            ),
+            )
+            }
             _ => anyhow!("rank {}: all-reduce failed: {e:?}", self.rank),
         }
     }
@@ -247,9 +282,21 @@ impl Rank {
         if self.world == 1 {
             return Ok(values.to_vec());
         }
-        let t = Tensor::<B, 1>::from_floats(values.iter().map(|&v| v as f32).collect::<Vec<_>>().as_slice(), device);
+        let t = Tensor::<B, 1>::from_floats(
+            values
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            device,
+        );
         let out = self.all_reduce_sum(t)?.into_data().convert::<f32>();
-        Ok(out.as_slice::<f32>().map_err(|e| anyhow!("{e:?}"))?.iter().map(|&v| v as f64).collect())
+        Ok(out
+            .as_slice::<f32>()
+            .map_err(|e| anyhow!("{e:?}"))?
+            .iter()
+            .map(|&v| v as f64)
+            .collect())
     }
 
     /// `module` with every parameter set to rank 0's values, as DDP starts: ranks that
@@ -265,7 +312,10 @@ impl Rank {
             error: Option<anyhow::Error>,
         }
         impl<B: AutodiffBackend> ModuleMapper<B> for SyncFromMain<'_> {
-            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
                 if self.error.is_some() {
                     return param;
                 }
@@ -289,7 +339,10 @@ impl Rank {
                 })
             }
         }
-        let mut m = SyncFromMain { rank: self, error: None };
+        let mut m = SyncFromMain {
+            rank: self,
+            error: None,
+        };
         let module = module.map(&mut m);
         m.error.map_or(Ok(module), Err)
     }
@@ -304,7 +357,10 @@ impl Rank {
             error: Option<anyhow::Error>,
         }
         impl<B: Backend> ModuleMapper<B> for SyncFromMain<'_> {
-            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
                 if self.error.is_some() {
                     return param;
                 }
@@ -318,21 +374,37 @@ impl Rank {
                 })
             }
         }
-        let mut m = SyncFromMain { rank: self, error: None };
+        let mut m = SyncFromMain {
+            rank: self,
+            error: None,
+        };
         let module = module.map(&mut m);
         m.error.map_or(Ok(module), Err)
     }
 
     /// Rank 0's `tensor` on every rank (an all-reduce of it and the others' zeros: exact).
-    fn main_values<B: Backend, const D: usize>(&self, tensor: Tensor<B, D>) -> Result<Tensor<B, D>> {
-        let mine = if self.is_main() { tensor } else { tensor.zeros_like() };
+    fn main_values<B: Backend, const D: usize>(
+        &self,
+        tensor: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>> {
+        let mine = if self.is_main() {
+            tensor
+        } else {
+            tensor.zeros_like()
+        };
         self.all_reduce_sum(mine)
     }
 
     /// Every rank's generations, in order: this rank holds those of indices
     /// `start..start + local.len()` of `total`; the others' arrive by two all-reduces (lengths
     /// and stop flags, then the token ids as f32, exact below 2^24).
-    pub fn all_gather_generations<B: Backend>(&self, local: Vec<Generation>, start: usize, total: usize, device: &B::Device) -> Result<Vec<Generation>> {
+    pub fn all_gather_generations<B: Backend>(
+        &self,
+        local: Vec<Generation>,
+        start: usize,
+        total: usize,
+        device: &B::Device,
+    ) -> Result<Vec<Generation>> {
         if self.world == 1 {
             return Ok(local);
         }
@@ -345,7 +417,12 @@ impl Rank {
         let lens: Vec<usize> = head[..total].iter().map(|&l| l.round() as usize).collect();
         let width = lens.iter().copied().max().unwrap_or(0);
         if width == 0 {
-            return Ok((0..total).map(|i| Generation { tokens: vec![], stopped: head[total + i] > 0.5 }).collect());
+            return Ok((0..total)
+                .map(|i| Generation {
+                    tokens: vec![],
+                    stopped: head[total + i] > 0.5,
+                })
+                .collect());
         }
         let mut ids = vec![0f32; total * width];
         for (i, g) in local.iter().enumerate() {
@@ -353,11 +430,17 @@ impl Rank {
                 ids[(start + i) * width + j] = t as f32;
             }
         }
-        let ids = self.all_reduce_sum(Tensor::<B, 1>::from_floats(ids.as_slice(), device))?.into_data().convert::<f32>();
+        let ids = self
+            .all_reduce_sum(Tensor::<B, 1>::from_floats(ids.as_slice(), device))?
+            .into_data()
+            .convert::<f32>();
         let ids = ids.as_slice::<f32>().map_err(|e| anyhow!("{e:?}"))?;
         Ok((0..total)
             .map(|i| Generation {
-                tokens: ids[i * width..i * width + lens[i]].iter().map(|&t| t.round() as u32).collect(),
+                tokens: ids[i * width..i * width + lens[i]]
+                    .iter()
+                    .map(|&t| t.round() as u32)
+                    .collect(),
                 stopped: head[total + i] > 0.5,
             })
             .collect())
@@ -369,7 +452,11 @@ impl Rank {
     /// gradient, as on one rank (AdamW then leaves it and its moments alone); one that some
     /// ranks reached is summed with zeros from the others (no rank waits on a tensor another
     /// never sends).
-    pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(&self, module: &M, grads: GradientsParams) -> Result<GradientsParams> {
+    pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams> {
         if self.world == 1 {
             return Ok(grads);
         }
@@ -381,15 +468,31 @@ impl Rank {
         impl<B: AutodiffBackend> ModuleVisitor<B> for Present<'_, B::InnerBackend> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
                 if param.is_require_grad() {
-                    self.has.push(if self.grads.get::<B::InnerBackend, D>(param.id).is_some() { 1.0 } else { 0.0 });
+                    self.has.push(
+                        if self.grads.get::<B::InnerBackend, D>(param.id).is_some() {
+                            1.0
+                        } else {
+                            0.0
+                        },
+                    );
                     self.device.get_or_insert_with(|| param.val().device());
                 }
             }
         }
-        let mut present = Present::<B::InnerBackend> { grads: &grads, has: vec![], device: None };
+        let mut present = Present::<B::InnerBackend> {
+            grads: &grads,
+            has: vec![],
+            device: None,
+        };
         module.visit(&mut present);
-        let Some(device) = present.device else { return Ok(grads) };
-        let anywhere: Vec<bool> = self.sum_values::<B::InnerBackend>(&present.has, &device)?.into_iter().map(|n| n > 0.5).collect();
+        let Some(device) = present.device else {
+            return Ok(grads);
+        };
+        let anywhere: Vec<bool> = self
+            .sum_values::<B::InnerBackend>(&present.has, &device)?
+            .into_iter()
+            .map(|n| n > 0.5)
+            .collect();
 
         struct Reduce<'a> {
             rank: &'a Rank,
@@ -406,17 +509,25 @@ impl Rank {
                 if self.error.is_some() || !reached {
                     return;
                 }
-                let g = self.grads.remove::<B::InnerBackend, D>(param.id).unwrap_or_else(|| {
-                    let p = param.val();
-                    Tensor::<B::InnerBackend, D>::zeros(p.shape(), &p.device())
-                });
+                let g = self
+                    .grads
+                    .remove::<B::InnerBackend, D>(param.id)
+                    .unwrap_or_else(|| {
+                        let p = param.val();
+                        Tensor::<B::InnerBackend, D>::zeros(p.shape(), &p.device())
+                    });
                 match self.rank.all_reduce_sum(g) {
                     Ok(g) => self.grads.register::<B::InnerBackend, D>(param.id, g),
                     Err(e) => self.error = Some(e),
                 }
             }
         }
-        let mut v = Reduce { rank: self, grads, anywhere: anywhere.into_iter(), error: None };
+        let mut v = Reduce {
+            rank: self,
+            grads,
+            anywhere: anywhere.into_iter(),
+            error: None,
+        };
         module.visit(&mut v);
         match v.error {
             Some(e) => Err(e),
@@ -434,7 +545,12 @@ static SESSION: Mutex<()> = Mutex::new(());
 /// the error names it. Several nodes: the same on each node's process, the nodes meeting at
 /// `parallel.coordinator` (node 0 hosts burn-collective's orchestrator there); a node whose
 /// process ends makes the others' next all-reduce fail, naming its ranks.
-pub fn run_ranks<B, T, F>(cfg: &ParallelConfig, backend: BackendKind, first: &B::Device, work: F) -> Result<Vec<T>>
+pub fn run_ranks<B, T, F>(
+    cfg: &ParallelConfig,
+    backend: BackendKind,
+    first: &B::Device,
+    work: F,
+) -> Result<Vec<T>>
 where
     B: Backend,
     T: Send,
@@ -442,11 +558,16 @@ where
 {
     let local = cfg.local_ranks();
     if cfg.world_size() == 1 {
-        return Ok(vec![work(Rank::single(), rank_device::<B>(cfg, backend, first, 0))?]);
+        return Ok(vec![work(
+            Rank::single(),
+            rank_device::<B>(cfg, backend, first, 0),
+        )?]);
     }
     let _session = SESSION.lock().unwrap_or_else(|e| e.into_inner());
     burn_collective::reset_collective::<B>();
-    let mut config = CollectiveConfig::default().with_num_devices(local).with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
+    let mut config = CollectiveConfig::default()
+        .with_num_devices(local)
+        .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
     let (mut orchestrator, mut nodes) = (None, None);
     if cfg.nodes > 1 {
         let (c, o, n) = join_nodes(cfg, config)?;
@@ -456,7 +577,12 @@ where
     let results: Vec<Result<T>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..local)
             .map(|i| {
-                let rank = Rank { rank: cfg.node_rank * local + i, world: cfg.world_size(), aborted: aborted.clone(), nodes };
+                let rank = Rank {
+                    rank: cfg.node_rank * local + i,
+                    world: cfg.world_size(),
+                    aborted: aborted.clone(),
+                    nodes,
+                };
                 let device = rank_device::<B>(cfg, backend, first, i);
                 let (work, config, aborted) = (&work, config.clone(), aborted.clone());
                 std::thread::Builder::new()
@@ -464,13 +590,25 @@ where
                     .spawn_scoped(scope, move || {
                         let id = rank.rank;
                         let out = (|| -> Result<T> {
-                            burn_collective::register::<B>(PeerId(id as u32), device.clone(), config)
-                                .map_err(|e| anyhow!("rank {id}: joining the collective failed: {e:?}"))?;
+                            burn_collective::register::<B>(
+                                PeerId(id as u32),
+                                device.clone(),
+                                config,
+                            )
+                            .map_err(|e| {
+                                anyhow!("rank {id}: joining the collective failed: {e:?}")
+                            })?;
                             // A panic must stop the others too (else they wait on it forever).
-                            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(rank, device)))
-                                .unwrap_or_else(|p| Err(anyhow!("rank {id} panicked: {}", panic_message(&p))))?;
-                            burn_collective::finish_collective::<B>(PeerId(id as u32))
-                                .map_err(|e| anyhow!("rank {id}: leaving the collective failed: {e:?}"))?;
+                            let out =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    work(rank, device)
+                                }))
+                                .unwrap_or_else(|p| {
+                                    Err(anyhow!("rank {id} panicked: {}", panic_message(&p)))
+                                })?;
+                            burn_collective::finish_collective::<B>(PeerId(id as u32)).map_err(
+                                |e| anyhow!("rank {id}: leaving the collective failed: {e:?}"),
+                            )?;
                             Ok(out)
                         })();
                         if out.is_err() && !aborted.swap(true, Ordering::SeqCst) {
@@ -485,7 +623,9 @@ where
         handles
             .into_iter()
             .map(|h| match h.join() {
-                Ok((r, id)) => r.map_err(|e| e.context(format!("rank {id} of {}", cfg.world_size()))),
+                Ok((r, id)) => {
+                    r.map_err(|e| e.context(format!("rank {id} of {}", cfg.world_size())))
+                }
                 Err(_) => Err(anyhow!("a rank thread panicked")),
             })
             .collect()
@@ -500,7 +640,9 @@ where
             Err(e) => {
                 // Secondary: stopped because another rank of this node failed (a lost node is a cause).
                 let text = format!("{e:#}");
-                let secondary = text.contains("another rank failed") || (text.contains("all-reduce failed") && !text.contains("all-reduce failed: lost "));
+                let secondary = text.contains("another rank failed")
+                    || (text.contains("all-reduce failed")
+                        && !text.contains("all-reduce failed: lost "));
                 match &first_error {
                     None => first_error = Some((e, secondary)),
                     Some((_, true)) if !secondary => first_error = Some((e, secondary)),
@@ -516,7 +658,9 @@ where
         // The others unregister from node 0's orchestrator after their last all-reduce: wait
         // for them (bounded) before this process, and the orchestrator with it, ends.
         if !o.wait_all_finished(std::time::Duration::from_secs(60)) {
-            eprintln!("warning: not every node had left the collective 60 s after this one finished");
+            eprintln!(
+                "warning: not every node had left the collective 60 s after this one finished"
+            );
         }
     }
     Ok(outs)
@@ -524,16 +668,38 @@ where
 
 /// The multi-node part of `config`: the nodes' rendezvous at the coordinator (hosted here on
 /// node 0) and this node's tensor service on `port + 1 + node_rank`.
-fn join_nodes(cfg: &ParallelConfig, config: CollectiveConfig) -> Result<(CollectiveConfig, Option<Orchestrator>, NodePorts)> {
+fn join_nodes(
+    cfg: &ParallelConfig,
+    config: CollectiveConfig,
+) -> Result<(CollectiveConfig, Option<Orchestrator>, NodePorts)> {
     let coordinator = cfg.coordinator.as_deref().unwrap_or_default();
-    let (host, port) = parse_host_port(coordinator).ok_or_else(|| anyhow!("parallel.coordinator must be \"host:port\", got \"{coordinator}\""))?;
-    let nodes = NodePorts { base: port, local: cfg.local_ranks() };
+    let (host, port) = parse_host_port(coordinator).ok_or_else(|| {
+        anyhow!("parallel.coordinator must be \"host:port\", got \"{coordinator}\"")
+    })?;
+    let nodes = NodePorts {
+        base: port,
+        local: cfg.local_ranks(),
+    };
     let data_port = nodes.data_port(cfg.node_rank);
-    let orchestrator = if cfg.node_rank == 0 { Some(Orchestrator::start(port)?) } else { None };
-    check_port_free(data_port, &format!("node {}'s tensor service (parallel.coordinator's port + 1 + node_rank)", cfg.node_rank))?;
+    let orchestrator = if cfg.node_rank == 0 {
+        Some(Orchestrator::start(port)?)
+    } else {
+        None
+    };
+    check_port_free(
+        data_port,
+        &format!(
+            "node {}'s tensor service (parallel.coordinator's port + 1 + node_rank)",
+            cfg.node_rank
+        ),
+    )?;
     let me = match &cfg.node_address {
         Some(a) => a.clone(),
-        None => address_towards(&host, port).with_context(|| format!("finding this machine's address towards {coordinator} (set parallel.node_address)"))?,
+        None => address_towards(&host, port).with_context(|| {
+            format!(
+                "finding this machine's address towards {coordinator} (set parallel.node_address)"
+            )
+        })?,
     };
     let ws = |h: &str, p: u16| format!("ws://{h}:{p}").parse().expect("an address parses");
     let config = config
@@ -558,7 +724,9 @@ fn address_towards(host: &str, port: u16) -> Result<String> {
 }
 
 fn check_port_free(port: u16, what: &str) -> Result<()> {
-    std::net::TcpListener::bind(("0.0.0.0", port)).map(drop).with_context(|| format!("port {port} for {what} is not free"))
+    std::net::TcpListener::bind(("0.0.0.0", port))
+        .map(drop)
+        .with_context(|| format!("port {port} for {what} is not free"))
 }
 
 /// burn-collective's global orchestrator, which node 0 hosts on its own runtime: the nodes
@@ -571,34 +739,58 @@ struct Orchestrator {
 impl Orchestrator {
     fn start(port: u16) -> Result<Self> {
         check_port_free(port, "the coordinator (parallel.coordinator)")?;
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("orchestrator").enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("orchestrator")
+            .enable_all()
+            .build()?;
         let all_finished = Arc::new(tokio::sync::Notify::new());
         let notify = all_finished.clone();
         runtime.spawn(async move {
-            if let Err(e) = burn_collective::start_global_orchestrator_with(port, std::future::pending(), notify).await {
+            if let Err(e) = burn_collective::start_global_orchestrator_with(
+                port,
+                std::future::pending(),
+                notify,
+            )
+            .await
+            {
                 eprintln!("error: the coordinator on port {port} stopped: {e:?}");
             }
         });
-        Ok(Self { runtime, all_finished })
+        Ok(Self {
+            runtime,
+            all_finished,
+        })
     }
 
     /// Waits until every node has unregistered (at most `timeout`); `false` when one has not.
     fn wait_all_finished(self, timeout: std::time::Duration) -> bool {
         let all_finished = self.all_finished.clone();
         // The timer needs the runtime's context: build it inside the block.
-        let done = self.runtime.block_on(async move { tokio::time::timeout(timeout, all_finished.notified()).await }).is_ok();
+        let done = self
+            .runtime
+            .block_on(async move { tokio::time::timeout(timeout, all_finished.notified()).await })
+            .is_ok();
         self.runtime.shutdown_background();
         done
     }
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// The device of local rank `i`: on the CPU backends the one device (the ranks are workers
 /// sharing it); else the `i`-th of `parallel.devices` (a count starts at `first`'s index).
-pub fn rank_device<B: Backend>(cfg: &ParallelConfig, backend: BackendKind, first: &B::Device, i: usize) -> B::Device {
+pub fn rank_device<B: Backend>(
+    cfg: &ParallelConfig,
+    backend: BackendKind,
+    first: &B::Device,
+    i: usize,
+) -> B::Device {
     if backend.is_cpu() {
         return first.clone();
     }
@@ -607,7 +799,10 @@ pub fn rank_device<B: Backend>(cfg: &ParallelConfig, backend: BackendKind, first
     if index == id.index_id as usize {
         return first.clone();
     }
-    B::Device::from_id(DeviceId { type_id: id.type_id, index_id: index as u16 })
+    B::Device::from_id(DeviceId {
+        type_id: id.type_id,
+        index_id: index as u16,
+    })
 }
 
 /// The range of `0..n` that `rank` of `world` takes: contiguous pieces of `ceil(n / world)`.
@@ -643,15 +838,32 @@ mod tests {
     #[test]
     fn config_checks() {
         let mut e = vec![];
-        ParallelConfig { nodes: 2, ..Default::default() }.check(&mut e);
+        ParallelConfig {
+            nodes: 2,
+            ..Default::default()
+        }
+        .check(&mut e);
         assert!(e[0].contains("coordinator"), "{e:?}");
         let mut e = vec![];
-        ParallelConfig { nodes: 2, node_rank: 2, coordinator: Some("h:1".into()), ..Default::default() }.check(&mut e);
+        ParallelConfig {
+            nodes: 2,
+            node_rank: 2,
+            coordinator: Some("h:1".into()),
+            ..Default::default()
+        }
+        .check(&mut e);
         assert!(e[0].contains("node_rank"), "{e:?}");
         let mut e = vec![];
-        ParallelConfig { devices: Devices::Ids(vec![1, 1]), ..Default::default() }.check(&mut e);
+        ParallelConfig {
+            devices: Devices::Ids(vec![1, 1]),
+            ..Default::default()
+        }
+        .check(&mut e);
         assert!(e[0].contains("twice"), "{e:?}");
-        assert_eq!(parse_host_port("10.0.0.1:29500"), Some(("10.0.0.1".into(), 29500)));
+        assert_eq!(
+            parse_host_port("10.0.0.1:29500"),
+            Some(("10.0.0.1".into(), 29500))
+        );
         assert_eq!(parse_host_port("nohost"), None);
     }
 }

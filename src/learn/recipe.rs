@@ -51,7 +51,11 @@ impl ModelSource {
 }
 
 /// `precision = "bf16"` needs a backend that computes in bf16.
-pub fn check_precision_backend(precision: Precision, backend: BackendKind, errors: &mut Vec<String>) {
+pub fn check_precision_backend(
+    precision: Precision,
+    backend: BackendKind,
+    errors: &mut Vec<String>,
+) {
     if precision == Precision::Bf16 && !backend.supports_bf16() {
         errors.push(format!("precision = \"bf16\" needs backend = \"cuda\" (or \"flex\" on the CPU), got backend = \"{backend}\""));
     }
@@ -65,7 +69,11 @@ pub fn check_model(model: &str, field: &str, errors: &mut Vec<String>) {
         if !BUILTIN_MODELS.contains(&name.as_str()) {
             errors.push(format!(
                 "{field} = \"{model}\": unknown builtin model `{name}` (known: {})",
-                BUILTIN_MODELS.iter().map(|n| format!("builtin:{n}")).collect::<Vec<_>>().join(", ")
+                BUILTIN_MODELS
+                    .iter()
+                    .map(|n| format!("builtin:{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     }
@@ -76,22 +84,29 @@ pub fn check_model(model: &str, field: &str, errors: &mut Vec<String>) {
 /// its line in the file; with overrides it names the key.
 pub fn load_toml<T: DeserializeOwned>(text: &str, origin: &str, overrides: &[String]) -> Result<T> {
     if overrides.is_empty() {
-        return toml::from_str::<T>(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()));
+        return toml::from_str::<T>(text)
+            .map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()));
     }
-    let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()))?;
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()))?;
     for o in overrides {
         apply_override(&mut table, o).map_err(|e| anyhow!("{origin}: --set {o}: {e:#}"))?;
     }
-    toml::Value::Table(table)
-        .try_into::<T>()
-        .map_err(|e| anyhow!("{origin} (with --set {}): {}", overrides.join(" "), e.to_string().trim_end()))
+    toml::Value::Table(table).try_into::<T>().map_err(|e| {
+        anyhow!(
+            "{origin} (with --set {}): {}",
+            overrides.join(" "),
+            e.to_string().trim_end()
+        )
+    })
 }
 
 /// Parses an override value: a TOML value (`1e-5`, `false`, `[0.9, 0.95]`, `"quoted"`), else the
 /// raw text as a string.
 pub fn parse_override_value(raw: &str) -> toml::Value {
     let raw = raw.trim();
-    raw.parse::<toml::Value>().unwrap_or_else(|_| toml::Value::String(raw.to_string()))
+    raw.parse::<toml::Value>()
+        .unwrap_or_else(|_| toml::Value::String(raw.to_string()))
 }
 
 /// Applies one `key=value` override to a parsed recipe (see the module docs).
@@ -105,8 +120,9 @@ pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
 }
 
 fn apply_override_value(root: &mut toml::Value, assignment: &str) -> Result<()> {
-    let (key, raw) =
-        assignment.split_once('=').ok_or_else(|| anyhow!("expected key=value (e.g. optimizer.lr=1e-5)"))?;
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("expected key=value (e.g. optimizer.lr=1e-5)"))?;
     let key = key.trim();
     let parts: Vec<&str> = key.split('.').map(str::trim).collect();
     if parts.iter().any(|p| p.is_empty()) {
@@ -118,7 +134,11 @@ fn apply_override_value(root: &mut toml::Value, assignment: &str) -> Result<()> 
     let mut parent = String::new();
     for (i, part) in parts.iter().enumerate() {
         let last = i + 1 == parts.len();
-        let here = if parent.is_empty() { part.to_string() } else { format!("{parent}.{part}") };
+        let here = if parent.is_empty() {
+            part.to_string()
+        } else {
+            format!("{parent}.{part}")
+        };
         node = match node {
             toml::Value::Table(t) => {
                 if last {
@@ -130,24 +150,29 @@ fn apply_override_value(root: &mut toml::Value, assignment: &str) -> Result<()> 
                     t.insert(part.to_string(), value);
                     return Ok(());
                 }
-                t.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                t.entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             }
             toml::Value::Array(a) => {
-                let idx: usize =
-                    part.parse().map_err(|_| anyhow!("`{parent}` is an array: expected an index, got `{part}`"))?;
+                let idx: usize = part.parse().map_err(|_| {
+                    anyhow!("`{parent}` is an array: expected an index, got `{part}`")
+                })?;
                 let len = a.len();
-                let slot =
-                    a.get_mut(idx).ok_or_else(|| anyhow!("`{here}`: index {idx} out of range ({len} entries)"))?;
+                let slot = a
+                    .get_mut(idx)
+                    .ok_or_else(|| anyhow!("`{here}`: index {idx} out of range ({len} entries)"))?;
                 if last {
                     *slot = value;
                     return Ok(());
                 }
                 slot
             }
-            other => bail!("`{parent}` is a {}, not a table: cannot set `{here}`", other.type_str()),
+            other => bail!(
+                "`{parent}` is a {}, not a table: cannot set `{here}`",
+                other.type_str()
+            ),
         };
         parent = here;
     }
     Ok(())
 }
-

@@ -10,13 +10,13 @@ use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::model::TrainBackend;
 use crate::backend::{compute_model, GradientCheckpointing, Precision};
-use crate::learn::layerwise::layerwise_backward;
 use crate::learn::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
 use crate::learn::freeze::{apply_freeze, assign_stable_param_ids, FreezeConfig};
+use crate::learn::layerwise::layerwise_backward;
 use crate::learn::metrics::check_finite;
 use crate::learn::optim::{adamw, clip_grad_norm, Adam, OptimizerConfig};
+use crate::model::TrainBackend;
 use crate::model::{copy_aux_files, ModelInput, Qwen25VL, SaveDtype};
 use crate::models::load_model;
 
@@ -51,39 +51,61 @@ pub struct TraineeSpec<'a> {
 
 impl<B: TrainBackend> Trainee<B> {
     pub fn start(spec: &TraineeSpec, device: &B::Device) -> Result<Self> {
-        let resumed_from = if spec.resume { latest_checkpoint(spec.out_dir)? } else { None };
+        let resumed_from = if spec.resume {
+            latest_checkpoint(spec.out_dir)?
+        } else {
+            None
+        };
         let model: Qwen25VL<B> = match &resumed_from {
             Some(ck) => Qwen25VL::load(&ck.join("hf"), device)?,
             None => load_model(spec.model, spec.seed, device)?,
         };
         let model = apply_freeze(assign_stable_param_ids(model), spec.freeze);
         let mut optim = adamw(spec.optimizer).init::<B, Qwen25VL<B>>();
-        let mut state = TrainState { seed: spec.seed, ..Default::default() };
+        let mut state = TrainState {
+            seed: spec.seed,
+            ..Default::default()
+        };
         if let Some(ck) = &resumed_from {
             let (o, s) = load_checkpoint::<B>(ck, optim, device)?;
             optim = o;
             state = s;
             eprintln!("resuming from {} (step {})", ck.display(), state.step);
         }
-        Ok(Self { model: Some(model), optim, state, resumed_from })
+        Ok(Self {
+            model: Some(model),
+            optim,
+            state,
+            resumed_from,
+        })
     }
 
     /// A fresh run of `model` (ids and freezing as the caller set them) with AdamW.
     pub fn new(model: Qwen25VL<B>, optimizer: &OptimizerConfig) -> Self {
         let optim = adamw(optimizer).init::<B, Qwen25VL<B>>();
-        Self { model: Some(model), optim, state: TrainState::default(), resumed_from: None }
+        Self {
+            model: Some(model),
+            optim,
+            state: TrainState::default(),
+            resumed_from: None,
+        }
     }
 
     /// Every rank starts from rank 0's weights (data parallelism; a no-op on one rank).
     pub fn sync_weights(&mut self, rank: &crate::learn::parallel::Rank) -> Result<()> {
-        let model = self.model.take().expect("the trainee holds its model between updates");
+        let model = self
+            .model
+            .take()
+            .expect("the trainee holds its model between updates");
         self.model = Some(rank.sync_from_main(model)?);
         Ok(())
     }
 
     /// The model being trained (f32 parameters under autodiff).
     pub fn model(&self) -> &Qwen25VL<B> {
-        self.model.as_ref().expect("the trainee holds its model between updates")
+        self.model
+            .as_ref()
+            .expect("the trainee holds its model between updates")
     }
 
     /// Clip the step's gradients to the global norm `max_grad_norm` (0: no clipping) and take one
@@ -91,7 +113,10 @@ impl<B: TrainBackend> Trainee<B> {
     pub fn update(&mut self, mut grads: GradientsParams, lr: f64, max_grad_norm: f64) -> f64 {
         let norm = clip_grad_norm(self.model(), &mut grads, max_grad_norm);
         // The optimizer takes the module by value (so that it can update tensors in place).
-        let model = self.model.take().expect("the trainee holds its model between updates");
+        let model = self
+            .model
+            .take()
+            .expect("the trainee holds its model between updates");
         self.model = Some(self.optim.step(lr, model, grads));
         norm
     }
@@ -104,7 +129,12 @@ impl<B: TrainBackend> Trainee<B> {
 
     /// The end of a run: the final checkpoint (for resume) and the HF export at `out_dir`
     /// (bf16 runs export bf16, as LLaMA-Factory does). Returns the trained model without autodiff.
-    pub fn finish(&self, out_dir: &Path, files: &Path, precision: Precision) -> Result<Qwen25VL<B::InnerBackend>> {
+    pub fn finish(
+        &self,
+        out_dir: &Path,
+        files: &Path,
+        precision: Precision,
+    ) -> Result<Qwen25VL<B::InnerBackend>> {
         self.save_checkpoint(out_dir, files)?;
         let inner = self.model().valid();
         let dtype = match precision {
@@ -159,7 +189,8 @@ pub fn accumulate_gradients<B: TrainBackend>(
 pub fn progress_bar(total_steps: usize, position: usize) -> ProgressBar {
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed} < {eta}] {msg}").expect("progress template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed} < {eta}] {msg}")
+            .expect("progress template"),
     );
     bar.set_position(position as u64);
     bar

@@ -54,14 +54,19 @@ pub struct ScheduleConfig {
 impl ScheduleConfig {
     pub fn check(&self, field: &str, errors: &mut Vec<String>) {
         if !(self.warmup_ratio.is_finite() && (0.0..=1.0).contains(&self.warmup_ratio)) {
-            errors.push(format!("{field}.warmup_ratio must be in [0, 1], got {}", self.warmup_ratio));
+            errors.push(format!(
+                "{field}.warmup_ratio must be in [0, 1], got {}",
+                self.warmup_ratio
+            ));
         }
         if !(self.min_lr_ratio.is_finite() && (0.0..=1.0).contains(&self.min_lr_ratio)) {
-            errors.push(format!("{field}.min_lr_ratio must be in [0, 1], got {}", self.min_lr_ratio));
+            errors.push(format!(
+                "{field}.min_lr_ratio must be in [0, 1], got {}",
+                self.min_lr_ratio
+            ));
         }
     }
 }
-
 
 /// Warmup steps as HF: `ceil(total * ratio)` in f64 (so, like HF, `ceil(100 * 0.07) = 8` because
 /// `100.0 * 0.07 = 7.000000000000001`).
@@ -103,7 +108,11 @@ mod tests {
     use super::*;
 
     fn cosine(warmup_ratio: f64) -> ScheduleConfig {
-        ScheduleConfig { kind: ScheduleKind::Cosine, warmup_ratio, min_lr_ratio: 0.0 }
+        ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_ratio,
+            min_lr_ratio: 0.0,
+        }
     }
 
     #[test]
@@ -139,14 +148,26 @@ mod tests {
 
     #[test]
     fn linear_constant_min_lr() {
-        let lin = ScheduleConfig { kind: ScheduleKind::Linear, warmup_ratio: 0.1, min_lr_ratio: 0.0 };
+        let lin = ScheduleConfig {
+            kind: ScheduleKind::Linear,
+            warmup_ratio: 0.1,
+            min_lr_ratio: 0.0,
+        };
         assert_eq!(lr_at(&lin, 1.0, 10, 100), 1.0);
         assert!((lr_at(&lin, 1.0, 55, 100) - 0.5).abs() < 1e-15);
         assert_eq!(lr_at(&lin, 1.0, 100, 100), 0.0);
-        let con = ScheduleConfig { kind: ScheduleKind::Constant, warmup_ratio: 0.1, min_lr_ratio: 0.0 };
+        let con = ScheduleConfig {
+            kind: ScheduleKind::Constant,
+            warmup_ratio: 0.1,
+            min_lr_ratio: 0.0,
+        };
         assert_eq!(lr_at(&con, 2.0, 5, 100), 1.0);
         assert_eq!(lr_at(&con, 2.0, 99, 100), 2.0);
-        let min = ScheduleConfig { kind: ScheduleKind::Cosine, warmup_ratio: 0.0, min_lr_ratio: 0.1 };
+        let min = ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 0.1,
+        };
         assert!((lr_at(&min, 1.0, 100, 100) - 0.1).abs() < 1e-15);
         assert_eq!(lr_at(&min, 1.0, 0, 100), 1.0);
         // Past the end: stays at the floor.

@@ -21,11 +21,14 @@ use regex::Regex;
 
 use super::FormatKind;
 
-static THINK_ANSWER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?s)\A<think>.*?</think>\s*<answer>.*?</answer>\z").expect("valid regex"));
-static THINK_BOXED: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?s)\A<think>.*</think>.*\\boxed\{.*\}.*\z").expect("valid regex"));
-static TAG_WS: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\s*(<|>|/)\s*").expect("valid regex"));
+static THINK_ANSWER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?s)\A<think>.*?</think>\s*<answer>.*?</answer>\z").expect("valid regex")
+});
+static THINK_BOXED: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?s)\A<think>.*</think>.*\\boxed\{.*\}.*\z").expect("valid regex")
+});
+static TAG_WS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\s*(<|>|/)\s*").expect("valid regex"));
 static ANSWER_TAG: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?s)<answer>(.*?)</answer>").expect("valid regex"));
 
@@ -86,7 +89,10 @@ fn boxed_at(text: &str, start: usize) -> Option<&str> {
 /// All brace-matched `\boxed{...}` contents (stripped), in order of their opening position
 /// (a nested `\boxed` appears after its parent). Unclosed ones are skipped.
 pub fn extract_all_boxed(text: &str) -> Vec<String> {
-    text.match_indices("\\boxed{").filter_map(|(i, _)| boxed_at(text, i)).map(str::to_string).collect()
+    text.match_indices("\\boxed{")
+        .filter_map(|(i, _)| boxed_at(text, i))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Content (stripped) of the LAST brace-matched `\boxed{...}`: the last opening `\boxed{` whose braces
@@ -95,7 +101,11 @@ pub fn extract_all_boxed(text: &str) -> Vec<String> {
 /// `\boxed{\frac{1}{2}}` gives `\frac{1}{2}`; `\boxed{\boxed{3}}` gives `3`.
 pub fn extract_last_boxed(text: &str) -> Option<String> {
     let starts: Vec<usize> = text.match_indices("\\boxed{").map(|(i, _)| i).collect();
-    starts.into_iter().rev().find_map(|i| boxed_at(text, i)).map(str::to_string)
+    starts
+        .into_iter()
+        .rev()
+        .find_map(|i| boxed_at(text, i))
+        .map(str::to_string)
 }
 
 /// The answer span that accuracy is graded on:
@@ -121,10 +131,14 @@ mod tests {
     #[test]
     fn think_answer_accepts_r1v_shape() {
         assert!(is_think_answer("<think>x</think><answer>B</answer>"));
-        assert!(is_think_answer("<think>\nreason\n</think>\n\n <answer>\nB\n</answer>"));
+        assert!(is_think_answer(
+            "<think>\nreason\n</think>\n\n <answer>\nB\n</answer>"
+        ));
         assert!(is_think_answer("<think></think><answer></answer>"));
         // Tags inside the think block are fine as long as the whole string can be matched.
-        assert!(is_think_answer("<think>a</think>b</think> <answer>c</answer>"));
+        assert!(is_think_answer(
+            "<think>a</think>b</think> <answer>c</answer>"
+        ));
     }
 
     #[test]
@@ -133,7 +147,9 @@ mod tests {
         assert!(!is_think_answer("<answer>B</answer>"));
         assert!(!is_think_answer("<think>x</think>"));
         assert!(!is_think_answer("<think>x</think> text <answer>B</answer>"));
-        assert!(!is_think_answer("<think>x</think><answer>B</answer> trailing"));
+        assert!(!is_think_answer(
+            "<think>x</think><answer>B</answer> trailing"
+        ));
         assert!(!is_think_answer(" <think>x</think><answer>B</answer>"));
         assert!(!is_think_answer("<think>x<answer>B</answer>"));
         assert!(!is_think_answer("<answer>B</answer><think>x</think>"));
@@ -163,34 +179,70 @@ mod tests {
 
     #[test]
     fn answer_tag_first_and_stripped() {
-        assert_eq!(extract_answer_tag("<answer> A </answer><answer>B</answer>").as_deref(), Some("A"));
-        assert_eq!(extract_answer_tag("<answer>\nmulti\nline\n</answer>").as_deref(), Some("multi\nline"));
+        assert_eq!(
+            extract_answer_tag("<answer> A </answer><answer>B</answer>").as_deref(),
+            Some("A")
+        );
+        assert_eq!(
+            extract_answer_tag("<answer>\nmulti\nline\n</answer>").as_deref(),
+            Some("multi\nline")
+        );
         assert_eq!(extract_answer_tag("<answer>B"), None);
         assert_eq!(extract_answer_tag(""), None);
     }
 
     #[test]
     fn boxed_last_wins_and_braces_match() {
-        assert_eq!(extract_last_boxed("\\boxed{1} then \\boxed{2}").as_deref(), Some("2"));
-        assert_eq!(extract_last_boxed("\\boxed{\\frac{1}{2}}").as_deref(), Some("\\frac{1}{2}"));
-        assert_eq!(extract_last_boxed("\\boxed{ {a}{b} } x").as_deref(), Some("{a}{b}"));
-        assert_eq!(extract_last_boxed("\\boxed{\\boxed{3}}").as_deref(), Some("3"));
+        assert_eq!(
+            extract_last_boxed("\\boxed{1} then \\boxed{2}").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            extract_last_boxed("\\boxed{\\frac{1}{2}}").as_deref(),
+            Some("\\frac{1}{2}")
+        );
+        assert_eq!(
+            extract_last_boxed("\\boxed{ {a}{b} } x").as_deref(),
+            Some("{a}{b}")
+        );
+        assert_eq!(
+            extract_last_boxed("\\boxed{\\boxed{3}}").as_deref(),
+            Some("3")
+        );
         // an unclosed last box falls back to the previous closed one
-        assert_eq!(extract_last_boxed("\\boxed{1} \\boxed{2").as_deref(), Some("1"));
+        assert_eq!(
+            extract_last_boxed("\\boxed{1} \\boxed{2").as_deref(),
+            Some("1")
+        );
         assert_eq!(extract_last_boxed("\\boxed{2"), None);
         assert_eq!(extract_last_boxed("no box"), None);
         assert_eq!(extract_last_boxed("\\boxed{}").as_deref(), Some(""));
-        assert_eq!(extract_all_boxed("\\boxed{1} \\boxed{a{b}} \\boxed{"), vec!["1", "a{b}"]);
+        assert_eq!(
+            extract_all_boxed("\\boxed{1} \\boxed{a{b}} \\boxed{"),
+            vec!["1", "a{b}"]
+        );
     }
 
     #[test]
     fn extract_answer_by_kind() {
         let r = "<think>t</think><answer>A</answer> \\boxed{B}";
-        assert_eq!(extract_answer(FormatKind::ThinkAnswer, r).as_deref(), Some("A"));
-        assert_eq!(extract_answer(FormatKind::ThinkBoxed, r).as_deref(), Some("B"));
+        assert_eq!(
+            extract_answer(FormatKind::ThinkAnswer, r).as_deref(),
+            Some("A")
+        );
+        assert_eq!(
+            extract_answer(FormatKind::ThinkBoxed, r).as_deref(),
+            Some("B")
+        );
         assert_eq!(extract_answer(FormatKind::None, r).as_deref(), Some("B"));
-        assert_eq!(extract_answer(FormatKind::None, "<answer> C </answer>").as_deref(), Some("C"));
-        assert_eq!(extract_answer(FormatKind::None, "  plain  ").as_deref(), Some("plain"));
+        assert_eq!(
+            extract_answer(FormatKind::None, "<answer> C </answer>").as_deref(),
+            Some("C")
+        );
+        assert_eq!(
+            extract_answer(FormatKind::None, "  plain  ").as_deref(),
+            Some("plain")
+        );
         assert_eq!(extract_answer(FormatKind::ThinkAnswer, "plain"), None);
         assert_eq!(extract_answer(FormatKind::ThinkBoxed, "plain"), None);
     }

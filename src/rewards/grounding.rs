@@ -44,23 +44,40 @@ fn as_box(v: &Value) -> Option<[f64; 4]> {
         return None;
     }
     let c: Vec<f64> = a.iter().map(as_f64).collect::<Option<_>>()?;
-    Some([c[0].min(c[2]), c[1].min(c[3]), c[0].max(c[2]), c[1].max(c[3])])
+    Some([
+        c[0].min(c[2]),
+        c[1].min(c[3]),
+        c[0].max(c[2]),
+        c[1].max(c[3]),
+    ])
 }
 
 fn get_ci<'a>(obj: &'a serde_json::Map<String, Value>, keys: &[&str]) -> Option<&'a Value> {
-    keys.iter().find_map(|k| obj.iter().find(|(name, _)| name.eq_ignore_ascii_case(k)).map(|(_, v)| v))
+    keys.iter().find_map(|k| {
+        obj.iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v)
+    })
 }
 
 fn as_scored(v: &Value) -> Option<ScoredBox> {
     match v {
-        Value::Array(_) => as_box(v).map(|bbox| ScoredBox { bbox, confidence: 1.0 }),
+        Value::Array(_) => as_box(v).map(|bbox| ScoredBox {
+            bbox,
+            confidence: 1.0,
+        }),
         Value::Object(o) => {
             let bbox = as_box(get_ci(o, &["position", "bbox_2d", "bbox", "box"])?)?;
             let confidence = match get_ci(o, &["confidence", "score", "conf"]) {
                 None | Some(Value::Null) => 1.0,
                 Some(c) => match c {
                     Value::Number(n) => n.as_f64().filter(|x| x.is_finite()).unwrap_or(0.0),
-                    Value::String(s) => s.trim().parse::<f64>().ok().filter(|x| x.is_finite()).unwrap_or(0.0),
+                    Value::String(s) => s
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|x| x.is_finite())
+                        .unwrap_or(0.0),
                     _ => return None,
                 },
             };
@@ -76,7 +93,10 @@ fn boxes_from_value(v: &Value) -> Option<Vec<ScoredBox>> {
         Value::Array(items) => {
             if let Some(bbox) = as_box(v) {
                 // a bare box [x1, y1, x2, y2]
-                return Some(vec![ScoredBox { bbox, confidence: 1.0 }]);
+                return Some(vec![ScoredBox {
+                    bbox,
+                    confidence: 1.0,
+                }]);
             }
             items.iter().map(as_scored).collect()
         }
@@ -85,7 +105,9 @@ fn boxes_from_value(v: &Value) -> Option<Vec<ScoredBox>> {
 }
 
 fn parse_json_lenient(text: &str) -> Option<Value> {
-    serde_json::from_str::<Value>(text).ok().or_else(|| serde_json::from_str::<Value>(&text.replace('\'', "\"")).ok())
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .or_else(|| serde_json::from_str::<Value>(&text.replace('\'', "\"")).ok())
 }
 
 /// Parse a list of boxes (see the module docs); `None` when unparsable.
@@ -100,7 +122,10 @@ pub fn parse_boxes(text: &str) -> Option<Vec<ScoredBox>> {
     for (open, close) in [('[', ']'), ('{', '}')] {
         if let (Some(a), Some(b)) = (t.find(open), t.rfind(close)) {
             if a < b {
-                if let Some(boxes) = parse_json_lenient(&t[a..=b]).as_ref().and_then(boxes_from_value) {
+                if let Some(boxes) = parse_json_lenient(&t[a..=b])
+                    .as_ref()
+                    .and_then(boxes_from_value)
+                {
                     return Some(boxes);
                 }
             }
@@ -176,21 +201,46 @@ mod tests {
 
     #[test]
     fn parses_the_accepted_shapes() {
-        let one = [ScoredBox { bbox: [1.0, 2.0, 3.0, 4.0], confidence: 1.0 }];
+        let one = [ScoredBox {
+            bbox: [1.0, 2.0, 3.0, 4.0],
+            confidence: 1.0,
+        }];
         assert_eq!(parse_boxes("[1, 2, 3, 4]").unwrap(), one);
         assert_eq!(parse_boxes("[[1, 2, 3, 4]]").unwrap(), one);
         assert_eq!(parse_boxes("[3, 4, 1, 2]").unwrap(), one); // reordered
-        assert_eq!(parse_boxes(r#"{"Position": [1,2,3,4], "Confidence": 1}"#).unwrap(), one);
-        assert_eq!(parse_boxes("[{'Position': [1,2,3,4], 'Confidence': 0.5}]").unwrap()[0].confidence, 0.5);
-        assert_eq!(parse_boxes(r#"[{"bbox_2d": [1,2,3,4], "label": "lesion"}]"#).unwrap(), one);
+        assert_eq!(
+            parse_boxes(r#"{"Position": [1,2,3,4], "Confidence": 1}"#).unwrap(),
+            one
+        );
+        assert_eq!(
+            parse_boxes("[{'Position': [1,2,3,4], 'Confidence': 0.5}]").unwrap()[0].confidence,
+            0.5
+        );
+        assert_eq!(
+            parse_boxes(r#"[{"bbox_2d": [1,2,3,4], "label": "lesion"}]"#).unwrap(),
+            one
+        );
         assert_eq!(parse_boxes("The boxes are [[1,2,3,4]].").unwrap(), one);
-        assert_eq!(parse_boxes(r#"[{"position": ["1","2","3","4"]}]"#).unwrap(), one);
+        assert_eq!(
+            parse_boxes(r#"[{"position": ["1","2","3","4"]}]"#).unwrap(),
+            one
+        );
         assert_eq!(parse_boxes("[]").unwrap(), vec![]);
     }
 
     #[test]
     fn unparsable_is_none() {
-        for s in ["", "no box", "[1,2,3]", "[[1,2,3,4],[1,2]]", "[{'Pos': [1,2,3,4]}]", "[1,2,3,'x']", "{", "null", "5"] {
+        for s in [
+            "",
+            "no box",
+            "[1,2,3]",
+            "[[1,2,3,4],[1,2]]",
+            "[{'Pos': [1,2,3,4]}]",
+            "[1,2,3,'x']",
+            "{",
+            "null",
+            "5",
+        ] {
             assert!(parse_boxes(s).is_none(), "{s:?}");
             assert_eq!(grounding_reward(s, "[1,2,3,4]"), 0.0);
             assert_eq!(grounding_reward("[1,2,3,4]", s), 0.0);
@@ -200,7 +250,9 @@ mod tests {
     #[test]
     fn iou_values() {
         assert_eq!(iou(&[0.0, 0.0, 10.0, 10.0], &[0.0, 0.0, 10.0, 10.0]), 1.0);
-        assert!((iou(&[0.0, 0.0, 10.0, 10.0], &[5.0, 0.0, 15.0, 10.0]) - 50.0 / 150.0).abs() < 1e-12);
+        assert!(
+            (iou(&[0.0, 0.0, 10.0, 10.0], &[5.0, 0.0, 15.0, 10.0]) - 50.0 / 150.0).abs() < 1e-12
+        );
         assert_eq!(iou(&[0.0, 0.0, 1.0, 1.0], &[2.0, 2.0, 3.0, 3.0]), 0.0);
         assert_eq!(iou(&[0.0, 0.0, 0.0, 0.0], &[0.0, 0.0, 0.0, 0.0]), 0.0);
     }
@@ -212,7 +264,9 @@ mod tests {
         // one of two found exactly
         assert!((grounding_reward("[[0,0,10,10]]", gt) - 0.5).abs() < 1e-12);
         // an extra false positive dilutes
-        assert!((grounding_reward("[[0,0,10,10],[50,50,60,60]]", "[[0,0,10,10]]") - 0.5).abs() < 1e-12);
+        assert!(
+            (grounding_reward("[[0,0,10,10],[50,50,60,60]]", "[[0,0,10,10]]") - 0.5).abs() < 1e-12
+        );
         // IoU 1/3 is below the threshold: no match
         assert_eq!(grounding_reward("[5,0,15,10]", "[0,0,10,10]"), 0.0);
         // IoU 0.8 > 0.5 counts with its value

@@ -41,15 +41,119 @@ use super::format::extract_last_boxed;
 
 /// Units stripped after a number (case-insensitive), longest first at use.
 pub const UNITS: &[&str] = &[
-    "cm^{2}", "cm^{3}", "mm^{2}", "mm^{3}", "m^{2}", "m^{3}", "cm^2", "cm^3", "mm^2", "mm^3", "m^2", "m^3", "cm²", "cm³",
-    "mm²", "mm³", "m²", "m³", "km/h", "m/s", "mg/dl", "g/dl", "mg/ml", "mmol/l", "ml/min", "beats/min", "mmhg", "bpm",
-    "µm", "μm", "nm", "mm", "cm", "km", "m", "kg", "mg", "µg", "μg", "mcg", "g", "ml", "l", "liters", "liter", "litres",
-    "litre", "seconds", "second", "sec", "s", "minutes", "minute", "mins", "min", "hours", "hour", "hrs", "hr", "h",
-    "days", "day", "weeks", "week", "months", "month", "years", "year", "yrs", "degrees", "degree", "deg", "units",
-    "unit", "dollars", "dollar", "cents", "cent", "feet", "foot", "ft", "inches", "inch", "in", "miles", "mile", "mi",
-    "yards", "yard", "yd", "pounds", "pound", "lbs", "lb", "ounces", "ounce", "oz", "gallons", "gallon", "gal",
-    "meters", "meter", "metres", "metre", "kilometers", "centimeters", "millimeters", "grams", "gram", "kilograms",
-    "kilogram", "mol", "mmol",
+    "cm^{2}",
+    "cm^{3}",
+    "mm^{2}",
+    "mm^{3}",
+    "m^{2}",
+    "m^{3}",
+    "cm^2",
+    "cm^3",
+    "mm^2",
+    "mm^3",
+    "m^2",
+    "m^3",
+    "cm²",
+    "cm³",
+    "mm²",
+    "mm³",
+    "m²",
+    "m³",
+    "km/h",
+    "m/s",
+    "mg/dl",
+    "g/dl",
+    "mg/ml",
+    "mmol/l",
+    "ml/min",
+    "beats/min",
+    "mmhg",
+    "bpm",
+    "µm",
+    "μm",
+    "nm",
+    "mm",
+    "cm",
+    "km",
+    "m",
+    "kg",
+    "mg",
+    "µg",
+    "μg",
+    "mcg",
+    "g",
+    "ml",
+    "l",
+    "liters",
+    "liter",
+    "litres",
+    "litre",
+    "seconds",
+    "second",
+    "sec",
+    "s",
+    "minutes",
+    "minute",
+    "mins",
+    "min",
+    "hours",
+    "hour",
+    "hrs",
+    "hr",
+    "h",
+    "days",
+    "day",
+    "weeks",
+    "week",
+    "months",
+    "month",
+    "years",
+    "year",
+    "yrs",
+    "degrees",
+    "degree",
+    "deg",
+    "units",
+    "unit",
+    "dollars",
+    "dollar",
+    "cents",
+    "cent",
+    "feet",
+    "foot",
+    "ft",
+    "inches",
+    "inch",
+    "in",
+    "miles",
+    "mile",
+    "mi",
+    "yards",
+    "yard",
+    "yd",
+    "pounds",
+    "pound",
+    "lbs",
+    "lb",
+    "ounces",
+    "ounce",
+    "oz",
+    "gallons",
+    "gallon",
+    "gal",
+    "meters",
+    "meter",
+    "metres",
+    "metre",
+    "kilometers",
+    "centimeters",
+    "millimeters",
+    "grams",
+    "gram",
+    "kilograms",
+    "kilogram",
+    "mol",
+    "mmol",
 ];
 
 static UNITS_BY_LEN: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
@@ -59,8 +163,10 @@ static UNITS_BY_LEN: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
 });
 static ASSIGNMENT_LHS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^\\?[A-Za-z][A-Za-z0-9_{}\\]{0,11}$").expect("valid regex"));
-static MIXED_NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(\d)\s+(\d+/\d+)").expect("valid regex"));
-static SINGLE_BRACE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\{([^{}])\}").expect("valid regex"));
+static MIXED_NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(\d)\s+(\d+/\d+)").expect("valid regex"));
+static SINGLE_BRACE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\{([^{}])\}").expect("valid regex"));
 
 /// A normalised math answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,13 +255,22 @@ fn strip_units(s: &str) -> String {
         let before = s.clone();
         s = s.trim_end_matches('.').trim_end().to_string();
         for unit in UNITS_BY_LEN.iter() {
-            let Some(cut) = s.len().checked_sub(unit.len()) else { continue };
+            let Some(cut) = s.len().checked_sub(unit.len()) else {
+                continue;
+            };
             if !s.is_char_boundary(cut) || !s[cut..].eq_ignore_ascii_case(unit) {
                 continue;
             }
             let prefix = &s[..cut];
-            let glued_to_letter = prefix.chars().next_back().is_some_and(|c| c.is_alphabetic());
-            let after_number = prefix.trim_end().chars().next_back().is_some_and(|c| c.is_ascii_digit() || matches!(c, '}' | ')' | '.'));
+            let glued_to_letter = prefix
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_alphabetic());
+            let after_number = prefix
+                .trim_end()
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_digit() || matches!(c, '}' | ')' | '.'));
             if !glued_to_letter && after_number {
                 s = prefix.trim_end().to_string();
                 break;
@@ -179,7 +294,16 @@ pub fn normalize_math(text: &str) -> MathAnswer {
     for cmd in ["left", "right", "displaystyle"] {
         s = replace_command(&s, cmd, "");
     }
-    for cmd in ["text", "textbf", "textrm", "textit", "mathrm", "mathbf", "mbox", "operatorname"] {
+    for cmd in [
+        "text",
+        "textbf",
+        "textrm",
+        "textit",
+        "mathrm",
+        "mathbf",
+        "mbox",
+        "operatorname",
+    ] {
         s = unwrap_command(&s, cmd);
     }
     for (from, to) in [
@@ -202,7 +326,14 @@ pub fn normalize_math(text: &str) -> MathAnswer {
     ] {
         s = s.replace(from, to);
     }
-    for (cmd, to) in [("circ", ""), ("degree", ""), ("cdot", "*"), ("times", "*"), ("ast", "*"), ("div", "/")] {
+    for (cmd, to) in [
+        ("circ", ""),
+        ("degree", ""),
+        ("cdot", "*"),
+        ("times", "*"),
+        ("ast", "*"),
+        ("div", "/"),
+    ] {
         s = replace_command(&s, cmd, to);
     }
     if let Some(eq) = s.rfind('=') {
@@ -215,7 +346,10 @@ pub fn normalize_math(text: &str) -> MathAnswer {
     s = MIXED_NUMBER.replace_all(&s, "$1+$2").into_owned();
     let mut percent = false;
     let trimmed = s.trim_end().trim_end_matches('.').trim_end();
-    if trimmed.len() >= 7 && trimmed.is_char_boundary(trimmed.len() - 7) && trimmed[trimmed.len() - 7..].eq_ignore_ascii_case("percent") {
+    if trimmed.len() >= 7
+        && trimmed.is_char_boundary(trimmed.len() - 7)
+        && trimmed[trimmed.len() - 7..].eq_ignore_ascii_case("percent")
+    {
         s = format!("{}%", &trimmed[..trimmed.len() - 7]);
     }
     if s.contains('%') {
@@ -223,9 +357,17 @@ pub fn normalize_math(text: &str) -> MathAnswer {
         s = s.replace('%', "");
     }
     s = strip_units(&s);
-    let normalized: String = s.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_lowercase();
+    let normalized: String = s
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_lowercase();
     let value = eval_normalized(&normalized);
-    MathAnswer { normalized, value, percent }
+    MathAnswer {
+        normalized,
+        value,
+        percent,
+    }
 }
 
 /// The value of a math answer (normalised first), when it evaluates to a finite number.
@@ -279,7 +421,8 @@ pub fn math_accuracy(pred: &str, gt: &str) -> f64 {
 /// carries LaTeX (`\`), `^` or `$`.
 pub fn looks_like_math(text: &str) -> bool {
     let t = text.trim();
-    !t.is_empty() && (eval_math(t).is_some() || t.contains('\\') || t.contains('^') || t.contains('$'))
+    !t.is_empty()
+        && (eval_math(t).is_some() || t.contains('\\') || t.contains('^') || t.contains('$'))
 }
 
 fn eval_normalized(s: &str) -> Option<f64> {
@@ -287,7 +430,11 @@ fn eval_normalized(s: &str) -> Option<f64> {
     if chars.is_empty() {
         return None;
     }
-    let mut p = Parser { s: &chars, pos: 0, depth: 0 };
+    let mut p = Parser {
+        s: &chars,
+        pos: 0,
+        depth: 0,
+    };
     let v = p.expr()?;
     (p.pos == chars.len() && v.is_finite()).then_some(v)
 }
@@ -387,7 +534,11 @@ impl Parser<'_> {
     fn power(&mut self) -> Option<f64> {
         let base = self.atom()?;
         if self.eat('^') {
-            let e = if self.peek() == Some('{') { self.braced()? } else { self.factor()? };
+            let e = if self.peek() == Some('{') {
+                self.braced()?
+            } else {
+                self.factor()?
+            };
             let v = base.powf(e);
             return v.is_finite().then_some(v);
         }
@@ -426,7 +577,8 @@ impl Parser<'_> {
         while self.peek().is_some_and(|c| c.is_ascii_digit()) {
             self.pos += 1;
         }
-        if self.peek() == Some('.') && self.s.get(self.pos + 1).is_some_and(|c| c.is_ascii_digit()) {
+        if self.peek() == Some('.') && self.s.get(self.pos + 1).is_some_and(|c| c.is_ascii_digit())
+        {
             integer = false;
             self.pos += 1;
             while self.peek().is_some_and(|c| c.is_ascii_digit()) {
@@ -474,7 +626,8 @@ impl Parser<'_> {
                 let save = self.pos;
                 if integer && self.eat_command("frac") {
                     let (a, b) = self.frac()?;
-                    let proper_integers = a.fract() == 0.0 && b.fract() == 0.0 && a >= 0.0 && b > 0.0 && a < b;
+                    let proper_integers =
+                        a.fract() == 0.0 && b.fract() == 0.0 && a >= 0.0 && b > 0.0 && a < b;
                     if proper_integers {
                         v + a / b
                     } else {

@@ -31,8 +31,9 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-static WHOLE_SINGLE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])[.:)]?)$").expect("valid regex"));
+static WHOLE_SINGLE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])[.:)]?)$").expect("valid regex")
+});
 static WHOLE_WITH_TEXT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(?:\(([A-Z])\)|([A-Z])[.:)])\s+\S").expect("valid regex"));
 
@@ -50,7 +51,9 @@ const MARKERS: &[&str] = &[
     "choice ",
 ];
 /// Words skipped between a marker and the letter (longest first where prefixes collide).
-const SKIP_WORDS: &[&str] = &["\\textbf", "\\mathrm", "\\boxed", "\\text", "option", "choice", "letter", "is", "be"];
+const SKIP_WORDS: &[&str] = &[
+    "\\textbf", "\\mathrm", "\\boxed", "\\text", "option", "choice", "letter", "is", "be",
+];
 
 fn is_word(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
@@ -71,14 +74,30 @@ fn strip_wrappers(span: &str) -> String {
         }
         t = t
             .trim_matches(|c: char| {
-                c.is_whitespace() || matches!(c, '*' | '$' | '"' | '\'' | '`' | '\u{201c}' | '\u{201d}' | '\u{2018}' | '\u{2019}')
+                c.is_whitespace()
+                    || matches!(
+                        c,
+                        '*' | '$'
+                            | '"'
+                            | '\''
+                            | '`'
+                            | '\u{201c}'
+                            | '\u{201d}'
+                            | '\u{2018}'
+                            | '\u{2019}'
+                    )
             })
             .to_string();
         for prefix in ["option", "choice"] {
-            if t.len() > prefix.len() && t.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix)) {
+            if t.len() > prefix.len()
+                && t.get(..prefix.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+            {
                 let rest = &t[prefix.len()..];
                 if rest.starts_with(|c: char| c.is_whitespace() || c == ':') {
-                    t = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ':').to_string();
+                    t = rest
+                        .trim_start_matches(|c: char| c.is_whitespace() || c == ':')
+                        .to_string();
                 }
             }
         }
@@ -91,7 +110,13 @@ fn strip_wrappers(span: &str) -> String {
 /// Rule 1: the whole span is a choice letter (`with_text`: or starts with one followed by option text).
 fn whole_span_choice(span: &str, with_text: bool) -> Option<char> {
     let t = strip_wrappers(span);
-    let caps = WHOLE_SINGLE.captures(&t).or_else(|| if with_text { WHOLE_WITH_TEXT.captures(&t) } else { None })?;
+    let caps = WHOLE_SINGLE.captures(&t).or_else(|| {
+        if with_text {
+            WHOLE_WITH_TEXT.captures(&t)
+        } else {
+            None
+        }
+    })?;
     let m = caps.iter().skip(1).flatten().next()?;
     m.as_str().chars().next().map(|c| c.to_ascii_uppercase())
 }
@@ -104,7 +129,12 @@ fn list_item_context(chars: &[char], i: usize) -> bool {
         if c == '\n' {
             return true;
         }
-        if c.is_whitespace() || matches!(c, '*' | '"' | '\'' | '`' | '(' | '[' | '{' | '>' | '$' | '-' | '#' | ':') {
+        if c.is_whitespace()
+            || matches!(
+                c,
+                '*' | '"' | '\'' | '`' | '(' | '[' | '{' | '>' | '$' | '-' | '#' | ':'
+            )
+        {
             j -= 1;
         } else {
             break;
@@ -126,12 +156,25 @@ fn explicit_choices(chars: &[char]) -> Vec<(usize, char)> {
     let n = chars.len();
     let lower: Vec<char> = chars.iter().map(|c| c.to_ascii_lowercase()).collect();
     let mut out = Vec::new();
-    let opening = |c: char| c.is_whitespace() || matches!(c, '*' | '"' | '\'' | '`' | '(' | '[' | '{' | ':' | '$' | '>');
-    let closing = |c: char| c.is_whitespace() || matches!(c, '*' | '"' | '\'' | '`' | '_' | '$' | '}' | ']' | '<');
+    let opening = |c: char| {
+        c.is_whitespace()
+            || matches!(
+                c,
+                '*' | '"' | '\'' | '`' | '(' | '[' | '{' | ':' | '$' | '>'
+            )
+    };
+    let closing = |c: char| {
+        c.is_whitespace() || matches!(c, '*' | '"' | '\'' | '`' | '_' | '$' | '}' | ']' | '<')
+    };
     for i in 0..n {
         let c = chars[i];
         // (B)
-        if c == '(' && i + 2 < n && chars[i + 1].is_ascii_uppercase() && chars[i + 2] == ')' && (i == 0 || !is_word(chars[i - 1])) {
+        if c == '('
+            && i + 2 < n
+            && chars[i + 1].is_ascii_uppercase()
+            && chars[i + 2] == ')'
+            && (i == 0 || !is_word(chars[i - 1]))
+        {
             out.push((i + 1, chars[i + 1]));
         }
         // B.  B)  B:  as a list item
@@ -157,12 +200,20 @@ fn explicit_choices(chars: &[char]) -> Vec<(usize, char)> {
             let mut j = start + m.len();
             start += 1;
             loop {
-                while j < n && (chars[j].is_whitespace() || matches!(chars[j], ':' | '*' | '"' | '\'' | '(' | '[' | '{' | '$' | '=' | '-' | '`')) {
+                while j < n
+                    && (chars[j].is_whitespace()
+                        || matches!(
+                            chars[j],
+                            ':' | '*' | '"' | '\'' | '(' | '[' | '{' | '$' | '=' | '-' | '`'
+                        ))
+                {
                     j += 1;
                 }
                 let skipped = SKIP_WORDS.iter().find(|w| {
                     let w: Vec<char> = w.chars().collect();
-                    j + w.len() <= n && lower[j..j + w.len()] == w[..] && (j + w.len() == n || !chars[j + w.len()].is_alphabetic())
+                    j + w.len() <= n
+                        && lower[j..j + w.len()] == w[..]
+                        && (j + w.len() == n || !chars[j + w.len()].is_alphabetic())
                 });
                 match skipped {
                     Some(w) => j += w.chars().count(),
@@ -174,7 +225,9 @@ fn explicit_choices(chars: &[char]) -> Vec<(usize, char)> {
                 let ok = if chars[j].is_ascii_uppercase() {
                     next.is_none_or(|c| !is_word(c))
                 } else {
-                    next.is_none_or(|c| matches!(c, '.' | ')' | ':' | ',' | '*' | '}' | ']' | '"' | '\''))
+                    next.is_none_or(|c| {
+                        matches!(c, '.' | ')' | ':' | ',' | '*' | '}' | ']' | '"' | '\'')
+                    })
                 };
                 if ok {
                     out.push((j, chars[j].to_ascii_uppercase()));
@@ -197,9 +250,12 @@ fn standalone_choice(chars: &[char]) -> Option<char> {
         // abbreviations: "U.S." (a '.' glued on the left, or a '.' followed by a letter/digit)
         // and function arguments: "f(B)"
         let prev_touch = i > 0
-            && (touching(chars[i - 1]) || chars[i - 1] == '.' || (chars[i - 1] == '(' && i >= 2 && is_word(chars[i - 2])));
+            && (touching(chars[i - 1])
+                || chars[i - 1] == '.'
+                || (chars[i - 1] == '(' && i >= 2 && is_word(chars[i - 2])));
         let next_touch = i + 1 < n
-            && (touching(chars[i + 1]) || (chars[i + 1] == '.' && chars.get(i + 2).is_some_and(|c| c.is_alphanumeric())));
+            && (touching(chars[i + 1])
+                || (chars[i + 1] == '.' && chars.get(i + 2).is_some_and(|c| c.is_alphanumeric())));
         if prev_touch || next_touch {
             return None;
         }
@@ -288,7 +344,24 @@ mod tests {
 
     #[test]
     fn whole_span_forms() {
-        for s in ["C", "(C)", "C.", "C)", "C:", "[C]", " c ", "(c)", "**C**", "$C$", "\\text{C}", "{C}", "Option C", "C. Pneumonia", "(C) Pneumonia", "C: text"] {
+        for s in [
+            "C",
+            "(C)",
+            "C.",
+            "C)",
+            "C:",
+            "[C]",
+            " c ",
+            "(c)",
+            "**C**",
+            "$C$",
+            "\\text{C}",
+            "{C}",
+            "Option C",
+            "C. Pneumonia",
+            "(C) Pneumonia",
+            "C: text",
+        ] {
             assert_eq!(extract_choice(s), Some('C'), "{s:?}");
         }
     }
@@ -309,8 +382,14 @@ mod tests {
 
     #[test]
     fn last_explicit_choice_wins() {
-        assert_eq!(extract_choice("(A) is tempting, but the answer is (C)"), Some('C'));
-        assert_eq!(extract_choice("The answer is A. Wait, re-evaluating: the answer is B."), Some('B'));
+        assert_eq!(
+            extract_choice("(A) is tempting, but the answer is (C)"),
+            Some('C')
+        );
+        assert_eq!(
+            extract_choice("The answer is A. Wait, re-evaluating: the answer is B."),
+            Some('B')
+        );
         assert_eq!(extract_choice("A. no\nB. no\n**D.** yes"), Some('D'));
         assert_eq!(extract_choice("B. Vitamin A."), Some('B'));
         assert_eq!(extract_choice("I choose option C"), Some('C'));
@@ -322,7 +401,10 @@ mod tests {
     fn letters_inside_words_do_not_count() {
         assert_eq!(extract_choice("Always"), None);
         assert_eq!(extract_choice("Always check the Airway"), None);
-        assert_eq!(extract_choice("A patient with T-cell lymphoma and Vitamin B12"), None);
+        assert_eq!(
+            extract_choice("A patient with T-cell lymphoma and Vitamin B12"),
+            None
+        );
         assert_eq!(extract_choice("I think so"), None);
         assert_eq!(extract_choice("I'm not sure"), None);
         assert_eq!(extract_choice("the answer is a bit unclear"), None);
@@ -342,7 +424,15 @@ mod tests {
 
     #[test]
     fn ground_truth_forms() {
-        for gt in ["B", "(B)", "B. Pneumothorax", "b", "B)", "B. Vitamin A.", "(B) type A"] {
+        for gt in [
+            "B",
+            "(B)",
+            "B. Pneumothorax",
+            "b",
+            "B)",
+            "B. Vitamin A.",
+            "(B) type A",
+        ] {
             assert_eq!(parse_gt_choice(gt), Some('B'), "{gt:?}");
         }
         assert_eq!(mcq_accuracy("(B)", "B. Pneumothorax"), 1.0);
@@ -355,8 +445,15 @@ mod tests {
 
     #[test]
     fn option_text_fallback() {
-        let opts = [('A', "Pneumonia"), ('B', "Pleural effusion"), ('C', "Effusion")];
-        assert_eq!(extract_choice_with_options("it is a pleural effusion", &opts), Some('B'));
+        let opts = [
+            ('A', "Pneumonia"),
+            ('B', "Pleural effusion"),
+            ('C', "Effusion"),
+        ];
+        assert_eq!(
+            extract_choice_with_options("it is a pleural effusion", &opts),
+            Some('B')
+        );
         assert_eq!(extract_choice_with_options("pneumonia", &opts), Some('A'));
         assert_eq!(extract_choice_with_options("nothing", &opts), None);
         assert_eq!(extract_choice_with_options("(C)", &opts), Some('C'));

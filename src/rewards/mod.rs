@@ -23,7 +23,10 @@ pub mod math;
 pub mod mcq;
 pub mod text;
 
-pub use format::{extract_all_boxed, extract_answer, extract_answer_tag, extract_last_boxed, format_ok, format_reward};
+pub use format::{
+    extract_all_boxed, extract_answer, extract_answer_tag, extract_last_boxed, format_ok,
+    format_reward,
+};
 pub use grounding::{grounding_reward, iou, parse_boxes, ScoredBox};
 pub use math::{eval_math, math_accuracy, math_equal, normalize_math};
 pub use mcq::{extract_choice, extract_choice_with_options, mcq_accuracy, parse_gt_choice};
@@ -43,7 +46,11 @@ pub enum FormatKind {
 }
 
 impl FormatKind {
-    pub const ALL: [FormatKind; 3] = [FormatKind::ThinkAnswer, FormatKind::ThinkBoxed, FormatKind::None];
+    pub const ALL: [FormatKind; 3] = [
+        FormatKind::ThinkAnswer,
+        FormatKind::ThinkBoxed,
+        FormatKind::None,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -67,7 +74,9 @@ impl std::str::FromStr for FormatKind {
         Self::ALL
             .into_iter()
             .find(|f| f.as_str() == k)
-            .ok_or_else(|| anyhow::anyhow!("unknown format {s:?} (expected think_answer, think_boxed or none)"))
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown format {s:?} (expected think_answer, think_boxed or none)")
+            })
     }
 }
 
@@ -111,7 +120,9 @@ impl std::str::FromStr for Task {
         Self::ALL
             .into_iter()
             .find(|t| t.as_str() == k)
-            .ok_or_else(|| anyhow::anyhow!("unknown task {s:?} (expected mcq, text, math or grounding)"))
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown task {s:?} (expected mcq, text, math or grounding)")
+            })
     }
 }
 
@@ -127,15 +138,25 @@ pub struct RewardConfig {
 impl Default for RewardConfig {
     /// think_boxed, 0.1 / 0.9 (see the module docs for why).
     fn default() -> Self {
-        Self { format: FormatKind::ThinkBoxed, format_weight: 0.1, accuracy_weight: 0.9 }
+        Self {
+            format: FormatKind::ThinkBoxed,
+            format_weight: 0.1,
+            accuracy_weight: 0.9,
+        }
     }
 }
 
 impl RewardConfig {
     /// Weights must be finite and non-negative. Rewards then lie in `[0, format_weight + accuracy_weight]`.
     pub fn validate(&self) -> anyhow::Result<()> {
-        for (name, w) in [("format_weight", self.format_weight), ("accuracy_weight", self.accuracy_weight)] {
-            anyhow::ensure!(w.is_finite() && w >= 0.0, "reward.{name} must be finite and >= 0, got {w}");
+        for (name, w) in [
+            ("format_weight", self.format_weight),
+            ("accuracy_weight", self.accuracy_weight),
+        ] {
+            anyhow::ensure!(
+                w.is_finite() && w >= 0.0,
+                "reward.{name} must be finite and >= 0, got {w}"
+            );
         }
         Ok(())
     }
@@ -147,7 +168,10 @@ impl RewardConfig {
         let cfg = match value.get("reward") {
             Some(table) => {
                 anyhow::ensure!(table.is_table(), "`reward` must be a table");
-                table.clone().try_into::<RewardConfig>().map_err(|e| anyhow::anyhow!("[reward]: {e}"))?
+                table
+                    .clone()
+                    .try_into::<RewardConfig>()
+                    .map_err(|e| anyhow::anyhow!("[reward]: {e}"))?
             }
             None => RewardConfig::default(),
         };
@@ -217,13 +241,26 @@ pub fn accuracy(task: Task, extracted: &str, answer: &str) -> f64 {
 }
 
 /// Score one response against its ground truth (`task`: given, or inferred from `answer`).
-pub fn score(cfg: &RewardConfig, response: &str, answer: &str, task: Option<Task>) -> RewardBreakdown {
+pub fn score(
+    cfg: &RewardConfig,
+    response: &str,
+    answer: &str,
+    task: Option<Task>,
+) -> RewardBreakdown {
     let task = task.unwrap_or_else(|| infer_task(answer));
     let format = format::format_reward(cfg.format, response);
     let extracted = format::extract_answer(cfg.format, response);
-    let acc = extracted.as_deref().map_or(0.0, |e| accuracy(task, e, answer));
+    let acc = extracted
+        .as_deref()
+        .map_or(0.0, |e| accuracy(task, e, answer));
     let reward = cfg.format_weight * format + cfg.accuracy_weight * acc * format;
-    RewardBreakdown { format, accuracy: acc, reward, task, extracted }
+    RewardBreakdown {
+        format,
+        accuracy: acc,
+        reward,
+        task,
+        extracted,
+    }
 }
 
 /// A record's `answer` as text: strings as they are, numbers as JSON writes them, arrays and objects
@@ -244,7 +281,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn cfg(format: FormatKind) -> RewardConfig {
-        RewardConfig { format, ..RewardConfig::default() }
+        RewardConfig {
+            format,
+            ..RewardConfig::default()
+        }
     }
 
     #[test]
@@ -262,7 +302,12 @@ mod tests {
         let r = score(&c, "\\boxed{4}", "4", None);
         assert_eq!((r.format, r.accuracy, r.reward), (0.0, 1.0, 0.0));
         // partial accuracy (text): 0.1 + 0.9 * 1/3
-        let r = score(&c, "<think>.</think> \\boxed{left lung}", "left kidney", Some(Task::Text));
+        let r = score(
+            &c,
+            "<think>.</think> \\boxed{left lung}",
+            "left kidney",
+            Some(Task::Text),
+        );
         assert!((r.accuracy - 1.0 / 3.0).abs() < 1e-12);
         assert!((r.reward - (0.1 + 0.9 / 3.0)).abs() < 1e-12);
     }
@@ -270,16 +315,34 @@ mod tests {
     #[test]
     fn think_answer_mcq() {
         let c = cfg(FormatKind::ThinkAnswer);
-        let r = score(&c, "<think>A seems wrong</think>\n<answer>(C)</answer>", "C", None);
+        let r = score(
+            &c,
+            "<think>A seems wrong</think>\n<answer>(C)</answer>",
+            "C",
+            None,
+        );
         assert_eq!((r.task, r.format, r.accuracy), (Task::Mcq, 1.0, 1.0));
         assert_eq!(r.extracted.as_deref(), Some("(C)"));
-        let r = score(&c, "<think>x</think><answer>The answer is C</answer>", "(C)", None);
+        let r = score(
+            &c,
+            "<think>x</think><answer>The answer is C</answer>",
+            "(C)",
+            None,
+        );
         assert_eq!(r.reward, 1.0);
-        let r = score(&c, "<think>x</think><answer>C. Edema</answer>", "C. Edema", Some(Task::Mcq));
+        let r = score(
+            &c,
+            "<think>x</think><answer>C. Edema</answer>",
+            "C. Edema",
+            Some(Task::Mcq),
+        );
         assert_eq!(r.reward, 1.0);
         // missing tags: no format, no extraction
         let r = score(&c, "The answer is C", "C", None);
-        assert_eq!((r.format, r.accuracy, r.reward, r.extracted), (0.0, 0.0, 0.0, None));
+        assert_eq!(
+            (r.format, r.accuracy, r.reward, r.extracted),
+            (0.0, 0.0, 0.0, None)
+        );
         // "Always" is not A
         let r = score(&c, "<think>x</think><answer>Always</answer>", "A", None);
         assert_eq!((r.format, r.accuracy), (1.0, 0.0));
@@ -289,14 +352,22 @@ mod tests {
     #[test]
     fn think_boxed_last_box_and_nesting() {
         let c = cfg(FormatKind::ThinkBoxed);
-        let r = score(&c, "<think>t</think> \\boxed{A} no wait \\boxed{B}", "B", None);
+        let r = score(
+            &c,
+            "<think>t</think> \\boxed{A} no wait \\boxed{B}",
+            "B",
+            None,
+        );
         assert_eq!((r.accuracy, r.reward), (1.0, 1.0));
         let r = score(&c, "<think>t</think> \\boxed{\\frac{1}{2}}", "0.5", None);
         assert_eq!(r.extracted.as_deref(), Some("\\frac{1}{2}"));
         assert_eq!(r.reward, 1.0);
         // the EasyR1 regex holds but the box never closes (brace-matched): nothing to grade
         let r = score(&c, "<think>t</think> \\boxed{4 {}", "4", None);
-        assert_eq!((r.format, r.accuracy, r.extracted.as_deref()), (1.0, 0.0, None));
+        assert_eq!(
+            (r.format, r.accuracy, r.extracted.as_deref()),
+            (1.0, 0.0, None)
+        );
         assert!((r.reward - 0.1).abs() < 1e-12);
         let r = score(&c, "<think>t</think> \\boxed{4", "4", None);
         assert_eq!((r.format, r.accuracy, r.extracted), (0.0, 0.0, None));
@@ -315,9 +386,19 @@ mod tests {
     #[test]
     fn grounding_and_empty() {
         let c = cfg(FormatKind::ThinkAnswer);
-        let r = score(&c, "<think>t</think><answer>[{'Position': [0,0,10,10], 'Confidence': 0.9}]</answer>", "[[0,0,10,10]]", None);
+        let r = score(
+            &c,
+            "<think>t</think><answer>[{'Position': [0,0,10,10], 'Confidence': 0.9}]</answer>",
+            "[[0,0,10,10]]",
+            None,
+        );
         assert_eq!((r.task, r.accuracy, r.reward), (Task::Grounding, 1.0, 1.0));
-        let r = score(&c, "<think>t</think><answer>somewhere left</answer>", "[[0,0,10,10]]", None);
+        let r = score(
+            &c,
+            "<think>t</think><answer>somewhere left</answer>",
+            "[[0,0,10,10]]",
+            None,
+        );
         assert_eq!((r.task, r.accuracy), (Task::Grounding, 0.0));
         let r = score(&c, "<think></think><answer></answer>", "", None);
         assert_eq!((r.task, r.format, r.accuracy), (Task::Text, 1.0, 0.0));
@@ -340,7 +421,10 @@ mod tests {
             ("1,000", Task::Math),
             ("[10, 20, 30, 40]", Task::Grounding),
             ("[[1,2,3,4],[5,6,7,8]]", Task::Grounding),
-            ("[{\"Position\": [1,2,3,4], \"Confidence\": 1}]", Task::Grounding),
+            (
+                "[{\"Position\": [1,2,3,4], \"Confidence\": 1}]",
+                Task::Grounding,
+            ),
         ] {
             assert_eq!(infer_task(a), t, "{a:?}");
         }
@@ -348,18 +432,37 @@ mod tests {
 
     #[test]
     fn enums_and_config_serde() {
-        assert_eq!("think_answer".parse::<FormatKind>().unwrap(), FormatKind::ThinkAnswer);
-        assert_eq!("think-boxed".parse::<FormatKind>().unwrap(), FormatKind::ThinkBoxed);
+        assert_eq!(
+            "think_answer".parse::<FormatKind>().unwrap(),
+            FormatKind::ThinkAnswer
+        );
+        assert_eq!(
+            "think-boxed".parse::<FormatKind>().unwrap(),
+            FormatKind::ThinkBoxed
+        );
         assert!("boxed".parse::<FormatKind>().is_err());
         assert_eq!("grounding".parse::<Task>().unwrap(), Task::Grounding);
-        assert_eq!(serde_json::to_string(&FormatKind::ThinkBoxed).unwrap(), "\"think_boxed\"");
+        assert_eq!(
+            serde_json::to_string(&FormatKind::ThinkBoxed).unwrap(),
+            "\"think_boxed\""
+        );
         assert_eq!(serde_json::from_str::<Task>("\"mcq\"").unwrap(), Task::Mcq);
         let c = RewardConfig::from_recipe_toml(
             "[model]\nname = \"x\"\n[reward]\nformat = \"think_answer\"\nformat_weight = 0.2\n[grpo]\nlr = 1e-6\n",
         )
         .unwrap();
-        assert_eq!(c, RewardConfig { format: FormatKind::ThinkAnswer, format_weight: 0.2, accuracy_weight: 0.9 });
-        assert_eq!(RewardConfig::from_recipe_toml("[sft]\nlr = 1.0\n").unwrap(), RewardConfig::default());
+        assert_eq!(
+            c,
+            RewardConfig {
+                format: FormatKind::ThinkAnswer,
+                format_weight: 0.2,
+                accuracy_weight: 0.9
+            }
+        );
+        assert_eq!(
+            RewardConfig::from_recipe_toml("[sft]\nlr = 1.0\n").unwrap(),
+            RewardConfig::default()
+        );
         assert!(RewardConfig::from_recipe_toml("[reward]\nformat = \"nope\"\n").is_err());
         assert!(RewardConfig::from_recipe_toml("[reward]\nformat_wieght = 0.1\n").is_err());
         assert!(RewardConfig::from_recipe_toml("[reward]\nformat_weight = -1.0\n").is_err());
@@ -367,11 +470,21 @@ mod tests {
     }
 
     fn any_task() -> impl Strategy<Value = Option<Task>> {
-        prop_oneof![Just(None), Just(Some(Task::Mcq)), Just(Some(Task::Text)), Just(Some(Task::Math)), Just(Some(Task::Grounding))]
+        prop_oneof![
+            Just(None),
+            Just(Some(Task::Mcq)),
+            Just(Some(Task::Text)),
+            Just(Some(Task::Math)),
+            Just(Some(Task::Grounding))
+        ]
     }
 
     fn any_format() -> impl Strategy<Value = FormatKind> {
-        prop_oneof![Just(FormatKind::ThinkAnswer), Just(FormatKind::ThinkBoxed), Just(FormatKind::None)]
+        prop_oneof![
+            Just(FormatKind::ThinkAnswer),
+            Just(FormatKind::ThinkBoxed),
+            Just(FormatKind::None)
+        ]
     }
 
     /// Strings made of tag / boxed fragments and noise, to hit the well-formatted paths too.

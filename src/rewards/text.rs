@@ -15,7 +15,11 @@ pub const STRIPPED_PUNCTUATION: &[char] = &[',', '.', ';', '@', '#', '?', '!', '
 
 /// The token set of `text` under the rules of this module.
 pub fn jaccard_tokens(text: &str) -> BTreeSet<String> {
-    let cleaned: String = text.to_lowercase().chars().filter(|c| !STRIPPED_PUNCTUATION.contains(c)).collect();
+    let cleaned: String = text
+        .to_lowercase()
+        .chars()
+        .filter(|c| !STRIPPED_PUNCTUATION.contains(c))
+        .collect();
     cleaned.split_whitespace().map(str::to_string).collect()
 }
 
@@ -59,8 +63,14 @@ mod tests {
 
     #[test]
     fn only_the_documented_punctuation_is_stripped() {
-        assert_eq!(jaccard_tokens("A,B.C;D@E#F?G!H&I$J"), ["abcdefghij".to_string()].into_iter().collect());
-        assert_eq!(jaccard_tokens("(a) b: c-d"), ["(a)", "b:", "c-d"].iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            jaccard_tokens("A,B.C;D@E#F?G!H&I$J"),
+            ["abcdefghij".to_string()].into_iter().collect()
+        );
+        assert_eq!(
+            jaccard_tokens("(a) b: c-d"),
+            ["(a)", "b:", "c-d"].iter().map(|s| s.to_string()).collect()
+        );
     }
 
     proptest! {

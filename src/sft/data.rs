@@ -93,7 +93,10 @@ pub fn source_lengths(
                 }
                 SampleLength::TooLong => {
                     skips.too_long_vision += 1;
-                    skips.note(format!("{}: image tokens alone exceed cutoff_len {} (or no label left)", conv.origin, recipe.cutoff_len));
+                    skips.note(format!(
+                        "{}: image tokens alone exceed cutoff_len {} (or no label left)",
+                        conv.origin, recipe.cutoff_len
+                    ));
                 }
             }
         }
@@ -113,11 +116,16 @@ pub fn epoch_batches(
     batch: usize,
     group_by_length: bool,
 ) -> Vec<Vec<(usize, usize)>> {
-    let valid: Vec<(usize, usize, usize)> =
-        order.iter().filter_map(|&(s, r)| lengths(s, r).map(|l| (s, r, l))).collect();
+    let valid: Vec<(usize, usize, usize)> = order
+        .iter()
+        .filter_map(|&(s, r)| lengths(s, r).map(|l| (s, r, l)))
+        .collect();
     let mut batches = vec![];
     if !group_by_length {
-        return valid.chunks(batch).map(|b| b.iter().map(|&(s, r, _)| (s, r)).collect()).collect();
+        return valid
+            .chunks(batch)
+            .map(|b| b.iter().map(|&(s, r, _)| (s, r)).collect())
+            .collect();
     }
     for mega in valid.chunks(batch * 50) {
         let mut mega = mega.to_vec();
@@ -135,10 +143,21 @@ pub const PACKING_WINDOW: usize = 1024;
 /// The run's samples packed into rows of at most `cutoff_len` tokens: the seed's order (epoch 0
 /// of the mix, skipped samples left out) packed first-fit decreasing in windows of
 /// [`PACKING_WINDOW`] samples.
-pub fn packed_rows(recipe: &SftRecipe, counts: &[usize], available: &[usize], length: &dyn Fn(SampleId) -> Option<usize>) -> Vec<Row> {
-    let order: Vec<(SampleId, usize)> = mixed_order(counts, available, recipe.seed, 0).into_iter().filter_map(|id| length(id).map(|l| (id, l))).collect();
+pub fn packed_rows(
+    recipe: &SftRecipe,
+    counts: &[usize],
+    available: &[usize],
+    length: &dyn Fn(SampleId) -> Option<usize>,
+) -> Vec<Row> {
+    let order: Vec<(SampleId, usize)> = mixed_order(counts, available, recipe.seed, 0)
+        .into_iter()
+        .filter_map(|id| length(id).map(|l| (id, l)))
+        .collect();
     let lens: Vec<usize> = order.iter().map(|&(_, l)| l).collect();
-    pack_rows(&lens, recipe.cutoff_len, PACKING_WINDOW).into_iter().map(|r| r.into_iter().map(|i| order[i].0).collect()).collect()
+    pack_rows(&lens, recipe.cutoff_len, PACKING_WINDOW)
+        .into_iter()
+        .map(|r| r.into_iter().map(|i| order[i].0).collect())
+        .collect()
 }
 
 /// Padding of an epoch's batches, without and with packing (what the dry run and the run log
@@ -159,7 +178,12 @@ pub struct PaddingStats {
 }
 
 /// [`PaddingStats`] of the recipe's mix with the given sample lengths.
-pub fn padding_stats(recipe: &SftRecipe, counts: &[usize], available: &[usize], length: &dyn Fn(SampleId) -> Option<usize>) -> PaddingStats {
+pub fn padding_stats(
+    recipe: &SftRecipe,
+    counts: &[usize],
+    available: &[usize],
+    length: &dyn Fn(SampleId) -> Option<usize>,
+) -> PaddingStats {
     let slots = |batches: &mut dyn Iterator<Item = Vec<usize>>| -> (usize, usize) {
         let (mut n, mut slots) = (0, 0);
         for rows in batches {
@@ -171,10 +195,27 @@ pub fn padding_stats(recipe: &SftRecipe, counts: &[usize], available: &[usize], 
     let order = mixed_order(counts, available, recipe.seed, 0);
     let lens: Vec<usize> = order.iter().filter_map(|&id| length(id)).collect();
     let tokens: usize = lens.iter().sum();
-    let (batches, unpacked_slots) = slots(&mut lens.chunks(recipe.per_device_batch.max(1)).map(<[usize]>::to_vec));
-    let rows: Vec<usize> = packed_rows(recipe, counts, available, length).iter().map(|r| r.iter().map(|&id| length(id).unwrap_or(0)).sum()).collect();
-    let (packed_batches, packed_slots) = slots(&mut rows.chunks(recipe.per_device_batch.max(1)).map(<[usize]>::to_vec));
-    let frac = |slots: usize| if slots == 0 { 0.0 } else { 1.0 - tokens as f64 / slots as f64 };
+    let (batches, unpacked_slots) = slots(
+        &mut lens
+            .chunks(recipe.per_device_batch.max(1))
+            .map(<[usize]>::to_vec),
+    );
+    let rows: Vec<usize> = packed_rows(recipe, counts, available, length)
+        .iter()
+        .map(|r| r.iter().map(|&id| length(id).unwrap_or(0)).sum())
+        .collect();
+    let (packed_batches, packed_slots) = slots(
+        &mut rows
+            .chunks(recipe.per_device_batch.max(1))
+            .map(<[usize]>::to_vec),
+    );
+    let frac = |slots: usize| {
+        if slots == 0 {
+            0.0
+        } else {
+            1.0 - tokens as f64 / slots as f64
+        }
+    };
     PaddingStats {
         samples: lens.len(),
         tokens,
@@ -204,8 +245,16 @@ impl ScheduledStep {
     /// The part of this step that `rank` computes: the `rank`-th `per_device_batch` rows of
     /// every micro-batch (micro-batches left empty, at the end of an epoch, are dropped).
     pub fn shard(&self, rank: usize, per_device_batch: usize) -> ScheduledStep {
-        let micro = self.micro.iter().map(|m| crate::learn::parallel::shard(m, rank, per_device_batch)).filter(|m| !m.is_empty()).collect();
-        ScheduledStep { micro, ..self.clone() }
+        let micro = self
+            .micro
+            .iter()
+            .map(|m| crate::learn::parallel::shard(m, rank, per_device_batch))
+            .filter(|m| !m.is_empty())
+            .collect();
+        ScheduledStep {
+            micro,
+            ..self.clone()
+        }
     }
 
     /// Samples of the step, over all ranks.
@@ -240,7 +289,10 @@ impl SftData {
                 skips.invalid, skips.too_long_vision, skips.examples
             );
         }
-        let eval = read_sources(&recipe.eval_data)?.into_iter().flatten().collect();
+        let eval = read_sources(&recipe.eval_data)?
+            .into_iter()
+            .flatten()
+            .collect();
         Self::new(recipe, sources, lengths, skips, eval)
     }
 
@@ -253,7 +305,15 @@ impl SftData {
     ) -> Result<Self> {
         let available: Vec<usize> = sources.iter().map(Vec::len).collect();
         let counts = mix_counts(&recipe.data, &available)?;
-        let mut data = Self { sources, lengths, available, counts, skips, eval, packed: None };
+        let mut data = Self {
+            sources,
+            lengths,
+            available,
+            counts,
+            skips,
+            eval,
+            packed: None,
+        };
         if recipe.packing {
             data.packed = Some(data.pack(recipe));
         }
@@ -276,14 +336,22 @@ impl SftData {
             let mut rows = rows.clone();
             let mut rng = ChaCha8Rng::seed_from_u64(recipe.seed.wrapping_add(epoch as u64));
             rows.shuffle(&mut rng);
-            return rows.chunks(recipe.per_device_batch).map(<[Row]>::to_vec).collect();
+            return rows
+                .chunks(recipe.per_device_batch)
+                .map(<[Row]>::to_vec)
+                .collect();
         }
         let lengths = |s: usize, r: usize| self.length((s, r));
         let order = mixed_order(&self.counts, &self.available, recipe.seed, epoch);
-        epoch_batches(&order, &lengths, recipe.per_device_batch, recipe.group_by_length)
-            .into_iter()
-            .map(|b| b.into_iter().map(|id| vec![id]).collect())
-            .collect()
+        epoch_batches(
+            &order,
+            &lengths,
+            recipe.per_device_batch,
+            recipe.group_by_length,
+        )
+        .into_iter()
+        .map(|b| b.into_iter().map(|id| vec![id]).collect())
+        .collect()
     }
 
     /// The rows of epoch `epoch` in order: its batches one after the other. This order does not
@@ -293,14 +361,26 @@ impl SftData {
     }
 
     /// The next `steps` optimizer steps from position (`epoch`, `rows_done` rows of it).
-    pub fn schedule(&self, recipe: &SftRecipe, epoch: usize, rows_done: usize, steps: usize) -> Result<Vec<ScheduledStep>> {
+    pub fn schedule(
+        &self,
+        recipe: &SftRecipe,
+        epoch: usize,
+        rows_done: usize,
+        steps: usize,
+    ) -> Result<Vec<ScheduledStep>> {
         self.schedule_until(recipe, (epoch, rows_done), None, steps)
     }
 
     /// The optimizer steps from position `from` (epoch, rows of it done) until `end` is reached
     /// (or `max_steps` steps): micro-batches of `per_device_batch x world` rows, `grad_accum`
     /// per step; an epoch's last step takes its leftover rows.
-    pub fn schedule_until(&self, recipe: &SftRecipe, from: (usize, usize), end: Option<(usize, usize)>, max_steps: usize) -> Result<Vec<ScheduledStep>> {
+    pub fn schedule_until(
+        &self,
+        recipe: &SftRecipe,
+        from: (usize, usize),
+        end: Option<(usize, usize)>,
+        max_steps: usize,
+    ) -> Result<Vec<ScheduledStep>> {
         let (mut epoch, mut done) = from;
         let global = recipe.global_batch();
         let mut out = vec![];
@@ -319,19 +399,37 @@ impl SftData {
                 break;
             }
             let step_end = (done + recipe.grad_accum * global).min(rows.len());
-            let micro = rows[done..step_end].chunks(global).map(<[Row]>::to_vec).collect();
-            out.push(ScheduledStep { micro, epoch, rows_end: step_end, rows_in_epoch: rows.len() });
+            let micro = rows[done..step_end]
+                .chunks(global)
+                .map(<[Row]>::to_vec)
+                .collect();
+            out.push(ScheduledStep {
+                micro,
+                epoch,
+                rows_end: step_end,
+                rows_in_epoch: rows.len(),
+            });
             done = step_end;
         }
         Ok(out)
     }
 
     /// A sample encoded for training (pixels included), as its length says.
-    pub fn encode(&self, processor: &Processor, recipe: &SftRecipe, (s, r): SampleId) -> Result<Encoded> {
+    pub fn encode(
+        &self,
+        processor: &Processor,
+        recipe: &SftRecipe,
+        (s, r): SampleId,
+    ) -> Result<Encoded> {
         let conv = &self.sources[s][r];
         let e = processor.encode(conv, recipe.train_on)?;
         let e = crate::data::encode::truncate(e, recipe.cutoff_len, processor.tokenizer.special())?
-            .with_context(|| format!("{}: skipped by truncation now but not when its length was computed", conv.origin))?;
+            .with_context(|| {
+                format!(
+                    "{}: skipped by truncation now but not when its length was computed",
+                    conv.origin
+                )
+            })?;
         if Some(e.input_ids.len()) != self.length((s, r)) {
             bail!(
                 "{}: encodes to {} tokens, its cached length says {:?} (delete {} to recompute)",
@@ -345,14 +443,30 @@ impl SftData {
     }
 
     /// The micro-batches of one scheduled step, encoded.
-    pub fn micro_batches(&self, processor: &Processor, recipe: &SftRecipe, step: &ScheduledStep) -> Result<Vec<MicroBatch>> {
+    pub fn micro_batches(
+        &self,
+        processor: &Processor,
+        recipe: &SftRecipe,
+        step: &ScheduledStep,
+    ) -> Result<Vec<MicroBatch>> {
         let pad_id = processor.tokenizer.special().pad();
         step.micro
             .iter()
             .map(|rows| {
-                let enc: Vec<Vec<Encoded>> = rows.iter().map(|row| row.iter().map(|&id| self.encode(processor, recipe, id)).collect()).collect::<Result<_>>()?;
+                let enc: Vec<Vec<Encoded>> = rows
+                    .iter()
+                    .map(|row| {
+                        row.iter()
+                            .map(|&id| self.encode(processor, recipe, id))
+                            .collect()
+                    })
+                    .collect::<Result<_>>()?;
                 let refs: Vec<Vec<&Encoded>> = enc.iter().map(|row| row.iter().collect()).collect();
-                Ok(if recipe.packing { collate_packed(&refs, pad_id) } else { collate(&refs.into_iter().flatten().collect::<Vec<_>>(), pad_id) })
+                Ok(if recipe.packing {
+                    collate_packed(&refs, pad_id)
+                } else {
+                    collate(&refs.into_iter().flatten().collect::<Vec<_>>(), pad_id)
+                })
             })
             .collect()
     }
@@ -397,14 +511,38 @@ impl Loader {
         workers: usize,
         depth: usize,
     ) -> Self {
-        let shared = Arc::new(Shared { state: Mutex::new(LoaderState { ready: BTreeMap::new(), next_job: 0, taken: 0, stop: false }), cv: Condvar::new() });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(LoaderState {
+                ready: BTreeMap::new(),
+                next_job: 0,
+                taken: 0,
+                stop: false,
+            }),
+            cv: Condvar::new(),
+        });
         if workers == 0 {
-            return Self { shared, threads: vec![], sync: Some(SyncSource { data, processor, recipe, schedule }), taken: 0 };
+            return Self {
+                shared,
+                threads: vec![],
+                sync: Some(SyncSource {
+                    data,
+                    processor,
+                    recipe,
+                    schedule,
+                }),
+                taken: 0,
+            };
         }
         let depth = depth.max(1);
         let threads = (0..workers)
             .map(|_| {
-                let (shared, data, processor, recipe, schedule) = (shared.clone(), data.clone(), processor.clone(), recipe.clone(), schedule.clone());
+                let (shared, data, processor, recipe, schedule) = (
+                    shared.clone(),
+                    data.clone(),
+                    processor.clone(),
+                    recipe.clone(),
+                    schedule.clone(),
+                );
                 std::thread::spawn(move || loop {
                     let job = {
                         let mut st = shared.state.lock().expect("loader lock");
@@ -427,7 +565,12 @@ impl Loader {
                 })
             })
             .collect();
-        Self { shared, threads, sync: None, taken: 0 }
+        Self {
+            shared,
+            threads,
+            sync: None,
+            taken: 0,
+        }
     }
 
     /// The micro-batches of the next scheduled step.
@@ -435,7 +578,10 @@ impl Loader {
         let i = self.taken;
         self.taken += 1;
         if let Some(s) = &self.sync {
-            let step = s.schedule.get(i).context("the loader ran past the schedule")?;
+            let step = s
+                .schedule
+                .get(i)
+                .context("the loader ran past the schedule")?;
             return s.data.micro_batches(&s.processor, &s.recipe, step);
         }
         let mut st = self.shared.state.lock().expect("loader lock");

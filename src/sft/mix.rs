@@ -12,16 +12,18 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::sft::recipe::{DataSource, Mix};
 
-
 /// Number of records in a sharegpt file without parsing them: non-blank lines of a JSONL file, or
 /// the elements of a JSON array (a file whose first non-blank character is `[`).
 pub fn count_records(path: impl AsRef<Path>) -> Result<usize> {
     let path = path.as_ref();
-    let file = std::fs::File::open(path).with_context(|| format!("dataset {}: cannot open", path.display()))?;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("dataset {}: cannot open", path.display()))?;
     let mut reader = BufReader::new(file);
     // Peek at the first non-blank byte.
     let first = loop {
-        let buf = reader.fill_buf().with_context(|| format!("dataset {}: read error", path.display()))?;
+        let buf = reader
+            .fill_buf()
+            .with_context(|| format!("dataset {}: read error", path.display()))?;
         if buf.is_empty() {
             return Ok(0);
         }
@@ -39,9 +41,11 @@ pub fn count_records(path: impl AsRef<Path>) -> Result<usize> {
     };
     if first == b'[' {
         let mut text = String::new();
-        reader.read_to_string(&mut text).with_context(|| format!("dataset {}: read error", path.display()))?;
-        let items: Vec<serde::de::IgnoredAny> =
-            serde_json::from_str(&text).with_context(|| format!("dataset {}: invalid JSON array", path.display()))?;
+        reader
+            .read_to_string(&mut text)
+            .with_context(|| format!("dataset {}: read error", path.display()))?;
+        let items: Vec<serde::de::IgnoredAny> = serde_json::from_str(&text)
+            .with_context(|| format!("dataset {}: invalid JSON array", path.display()))?;
         return Ok(items.len());
     }
     let mut count = 0;
@@ -62,7 +66,11 @@ pub fn count_available(sources: &[DataSource]) -> Result<Vec<usize>> {
 /// Records each source contributes per epoch (see the module docs for the rules).
 pub fn mix_counts(sources: &[DataSource], available: &[usize]) -> Result<Vec<usize>> {
     if sources.len() != available.len() {
-        bail!("{} data sources but {} record counts", sources.len(), available.len());
+        bail!(
+            "{} data sources but {} record counts",
+            sources.len(),
+            available.len()
+        );
     }
     sources
         .iter()
@@ -80,7 +88,11 @@ pub fn mix_counts(sources: &[DataSource], available: &[usize]) -> Result<Vec<usi
                 }
             };
             if n > 0 && avail == 0 {
-                bail!("data.{i} ({}): {} requested but the file has no records", s.path.display(), s.mix());
+                bail!(
+                    "data.{i} ({}): {} requested but the file has no records",
+                    s.path.display(),
+                    s.mix()
+                );
             }
             Ok(n)
         })
@@ -113,8 +125,17 @@ pub fn selected_records(count: usize, available: usize, seed: u64, source: usize
 /// The order of one epoch: `(source, record index)` pairs, every selected record of every source
 /// ([`selected_records`]) exactly as often as selected, shuffled with ChaCha8 seeded by
 /// `seed + epoch`. Deterministic: the same arguments give the same order.
-pub fn mixed_order(counts: &[usize], available: &[usize], seed: u64, epoch: usize) -> Vec<(usize, usize)> {
-    assert_eq!(counts.len(), available.len(), "mixed_order: counts and available differ in length");
+pub fn mixed_order(
+    counts: &[usize],
+    available: &[usize],
+    seed: u64,
+    epoch: usize,
+) -> Vec<(usize, usize)> {
+    assert_eq!(
+        counts.len(),
+        available.len(),
+        "mixed_order: counts and available differ in length"
+    );
     let mut order: Vec<(usize, usize)> = Vec::with_capacity(counts.iter().sum());
     for (s, (&c, &a)) in counts.iter().zip(available).enumerate() {
         order.extend(selected_records(c, a, seed, s).into_iter().map(|r| (s, r)));
@@ -123,4 +144,3 @@ pub fn mixed_order(counts: &[usize], available: &[usize], seed: u64, epoch: usiz
     order.shuffle(&mut rng);
     order
 }
-

@@ -28,12 +28,14 @@ use anyhow::{bail, Result};
 
 use crate::backend::BackendKind;
 use crate::backend::GradientCheckpointing;
-use crate::model::{Qwen25VlConfig, Tiles};
-pub use crate::sft::mix::{count_available, count_records, mix_counts, mixed_order, selected_records};
 use crate::data::lengths::SampleLength;
-use crate::sft::data::{padding_stats, PaddingStats, SampleId};
-use crate::sft::recipe::{FreezeConfig, Mix, Precision, ScheduleConfig, SftRecipe};
 use crate::learn::schedule::warmup_steps;
+use crate::model::{Qwen25VlConfig, Tiles};
+use crate::sft::data::{padding_stats, PaddingStats, SampleId};
+pub use crate::sft::mix::{
+    count_available, count_records, mix_counts, mixed_order, selected_records,
+};
+use crate::sft::recipe::{FreezeConfig, Mix, Precision, ScheduleConfig, SftRecipe};
 
 /// The Qwen2.5-VL preprocessor's default `max_pixels` (used when the recipe sets none).
 pub const DEFAULT_MAX_PIXELS: usize = 12_845_056;
@@ -101,9 +103,17 @@ impl ParamCounts {
     pub fn trainable(&self, freeze: &FreezeConfig) -> PartCounts {
         let p = self.parts();
         PartCounts {
-            vision_tower: if freeze.vision_tower { 0 } else { p.vision_tower },
+            vision_tower: if freeze.vision_tower {
+                0
+            } else {
+                p.vision_tower
+            },
             projector: if freeze.projector { 0 } else { p.projector },
-            language_model: if freeze.language_model { 0 } else { p.language_model },
+            language_model: if freeze.language_model {
+                0
+            } else {
+                p.language_model
+            },
         }
     }
     pub fn frozen(&self, freeze: &FreezeConfig) -> PartCounts {
@@ -223,14 +233,25 @@ pub struct ActivationShape {
 }
 
 /// The memory estimate (see [`MemoryEstimate`]) of training `cfg` with `freeze` and `grad_accum`.
-pub fn memory_estimate(cfg: &Qwen25VlConfig, freeze: &FreezeConfig, grad_accum: usize, a: &ActivationShape) -> MemoryEstimate {
+pub fn memory_estimate(
+    cfg: &Qwen25VlConfig,
+    freeze: &FreezeConfig,
+    grad_accum: usize,
+    a: &ActivationShape,
+) -> MemoryEstimate {
     let params = param_counts(cfg);
     let (p, n) = (params.total(), params.trainable(freeze).total());
-    let largest = (cfg.text.vocab_size * cfg.text.hidden_size).max(cfg.text.hidden_size * cfg.text.intermediate_size) as u64;
-    let (activations, attention_working_set, logits, reference_attention) = activation_terms(cfg, freeze, a);
+    let largest = (cfg.text.vocab_size * cfg.text.hidden_size)
+        .max(cfg.text.hidden_size * cfg.text.intermediate_size) as u64;
+    let (activations, attention_working_set, logits, reference_attention) =
+        activation_terms(cfg, freeze, a);
     MemoryEstimate {
         master_weights: 4 * p,
-        compute_weights: if a.precision == Precision::Bf16 { 2 * p } else { 0 },
+        compute_weights: if a.precision == Precision::Bf16 {
+            2 * p
+        } else {
+            0
+        },
         gradients: 4 * n,
         accumulation: if grad_accum > 1 { 4 * n } else { 0 },
         optimizer_state: 8 * n,
@@ -243,7 +264,11 @@ pub fn memory_estimate(cfg: &Qwen25VlConfig, freeze: &FreezeConfig, grad_accum: 
 }
 
 /// `(activations, attention working set, logits, reference attention)` in bytes.
-pub fn activation_terms(cfg: &Qwen25VlConfig, freeze: &FreezeConfig, a: &ActivationShape) -> (u64, u64, u64, u64) {
+pub fn activation_terms(
+    cfg: &Qwen25VlConfig,
+    freeze: &FreezeConfig,
+    a: &ActivationShape,
+) -> (u64, u64, u64, u64) {
     if freeze.vision_tower && freeze.projector && freeze.language_model {
         return (0, 0, 0, 0);
     }
@@ -269,13 +294,21 @@ pub fn activation_terms(cfg: &Qwen25VlConfig, freeze: &FreezeConfig, a: &Activat
         let v = &cfg.vision;
         let patch_area = (v.patch_size * v.patch_size).max(1);
         let np = ((a.max_pixels / patch_area) as u64).min(v.merge_unit() as u64 * s);
-        let (vh, vi, vheads) = (v.hidden_size as u64, v.intermediate_size as u64, v.num_heads as u64);
+        let (vh, vi, vheads) = (
+            v.hidden_size as u64,
+            v.intermediate_size as u64,
+            v.num_heads as u64,
+        );
         let win_side = (v.window_size / v.patch_size.max(1)) as u64;
         let win = (win_side * win_side).min(np);
         act += v.depth as u64 * b * np * (11 * vh + 4 * vi) * e;
         working = working.max(4 * b * vheads * tq.min(np) * tk.min(np) * 4 + 4 * b * np * vh);
         for blk in 0..v.depth {
-            let w = if v.fullatt_block_indexes.contains(&blk) { np } else { win };
+            let w = if v.fullatt_block_indexes.contains(&blk) {
+                np
+            } else {
+                win
+            };
             reference += 6 * b * vheads * np * w * 4;
         }
     }
@@ -380,16 +413,28 @@ pub fn step_counts(
 /// after `min(ceil(epochs x steps_per_epoch), max_steps)` steps of `per_device_batch x world`
 /// rows per micro-batch and `grad_accum` micro-batches per step.
 pub fn run_end(recipe: &SftRecipe, rows_in_epoch: usize) -> (usize, usize) {
-    let (_, per_epoch, total, _) =
-        step_counts(rows_in_epoch, recipe.global_batch(), recipe.grad_accum, recipe.epochs, recipe.max_steps);
+    let (_, per_epoch, total, _) = step_counts(
+        rows_in_epoch,
+        recipe.global_batch(),
+        recipe.grad_accum,
+        recipe.epochs,
+        recipe.max_steps,
+    );
     let per_epoch = per_epoch.max(1);
     let (e, k) = (total / per_epoch, total % per_epoch);
-    (e, (k * recipe.grad_accum * recipe.global_batch()).min(rows_in_epoch))
+    (
+        e,
+        (k * recipe.grad_accum * recipe.global_batch()).min(rows_in_epoch),
+    )
 }
 
 /// Builds the plan of `recipe` for a model with config `model_cfg`, given the number of records
 /// of each `[[data]]` source (e.g. from [`count_available`]).
-pub fn build_plan(recipe: &SftRecipe, model_cfg: &Qwen25VlConfig, available_counts: &[usize]) -> Result<SftPlan> {
+pub fn build_plan(
+    recipe: &SftRecipe,
+    model_cfg: &Qwen25VlConfig,
+    available_counts: &[usize],
+) -> Result<SftPlan> {
     build_plan_with_lengths(recipe, model_cfg, available_counts, None)
 }
 
@@ -420,15 +465,26 @@ pub fn build_plan_with_lengths(
             selected,
         })
         .collect();
-    let padding = lengths.map(|l| padding_stats(recipe, &counts, available_counts, &|(s, r): SampleId| l[s][r].tokens()));
+    let padding = lengths.map(|l| {
+        padding_stats(recipe, &counts, available_counts, &|(s, r): SampleId| {
+            l[s][r].tokens()
+        })
+    });
     // Rows per epoch: samples, or with packing the packed rows (which need the lengths).
     let rows = match (recipe.packing, &padding) {
         (false, _) => total_samples,
         (true, Some(p)) => p.packed_rows,
-        (true, None) => bail!("packing = true: the plan needs the records' lengths (the data files)"),
+        (true, None) => {
+            bail!("packing = true: the plan needs the records' lengths (the data files)")
+        }
     };
-    let (micro, per_epoch, total_steps, capped) =
-        step_counts(rows, recipe.global_batch(), recipe.grad_accum, recipe.epochs, recipe.max_steps);
+    let (micro, per_epoch, total_steps, capped) = step_counts(
+        rows,
+        recipe.global_batch(),
+        recipe.grad_accum,
+        recipe.epochs,
+        recipe.max_steps,
+    );
     let params = param_counts(model_cfg);
     let trainable = params.trainable(&recipe.freeze);
     let frozen = params.frozen(&recipe.freeze);
@@ -509,10 +565,26 @@ fn short(n: u64) -> String {
 impl fmt::Display for SftPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "SFT plan")?;
-        writeln!(f, "  model      {}  (backend {}, precision {})", self.model, self.backend, self.precision)?;
+        writeln!(
+            f,
+            "  model      {}  (backend {}, precision {})",
+            self.model, self.backend, self.precision
+        )?;
         writeln!(f)?;
-        let name_w = self.sources.iter().map(|s| s.name.len()).max().unwrap_or(0).max(6);
-        let group_w = self.sources.iter().map(|s| s.group.len()).max().unwrap_or(0).max(5);
+        let name_w = self
+            .sources
+            .iter()
+            .map(|s| s.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(6);
+        let group_w = self
+            .sources
+            .iter()
+            .map(|s| s.group.len())
+            .max()
+            .unwrap_or(0)
+            .max(5);
         writeln!(
             f,
             "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}  {}",
@@ -527,11 +599,22 @@ impl fmt::Display for SftPlan {
                 thousands(s.available as u64),
                 thousands(s.selected as u64),
                 s.mix,
-                if s.selected > s.available { "  (upsampled)" } else { "" }
+                if s.selected > s.available {
+                    "  (upsampled)"
+                } else {
+                    ""
+                }
             )?;
         }
         for (g, n) in self.group_totals() {
-            writeln!(f, "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}", "", g, "", thousands(n as u64))?;
+            writeln!(
+                f,
+                "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}",
+                "",
+                g,
+                "",
+                thousands(n as u64)
+            )?;
         }
         writeln!(
             f,
@@ -588,25 +671,64 @@ impl fmt::Display for SftPlan {
             "  inputs     cutoff_len {} tokens, max_pixels {}{}",
             self.cutoff_len,
             thousands(self.max_pixels as u64),
-            if self.max_pixels_from_recipe { "" } else { " (preprocessor default)" }
+            if self.max_pixels_from_recipe {
+                ""
+            } else {
+                " (preprocessor default)"
+            }
         )?;
         writeln!(f)?;
-        writeln!(f, "  {:<16}  {:>15}  {:>15}  {:>15}", "parameters", "total", "trainable", "frozen")?;
+        writeln!(
+            f,
+            "  {:<16}  {:>15}  {:>15}  {:>15}",
+            "parameters", "total", "trainable", "frozen"
+        )?;
         let p = self.params.parts();
         let rows = [
-            ("vision tower", p.vision_tower, self.trainable.vision_tower, self.frozen.vision_tower),
-            ("projector", p.projector, self.trainable.projector, self.frozen.projector),
-            ("language model", p.language_model, self.trainable.language_model, self.frozen.language_model),
-            ("total", p.total(), self.trainable_params, self.frozen_params),
+            (
+                "vision tower",
+                p.vision_tower,
+                self.trainable.vision_tower,
+                self.frozen.vision_tower,
+            ),
+            (
+                "projector",
+                p.projector,
+                self.trainable.projector,
+                self.frozen.projector,
+            ),
+            (
+                "language model",
+                p.language_model,
+                self.trainable.language_model,
+                self.frozen.language_model,
+            ),
+            (
+                "total",
+                p.total(),
+                self.trainable_params,
+                self.frozen_params,
+            ),
         ];
         for (name, total, tr, fr) in rows {
-            writeln!(f, "  {:<16}  {:>15}  {:>15}  {:>15}", name, thousands(total), thousands(tr), thousands(fr))?;
+            writeln!(
+                f,
+                "  {:<16}  {:>15}  {:>15}  {:>15}",
+                name,
+                thousands(total),
+                thousands(tr),
+                thousands(fr)
+            )?;
         }
         writeln!(
             f,
             "  ({} total; lm_head {})",
             short(self.params.total()),
-            if self.params.lm_head == 0 { "tied to embed_tokens, counted once" } else { "untied" }
+            if self.params.lm_head == 0 {
+                "tied to embed_tokens, counted once"
+            } else {
+                "untied"
+            }
         )?;
         writeln!(f)?;
         if let Some(p) = &self.padding {
@@ -646,7 +768,11 @@ impl fmt::Display for SftPlan {
             }
         }
         writeln!(f, "    {:<24} {:>12}", "total", gib(m.total()))?;
-        writeln!(f, "    (the reference attention would keep {} of scores instead of the working set)", gib(m.reference_attention))?;
+        writeln!(
+            f,
+            "    (the reference attention would keep {} of scores instead of the working set)",
+            gib(m.reference_attention)
+        )?;
         Ok(())
     }
 }

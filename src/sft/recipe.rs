@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use crate::learn::freeze::FreezeConfig;
-pub use crate::learn::optim::OptimizerConfig;
-pub use crate::learn::recipe::{check_model, check_precision_backend, load_toml, BackendKind, ModelSource, Precision, DEMO_TINY};
-pub use crate::learn::schedule::{ScheduleConfig, ScheduleKind};
 /// Which assistant turns are trained (LLaMA-Factory: all by default, `mask_history` = last only).
 pub use crate::data::encode::TrainOn;
+pub use crate::learn::freeze::FreezeConfig;
+pub use crate::learn::optim::OptimizerConfig;
+pub use crate::learn::recipe::{
+    check_model, check_precision_backend, load_toml, BackendKind, ModelSource, Precision, DEMO_TINY,
+};
+pub use crate::learn::schedule::{ScheduleConfig, ScheduleKind};
 
 /// Dataset file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -129,7 +131,9 @@ impl DataSource {
         }
         if let Some(w) = self.weight {
             if !w.is_finite() || w < 0.0 {
-                errors.push(format!("{field}.weight must be a finite number >= 0, got {w}"));
+                errors.push(format!(
+                    "{field}.weight must be a finite number >= 0, got {w}"
+                ));
             }
         }
     }
@@ -253,7 +257,8 @@ impl SftRecipe {
     /// validates. Every error names the file.
     pub fn from_file(path: impl AsRef<Path>, overrides: &[String]) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read recipe", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read recipe", path.display()))?;
         Self::from_str_with(&text, &path.display().to_string(), overrides)
     }
 
@@ -262,7 +267,14 @@ impl SftRecipe {
         let recipe: SftRecipe = load_toml(text, origin, overrides)?;
         let errors = recipe.errors();
         if !errors.is_empty() {
-            bail!("{}", errors.iter().map(|e| format!("{origin}: {e}")).collect::<Vec<_>>().join("\n"));
+            bail!(
+                "{}",
+                errors
+                    .iter()
+                    .map(|e| format!("{origin}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
         }
         Ok(recipe)
     }
@@ -284,7 +296,9 @@ impl SftRecipe {
         }
         if let Some(p) = self.max_pixels {
             if p < 28 * 28 {
-                errors.push(format!("max_pixels must be >= 784 (one 28 x 28 merged patch), got {p}"));
+                errors.push(format!(
+                    "max_pixels must be >= 784 (one 28 x 28 merged patch), got {p}"
+                ));
             }
         }
         if self.cutoff_len == 0 {
@@ -318,7 +332,10 @@ impl SftRecipe {
             errors.push("log_every must be >= 1, got 0".into());
         }
         if self.eval_every > 0 && self.eval_data.is_empty() {
-            errors.push(format!("eval_every = {} but there is no [[eval_data]] source", self.eval_every));
+            errors.push(format!(
+                "eval_every = {} but there is no [[eval_data]] source",
+                self.eval_every
+            ));
         }
         errors
     }
@@ -352,4 +369,3 @@ impl SftRecipe {
         toml::to_string_pretty(self).context("serialising the recipe")
     }
 }
-

@@ -15,15 +15,26 @@ pub fn model_dir(name: &str) -> PathBuf {
 
 pub fn read_json(rel: &str) -> Value {
     let p = fixtures().join(rel);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 pub fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 pub fn grids(v: &Value) -> Vec<[usize; 3]> {
@@ -32,7 +43,11 @@ pub fn grids(v: &Value) -> Vec<[usize; 3]> {
             a.iter()
                 .map(|g| {
                     let g = g.as_array().unwrap();
-                    [g[0].as_u64().unwrap() as usize, g[1].as_u64().unwrap() as usize, g[2].as_u64().unwrap() as usize]
+                    [
+                        g[0].as_u64().unwrap() as usize,
+                        g[1].as_u64().unwrap() as usize,
+                        g[2].as_u64().unwrap() as usize,
+                    ]
                 })
                 .collect()
         })
@@ -44,11 +59,19 @@ pub fn read_tensor(rel: &str, key: &str) -> (Vec<f32>, Vec<usize>) {
     let p = fixtures().join(rel);
     let bytes = std::fs::read(&p).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(key).unwrap_or_else(|e| panic!("{key} in {}: {e:?}", p.display()));
+    let t = st
+        .tensor(key)
+        .unwrap_or_else(|e| panic!("{key} in {}: {e:?}", p.display()));
     let data = t.data();
     let values = match t.dtype() {
-        safetensors::Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-        safetensors::Dtype::I64 => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        safetensors::Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
         other => panic!("unexpected dtype {other:?}"),
     };
     (values, t.shape().to_vec())
@@ -56,18 +79,38 @@ pub fn read_tensor(rel: &str, key: &str) -> (Vec<f32>, Vec<usize>) {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Samples of `refs/samples.json` by name.
 pub fn sample(name: &str) -> Value {
     let all = read_json("refs/samples.json");
-    all["samples"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap()
+    all["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap()
 }
 
 pub fn sample_names() -> Vec<String> {
     let all = read_json("refs/samples.json");
-    all["samples"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+    all["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
-pub const CHECKPOINTS: [&str; 5] = ["tiny-gqa2", "tiny-gqa2-sharded", "tiny-gqa2-bf16", "tiny-gqa4-untied", "tiny-mha-newlayout"];
+pub const CHECKPOINTS: [&str; 5] = [
+    "tiny-gqa2",
+    "tiny-gqa2-sharded",
+    "tiny-gqa2-bf16",
+    "tiny-gqa4-untied",
+    "tiny-mha-newlayout",
+];
