@@ -123,6 +123,9 @@ pub struct EngineStats {
     pub prefills: usize,
     pub prefill_prompts: usize,
     pub prefill_tokens: usize,
+    /// Images the prefills ran through the vision tower (each prompt's once, however many
+    /// samples it has).
+    pub prefill_images: usize,
     pub decode_steps: usize,
     pub new_tokens: usize,
     /// Most rows decoded together.
@@ -239,6 +242,7 @@ pub fn generate_requests<B: ModelBackend>(
             let sizes: Vec<usize> = admit.iter().map(|&i| requests[i].n).collect();
             let (kv, last) = model.prefill_groups(&input, &sizes, cfg.max_new_tokens)?;
             stats.prefills += 1;
+            stats.prefill_images += input.image_grids.len();
             stats.prefill_prompts += admit.len();
             stats.prefill_tokens += prompts.iter().map(|p| p.input_ids.len()).sum::<usize>();
             // First tokens: every sample of a group draws from the prompt's last position.

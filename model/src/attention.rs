@@ -27,7 +27,7 @@
 //! are skipped; pairs that every query sees entirely take no mask; the others get a mask built
 //! once per forward ([`AttentionPlan`]) and shared by every layer.
 //!
-//! The custom op is reached through [`ModelBackend::flash_attention`]: on a plain backend it is
+//! The custom op is reached through [`crate::backend::ModelBackend::flash_attention`]: on a plain backend it is
 //! the forward above; on `Autodiff<B, C>` it records one node with three parents (q, k, v) whose
 //! backward is [`flash_backward`] on `B`. A query row that sees no key (padding) outputs 0 with a
 //! zero gradient, as burn's attention does.
@@ -35,15 +35,11 @@
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::Autodiff;
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, FloatDType, TensorData, TensorPrimitive};
-
-use crate::head::HeadTargets;
 
 /// Which keys each query may attend to (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
@@ -248,61 +244,10 @@ impl AttentionPlan {
     }
 }
 
-/// What the model needs of a backend beyond burn's `Backend`: the memory-efficient attention,
-/// with its own backward pass under autodiff.
-pub trait ModelBackend: Backend {
-    /// Attention of q `[B, H, Tq, d]` over k, v `[B, KV, Tk, d]` (`H` a multiple of `KV`) as the
-    /// plan says; `[B, H, Tq, d]`.
-    fn flash_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        plan: &Arc<AttentionPlan>,
-    ) -> FloatTensor<Self> {
-        let (q, k, v) = (
-            float::<Self, 4>(q),
-            float::<Self, 4>(k),
-            float::<Self, 4>(v),
-        );
-        flash_forward(q, k, v, plan).0.into_primitive().tensor()
-    }
-
-    /// Log-probabilities of target tokens through the head, chunked ([`crate::head`]).
-    fn head_logprobs_op(
-        h: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        t: &Arc<HeadTargets>,
-    ) -> FloatTensor<Self> {
-        crate::head::head_logprobs_forward(float::<Self, 2>(h), float(w), t)
-            .into_primitive()
-            .tensor()
-    }
-}
-
-/// Training backends: autodiff over a [`ModelBackend`] whose inner backend is one too.
-pub trait TrainBackend:
-    ModelBackend + burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend>
-{
-}
-
-impl<B> TrainBackend for B where
-    B: ModelBackend + burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend>
-{
-}
-
-impl ModelBackend for burn::backend::NdArray<f32> {}
-impl ModelBackend for burn::backend::NdArray<f64> {}
-#[cfg(feature = "flex")]
-impl ModelBackend for burn::backend::Flex<f32, i32> {}
-#[cfg(feature = "wgpu")]
-impl ModelBackend for burn::backend::Wgpu<f32, i32> {}
-#[cfg(feature = "cuda")]
-impl ModelBackend for burn::backend::Cuda<f32, i32> {}
-
 #[derive(Debug)]
-struct FlashAttentionBackward;
+pub(crate) struct FlashAttentionBackward;
 
-impl<B: ModelBackend> Backward<B, 3> for FlashAttentionBackward {
+impl<B: Backend> Backward<B, 3> for FlashAttentionBackward {
     /// q, k, v, out, lse (all inner-backend primitives) and the plan.
     type State = (
         FloatTensor<B>,
@@ -343,74 +288,8 @@ impl<B: ModelBackend> Backward<B, 3> for FlashAttentionBackward {
     }
 }
 
-impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
-    fn flash_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        plan: &Arc<AttentionPlan>,
-    ) -> FloatTensor<Self> {
-        match FlashAttentionBackward
-            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (out, lse) = flash_forward(
-                    float::<B, 4>(q.primitive.clone()),
-                    float(k.primitive.clone()),
-                    float(v.primitive.clone()),
-                    plan,
-                );
-                let (out, lse) = (out.into_primitive().tensor(), lse.into_primitive().tensor());
-                prep.finish(
-                    (
-                        q.primitive,
-                        k.primitive,
-                        v.primitive,
-                        out.clone(),
-                        lse,
-                        plan.clone(),
-                    ),
-                    out,
-                )
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::flash_attention(
-                q.primitive,
-                k.primitive,
-                v.primitive,
-                plan,
-            )),
-        }
-    }
-
-    fn head_logprobs_op(
-        h: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        t: &Arc<HeadTargets>,
-    ) -> FloatTensor<Self> {
-        crate::head::head_logprobs_autodiff::<B, C>(h, w, t)
-    }
-}
-
 fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-/// The memory-efficient attention (see the module docs): q `[B, H, Tq, d]`, k and v
-/// `[B, KV, Tk, d]` -> `[B, H, Tq, d]`.
-pub fn attention<B: ModelBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    plan: &Arc<AttentionPlan>,
-) -> Tensor<B, 4> {
-    float(B::flash_attention(
-        q.into_primitive().tensor(),
-        k.into_primitive().tensor(),
-        v.into_primitive().tensor(),
-        plan,
-    ))
 }
 
 fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -612,77 +491,5 @@ pub enum AttentionImpl {
 impl Default for AttentionImpl {
     fn default() -> Self {
         AttentionImpl::Flash(Tiles::default())
-    }
-}
-
-/// The attention of one forward pass (one mask, one shape), shared by every layer.
-#[derive(Debug, Clone)]
-pub enum LayerAttention<B: Backend> {
-    Flash(Arc<AttentionPlan>),
-    /// The dense mask `[B, 1, Tq, Tk]`, true where masked.
-    Reference(Tensor<B, 4, Bool>),
-}
-
-impl<B: ModelBackend> LayerAttention<B> {
-    /// For `len_q` queries over the mask's keys. With few queries (decoding) the keys form one
-    /// tile: a single product per layer, as plain attention.
-    pub fn new(imp: AttentionImpl, mask: &AttentionMask, len_q: usize, device: &B::Device) -> Self {
-        match imp {
-            AttentionImpl::Flash(tiles) => {
-                let tiles = if len_q <= 16 {
-                    Tiles {
-                        q: len_q.max(1),
-                        k: mask.len_k().max(1),
-                    }
-                } else {
-                    tiles
-                };
-                LayerAttention::Flash(Arc::new(AttentionPlan::new(mask, len_q, tiles)))
-            }
-            AttentionImpl::Reference => LayerAttention::Reference(mask.dense_mask(len_q, device)),
-        }
-    }
-
-    /// q `[B, H, Tq, d]`, k and v `[B, KV, Tk, d]` -> `[B, H, Tq, d]`.
-    pub fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-        match self {
-            LayerAttention::Flash(plan) => attention(q, k, v, plan),
-            LayerAttention::Reference(mask) => {
-                let [b, h, tq, d] = q.dims();
-                let [_, kvh, tk, _] = k.dims();
-                let n_rep = h / kvh;
-                let repeat = |x: Tensor<B, 4>| {
-                    if n_rep == 1 {
-                        x
-                    } else {
-                        x.unsqueeze_dim::<5>(2)
-                            .expand([b, kvh, n_rep, tk, d])
-                            .reshape([b, h, tk, d])
-                    }
-                };
-                let opts = burn::tensor::ops::AttentionModuleOptions {
-                    scale: None,
-                    softcap: None,
-                    is_causal: false,
-                };
-                burn::tensor::module::attention(
-                    q,
-                    repeat(k),
-                    repeat(v),
-                    Some(mask.clone().expand([b, h, tq, tk])),
-                    None,
-                    opts,
-                )
-            }
-        }
-    }
-
-    /// Score elements the attention of one layer computes per head group (flash: the visited
-    /// tiles; reference: the whole `Tq x Tk` matrix per row).
-    pub fn score_elements(&self) -> usize {
-        match self {
-            LayerAttention::Flash(plan) => plan.score_elements(),
-            LayerAttention::Reference(mask) => mask.dims().iter().product(),
-        }
     }
 }

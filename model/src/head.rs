@@ -17,16 +17,12 @@
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::Autodiff;
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, FloatDType, TensorData, TensorPrimitive};
-
-use crate::attention::ModelBackend;
 
 /// Rows of the head processed at once (the logits of one chunk are `chunk x vocab` floats).
 pub const HEAD_CHUNK: usize = 1024;
@@ -140,7 +136,7 @@ pub fn head_logprobs_backward<B: Backend>(
 }
 
 #[derive(Debug)]
-struct HeadLogprobsBackward;
+pub(crate) struct HeadLogprobsBackward;
 
 impl<B: Backend> Backward<B, 2> for HeadLogprobsBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, Arc<HeadTargets>);
@@ -161,37 +157,5 @@ impl<B: Backend> Backward<B, 2> for HeadLogprobsBackward {
         if let Some(node) = node_w {
             grads.register::<B>(node.id, dw.into_primitive().tensor());
         }
-    }
-}
-
-/// `log_softmax(h W / T)[targets]` for rows `h [N, C]` and head `w [C, V]`: `[N]`, f32.
-pub fn target_logprobs<B: ModelBackend>(
-    h: Tensor<B, 2>,
-    w: Tensor<B, 2>,
-    t: &Arc<HeadTargets>,
-) -> Tensor<B, 1> {
-    float(B::head_logprobs_op(
-        h.into_primitive().tensor(),
-        w.into_primitive().tensor(),
-        t,
-    ))
-}
-
-/// The autodiff node of [`ModelBackend::head_logprobs_op`] on `Autodiff<B, C>`.
-pub(crate) fn head_logprobs_autodiff<B: ModelBackend, C: CheckpointStrategy>(
-    h: FloatTensor<Autodiff<B, C>>,
-    w: FloatTensor<Autodiff<B, C>>,
-    t: &Arc<HeadTargets>,
-) -> FloatTensor<Autodiff<B, C>> {
-    match HeadLogprobsBackward
-        .prepare::<C>([h.node.clone(), w.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let out = B::head_logprobs_op(h.primitive.clone(), w.primitive.clone(), t);
-            prep.finish((h.primitive, w.primitive, t.clone()), out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(B::head_logprobs_op(h.primitive, w.primitive, t)),
     }
 }

@@ -5,6 +5,7 @@
 //! `shared/reference/qwen2_5_vl.md` for the formulas. No training code lives here.
 
 pub mod attention;
+pub mod backend;
 pub mod config;
 pub mod head;
 pub mod kv;
@@ -15,7 +16,8 @@ pub mod text;
 pub mod vision;
 pub mod weights;
 
-pub use attention::{AttentionImpl, AttentionMask, ModelBackend, Tiles, TrainBackend};
+pub use attention::{AttentionImpl, AttentionMask, Tiles};
+pub use backend::{ModelBackend, TrainBackend};
 pub use config::{Qwen25VlConfig, TextConfig, TokenIds, VisionConfig};
 pub use model::{copy_aux_files, LayerInputs, ModelInput, Qwen25VL};
 pub use text::KvCache;

@@ -9,10 +9,12 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use crate::attention::{AttentionImpl, AttentionMask, LayerAttention, ModelBackend};
+use crate::attention::{AttentionImpl, AttentionMask};
+use crate::backend::ModelBackend;
 use crate::config::Qwen25VlConfig;
 use crate::kv::CohortKv;
-use crate::nn::{cast_like, int1, linear_export, linear_init, linear_load, tensor2};
+use crate::nn::LayerAttention;
+use crate::nn::{cast_like, int1, tensor2, Weights};
 use crate::rope;
 use crate::text::{KvCache, TextModel};
 use crate::vision::VisionTower;
@@ -108,18 +110,34 @@ pub struct Qwen25VL<B: Backend> {
 }
 
 impl<B: Backend> Qwen25VL<B> {
+    /// The model's weights: the vision tower, the language model and the head (see
+    /// [`Weights`]: init, load and export all run through this).
+    fn weights(w: &mut Weights<B>, config: &Qwen25VlConfig, this: Option<&Self>) -> Result<Self> {
+        let t = &config.text;
+        let visual = VisionTower::weights(w, &config.vision, this.map(|m| &m.visual))?;
+        let model = TextModel::weights(w, t, this.map(|m| &m.model))?;
+        let lm_head = if t.tie_word_embeddings {
+            // Tied: the head is the embedding (a stored copy is dropped).
+            w.skip_if_present("lm_head.weight", &[t.vocab_size, t.hidden_size])?;
+            None
+        } else {
+            let head = this.and_then(|m| m.lm_head.as_ref());
+            Some(w.linear("lm_head", t.hidden_size, t.vocab_size, false, head)?)
+        };
+        Ok(Self {
+            visual,
+            model,
+            lm_head,
+            config: config.clone(),
+            attention: AttentionImpl::default(),
+        })
+    }
+
     /// Random init (HF's: normal std 0.02, zero biases, unit norms). Seed the backend first
     /// (`B::seed`) for a reproducible model.
     pub fn init(config: &Qwen25VlConfig, device: &B::Device) -> Self {
-        let t = &config.text;
-        Self {
-            visual: VisionTower::init(&config.vision, device),
-            model: TextModel::init(t, device),
-            lm_head: (!t.tie_word_embeddings)
-                .then(|| linear_init(t.hidden_size, t.vocab_size, false, device)),
-            config: config.clone(),
-            attention: AttentionImpl::default(),
-        }
+        Self::weights(&mut Weights::Init(device), config, None)
+            .expect("a random initialisation reads nothing")
     }
 
     /// Load an HF model directory (config.json + safetensors, single or sharded).
@@ -134,45 +152,17 @@ impl<B: Backend> Qwen25VL<B> {
         device: &B::Device,
     ) -> Result<Self> {
         let mut r = WeightReader::open(dir)?;
-        let t = &config.text;
-        let visual = VisionTower::load(&config.vision, &mut r, device)?;
-        let model = TextModel::load(t, &mut r, device)?;
-        let lm_head = if t.tie_word_embeddings {
-            // Tied: the head is the embedding. A stored copy is read (so it is not reported as
-            // unexpected) and dropped, as transformers does when it ties the weights.
-            if r.contains("lm_head.weight") {
-                r.take("lm_head.weight", &[t.vocab_size, t.hidden_size])?;
-            }
-            None
-        } else {
-            Some(linear_load(
-                &mut r,
-                "lm_head",
-                t.hidden_size,
-                t.vocab_size,
-                false,
-                device,
-            )?)
-        };
+        let model = Self::weights(&mut Weights::Load(&mut r, device), &config, None)?;
         r.finish()?;
-        Ok(Self {
-            visual,
-            model,
-            lm_head,
-            config,
-            attention: AttentionImpl::default(),
-        })
+        Ok(model)
     }
 
     /// Every tensor under its HF name (original scheme) and `[out, in]` layout, read from the
     /// device one at a time when asked for (see [`ExportTensor`]).
     pub fn exports(&self) -> Vec<ExportTensor> {
         let mut out = Vec::new();
-        self.visual.export(&mut out);
-        self.model.export(&mut out);
-        if let Some(head) = &self.lm_head {
-            linear_export(head, "lm_head", &mut out);
-        }
+        Self::weights(&mut Weights::Export(&mut out), &self.config, Some(self))
+            .expect("every part of the model is there to export");
         out
     }
 
@@ -262,7 +252,7 @@ impl<B: ModelBackend> Qwen25VL<B> {
             temperature,
             chunk: crate::head::HEAD_CHUNK,
         });
-        crate::head::target_logprobs(rows, w, &t)
+        crate::backend::target_logprobs(rows, w, &t)
     }
 
     /// Input embeddings `[B, T, C]` with the vision tower's output placed at the image pad tokens.

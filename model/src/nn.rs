@@ -1,12 +1,17 @@
 //! Small building blocks shared by the vision tower and the language model: RMSNorm, linear
-//! layers loaded from / exported to HF's `[out, in]` layout, and host <-> tensor helpers.
+//! layers loaded from / exported to HF's `[out, in]` layout, the attention of a layer
+//! ([`LayerAttention`]), and host <-> tensor helpers.
 
 use anyhow::Result;
 use burn::module::{Module, ModuleMapper, Param};
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType, TensorData};
 
+use std::sync::Arc;
+
+use crate::attention::{AttentionImpl, AttentionMask, AttentionPlan, Tiles};
+use crate::backend::{attention, ModelBackend};
 use crate::weights::{Chunk, ExportTensor, NamedTensor, WeightReader};
 
 /// Standard deviation of the random init (HF `initializer_range`).
@@ -134,6 +139,134 @@ pub fn linear_export<B: Backend>(lin: &Linear<B>, prefix: &str, out: &mut Vec<Ex
     if let Some(b) = &lin.bias {
         out.push(ExportTensor::of(&format!("{prefix}.bias"), b.val()));
     }
+}
+
+/// Where the weights of a layer come from, or go: HF's random initialisation (normal, std 0.02;
+/// zero biases, unit norms), a checkpoint, or, to export, the layer itself, whose tensors are
+/// written under their HF names and layout. Each layer declares its weights once, by HF name,
+/// shape and field, in a `weights` function that all three run through; `this` is the layer
+/// being exported (`None` when initialising or loading), and the function returns the layer
+/// (when exporting: a copy of it, sharing its tensors).
+pub enum Weights<'a, B: Backend> {
+    Init(&'a B::Device),
+    Load(&'a mut WeightReader, &'a B::Device),
+    Export(&'a mut Vec<ExportTensor>),
+}
+
+impl<B: Backend> Weights<'_, B> {
+    /// A linear layer `d_in -> d_out`: HF `{name}.weight` `[d_out, d_in]` (+ `{name}.bias`).
+    pub fn linear(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        this: Option<&Linear<B>>,
+    ) -> Result<Linear<B>> {
+        match self {
+            Weights::Init(device) => Ok(linear_init(d_in, d_out, bias, *device)),
+            Weights::Load(r, device) => linear_load(r, name, d_in, d_out, bias, *device),
+            Weights::Export(out) => {
+                let lin = exported(this, name)?;
+                linear_export(&lin, name, out);
+                Ok(lin)
+            }
+        }
+    }
+
+    /// A bias-free linear layer `d_in -> d_out` whose HF weight `name` has `shape` (a
+    /// convolution's, read as the `[d_out, d_in]` matrix).
+    pub fn linear_shaped(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        d_in: usize,
+        d_out: usize,
+        this: Option<&Linear<B>>,
+    ) -> Result<Linear<B>> {
+        match self {
+            Weights::Init(device) => Ok(linear_init(d_in, d_out, false, *device)),
+            Weights::Load(r, device) => {
+                let w = r.take_transposed_as(name, shape, d_out, d_in)?;
+                let weight = Param::from_tensor(tensor2(w, [d_in, d_out], *device));
+                Ok(Linear { weight, bias: None })
+            }
+            Weights::Export(out) => {
+                let lin = exported(this, name)?;
+                out.push(export_transposed(
+                    name.into(),
+                    shape.to_vec(),
+                    lin.weight.val(),
+                ));
+                Ok(lin)
+            }
+        }
+    }
+
+    /// An RMSNorm of `dim` (HF `{name}`, the weight itself).
+    pub fn norm(
+        &mut self,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        this: Option<&RmsNorm<B>>,
+    ) -> Result<RmsNorm<B>> {
+        match self {
+            Weights::Init(device) => Ok(RmsNorm::init(dim, eps, *device)),
+            Weights::Load(r, device) => RmsNorm::load(r, name, dim, eps, *device),
+            Weights::Export(out) => {
+                let norm = exported(this, name)?;
+                norm.export(name, out);
+                Ok(norm)
+            }
+        }
+    }
+
+    /// An embedding table `[vocab, dim]` (HF `{name}`).
+    pub fn embedding(
+        &mut self,
+        name: &str,
+        vocab: usize,
+        dim: usize,
+        this: Option<&Embedding<B>>,
+    ) -> Result<Embedding<B>> {
+        match self {
+            Weights::Init(device) => Ok(EmbeddingConfig::new(vocab, dim)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: INIT_STD,
+                })
+                .init(*device)),
+            Weights::Load(r, device) => {
+                let w = r.take(name, &[vocab, dim])?;
+                Ok(Embedding {
+                    weight: Param::from_tensor(tensor2(w, [vocab, dim], *device)),
+                })
+            }
+            Weights::Export(out) => {
+                let emb = exported(this, name)?;
+                out.push(ExportTensor::of(name, emb.weight.val()));
+                Ok(emb)
+            }
+        }
+    }
+
+    /// A stored tensor the model does not keep (a tied head's copy of the embedding): read and
+    /// dropped when loading, so that it is not reported as unexpected, as transformers does.
+    pub fn skip_if_present(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        if let Weights::Load(r, _) = self {
+            if r.contains(name) {
+                r.take(name, shape)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The part being exported.
+fn exported<T: Clone>(this: Option<&T>, name: &str) -> Result<T> {
+    this.cloned()
+        .ok_or_else(|| anyhow::anyhow!("exporting `{name}`: the layer to export is missing"))
 }
 
 pub fn tensor1<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
@@ -338,6 +471,78 @@ pub fn cast_float_params<B: Backend, M: Module<B>>(module: M, dtype: FloatDType)
         }
     }
     module.map(&mut Cast(dtype))
+}
+
+/// The attention of one forward pass (one mask, one shape), shared by every layer.
+#[derive(Debug, Clone)]
+pub enum LayerAttention<B: Backend> {
+    Flash(Arc<AttentionPlan>),
+    /// The dense mask `[B, 1, Tq, Tk]`, true where masked.
+    Reference(Tensor<B, 4, Bool>),
+}
+
+impl<B: ModelBackend> LayerAttention<B> {
+    /// For `len_q` queries over the mask's keys. With few queries (decoding) the keys form one
+    /// tile: a single product per layer, as plain attention.
+    pub fn new(imp: AttentionImpl, mask: &AttentionMask, len_q: usize, device: &B::Device) -> Self {
+        match imp {
+            AttentionImpl::Flash(tiles) => {
+                let tiles = if len_q <= 16 {
+                    Tiles {
+                        q: len_q.max(1),
+                        k: mask.len_k().max(1),
+                    }
+                } else {
+                    tiles
+                };
+                LayerAttention::Flash(Arc::new(AttentionPlan::new(mask, len_q, tiles)))
+            }
+            AttentionImpl::Reference => LayerAttention::Reference(mask.dense_mask(len_q, device)),
+        }
+    }
+
+    /// q `[B, H, Tq, d]`, k and v `[B, KV, Tk, d]` -> `[B, H, Tq, d]`.
+    pub fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self {
+            LayerAttention::Flash(plan) => attention(q, k, v, plan),
+            LayerAttention::Reference(mask) => {
+                let [b, h, tq, d] = q.dims();
+                let [_, kvh, tk, _] = k.dims();
+                let n_rep = h / kvh;
+                let repeat = |x: Tensor<B, 4>| {
+                    if n_rep == 1 {
+                        x
+                    } else {
+                        x.unsqueeze_dim::<5>(2)
+                            .expand([b, kvh, n_rep, tk, d])
+                            .reshape([b, h, tk, d])
+                    }
+                };
+                let opts = burn::tensor::ops::AttentionModuleOptions {
+                    scale: None,
+                    softcap: None,
+                    is_causal: false,
+                };
+                burn::tensor::module::attention(
+                    q,
+                    repeat(k),
+                    repeat(v),
+                    Some(mask.clone().expand([b, h, tq, tk])),
+                    None,
+                    opts,
+                )
+            }
+        }
+    }
+
+    /// Score elements the attention of one layer computes per head group (flash: the visited
+    /// tiles; reference: the whole `Tq x Tk` matrix per row).
+    pub fn score_elements(&self) -> usize {
+        match self {
+            LayerAttention::Flash(plan) => plan.score_elements(),
+            LayerAttention::Reference(mask) => mask.dims().iter().product(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,16 +1,12 @@
 //! The language model: Qwen2 decoder layers with GQA, q/k/v bias, M-RoPE and a KV cache.
 
-use crate::attention::{LayerAttention, ModelBackend};
+use crate::backend::ModelBackend;
 use crate::config::TextConfig;
 use crate::kv::{cohort_decode_attention, CohortKv};
-use crate::nn::{
-    apply_rotary, linear_export, linear_init, linear_load, linear_rows, silu, tensor2, RmsNorm,
-    INIT_STD,
-};
-use crate::weights::{ExportTensor, WeightReader};
+use crate::nn::{apply_rotary, linear_rows, silu, LayerAttention, RmsNorm, Weights};
 use anyhow::Result;
-use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
+use burn::module::Module;
+use burn::nn::{Embedding, Linear};
 use burn::prelude::*;
 
 /// Keys and values of every layer for the tokens seen so far, plus what decoding needs to
@@ -45,24 +41,6 @@ impl<B: Backend> KvCache<B> {
 
     pub fn batch_size(&self) -> usize {
         self.key_valid.len()
-    }
-
-    /// Keep only the given batch rows (in that order), e.g. to drop finished sequences.
-    pub fn retain_rows(&mut self, rows: &[usize]) {
-        if rows.len() == self.batch_size() && rows.iter().enumerate().all(|(i, &r)| i == r) {
-            return;
-        }
-        let device = match self.layers.iter().flatten().next() {
-            Some((k, _)) => k.device(),
-            None => return,
-        };
-        let idx = crate::nn::int1::<B>(rows, &device);
-        for layer in self.layers.iter_mut().flatten() {
-            layer.0 = layer.0.clone().select(0, idx.clone());
-            layer.1 = layer.1.clone().select(0, idx.clone());
-        }
-        self.rope_deltas = rows.iter().map(|&r| self.rope_deltas[r]).collect();
-        self.key_valid = rows.iter().map(|&r| self.key_valid[r].clone()).collect();
     }
 }
 
@@ -220,147 +198,124 @@ pub struct TextModel<B: Backend> {
     pub norm: RmsNorm<B>,
 }
 
-impl<B: Backend> TextModel<B> {
-    pub fn init(cfg: &TextConfig, device: &B::Device) -> Self {
-        let c = cfg.hidden_size;
+impl<B: Backend> DecoderLayer<B> {
+    /// The layer's weights under `{p}.` (`model.layers.{i}`): see [`Weights`].
+    pub fn weights(
+        w: &mut Weights<B>,
+        p: &str,
+        cfg: &TextConfig,
+        this: Option<&Self>,
+    ) -> Result<Self> {
+        let (c, mi, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
         let (h, kvh, d) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|_| DecoderLayer {
-                input_layernorm: RmsNorm::init(c, cfg.rms_norm_eps, device),
-                post_attention_layernorm: RmsNorm::init(c, cfg.rms_norm_eps, device),
-                self_attn: TextAttention {
-                    q_proj: linear_init(c, h * d, true, device),
-                    k_proj: linear_init(c, kvh * d, true, device),
-                    v_proj: linear_init(c, kvh * d, true, device),
-                    o_proj: linear_init(h * d, c, false, device),
-                    num_heads: h,
-                    num_kv_heads: kvh,
-                    head_dim: d,
-                },
-                mlp: TextMlp {
-                    gate_proj: linear_init(c, cfg.intermediate_size, false, device),
-                    up_proj: linear_init(c, cfg.intermediate_size, false, device),
-                    down_proj: linear_init(cfg.intermediate_size, c, false, device),
-                },
-            })
-            .collect();
-        Self {
-            embed_tokens: EmbeddingConfig::new(cfg.vocab_size, c)
-                .with_initializer(Initializer::Normal {
-                    mean: 0.0,
-                    std: INIT_STD,
-                })
-                .init(device),
-            layers,
-            norm: RmsNorm::init(c, cfg.rms_norm_eps, device),
-        }
-    }
-
-    pub fn load(cfg: &TextConfig, r: &mut WeightReader, device: &B::Device) -> Result<Self> {
-        let c = cfg.hidden_size;
-        let (h, kvh, d) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let mi = cfg.intermediate_size;
-        let eps = cfg.rms_norm_eps;
-        let embed = r.take("model.embed_tokens.weight", &[cfg.vocab_size, c])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::load(
-                    r,
-                    &format!("{p}.input_layernorm.weight"),
-                    c,
-                    eps,
-                    device,
-                )?,
-                post_attention_layernorm: RmsNorm::load(
-                    r,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    c,
-                    eps,
-                    device,
-                )?,
-                self_attn: TextAttention {
-                    q_proj: linear_load(
-                        r,
-                        &format!("{p}.self_attn.q_proj"),
-                        c,
-                        h * d,
-                        true,
-                        device,
-                    )?,
-                    k_proj: linear_load(
-                        r,
-                        &format!("{p}.self_attn.k_proj"),
-                        c,
-                        kvh * d,
-                        true,
-                        device,
-                    )?,
-                    v_proj: linear_load(
-                        r,
-                        &format!("{p}.self_attn.v_proj"),
-                        c,
-                        kvh * d,
-                        true,
-                        device,
-                    )?,
-                    o_proj: linear_load(
-                        r,
-                        &format!("{p}.self_attn.o_proj"),
-                        h * d,
-                        c,
-                        false,
-                        device,
-                    )?,
-                    num_heads: h,
-                    num_kv_heads: kvh,
-                    head_dim: d,
-                },
-                mlp: TextMlp {
-                    gate_proj: linear_load(r, &format!("{p}.mlp.gate_proj"), c, mi, false, device)?,
-                    up_proj: linear_load(r, &format!("{p}.mlp.up_proj"), c, mi, false, device)?,
-                    down_proj: linear_load(r, &format!("{p}.mlp.down_proj"), mi, c, false, device)?,
-                },
-            });
-        }
+        let at = |name: &str| format!("{p}.{name}");
         Ok(Self {
-            embed_tokens: Embedding {
-                weight: Param::from_tensor(tensor2(embed, [cfg.vocab_size, c], device)),
+            input_layernorm: w.norm(
+                &at("input_layernorm.weight"),
+                c,
+                eps,
+                this.map(|l| &l.input_layernorm),
+            )?,
+            post_attention_layernorm: w.norm(
+                &at("post_attention_layernorm.weight"),
+                c,
+                eps,
+                this.map(|l| &l.post_attention_layernorm),
+            )?,
+            self_attn: TextAttention {
+                q_proj: w.linear(
+                    &at("self_attn.q_proj"),
+                    c,
+                    h * d,
+                    true,
+                    this.map(|l| &l.self_attn.q_proj),
+                )?,
+                k_proj: w.linear(
+                    &at("self_attn.k_proj"),
+                    c,
+                    kvh * d,
+                    true,
+                    this.map(|l| &l.self_attn.k_proj),
+                )?,
+                v_proj: w.linear(
+                    &at("self_attn.v_proj"),
+                    c,
+                    kvh * d,
+                    true,
+                    this.map(|l| &l.self_attn.v_proj),
+                )?,
+                o_proj: w.linear(
+                    &at("self_attn.o_proj"),
+                    h * d,
+                    c,
+                    false,
+                    this.map(|l| &l.self_attn.o_proj),
+                )?,
+                num_heads: h,
+                num_kv_heads: kvh,
+                head_dim: d,
             },
-            layers,
-            norm: RmsNorm::load(r, "model.norm.weight", c, eps, device)?,
+            mlp: TextMlp {
+                gate_proj: w.linear(
+                    &at("mlp.gate_proj"),
+                    c,
+                    mi,
+                    false,
+                    this.map(|l| &l.mlp.gate_proj),
+                )?,
+                up_proj: w.linear(
+                    &at("mlp.up_proj"),
+                    c,
+                    mi,
+                    false,
+                    this.map(|l| &l.mlp.up_proj),
+                )?,
+                down_proj: w.linear(
+                    &at("mlp.down_proj"),
+                    mi,
+                    c,
+                    false,
+                    this.map(|l| &l.mlp.down_proj),
+                )?,
+            },
         })
     }
+}
 
-    pub fn export(&self, out: &mut Vec<ExportTensor>) {
-        out.push(ExportTensor::of(
-            "model.embed_tokens.weight",
-            self.embed_tokens.weight.val(),
-        ));
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            l.input_layernorm
-                .export(&format!("{p}.input_layernorm.weight"), out);
-            l.post_attention_layernorm
-                .export(&format!("{p}.post_attention_layernorm.weight"), out);
-            linear_export(&l.self_attn.q_proj, &format!("{p}.self_attn.q_proj"), out);
-            linear_export(&l.self_attn.k_proj, &format!("{p}.self_attn.k_proj"), out);
-            linear_export(&l.self_attn.v_proj, &format!("{p}.self_attn.v_proj"), out);
-            linear_export(&l.self_attn.o_proj, &format!("{p}.self_attn.o_proj"), out);
-            linear_export(&l.mlp.gate_proj, &format!("{p}.mlp.gate_proj"), out);
-            linear_export(&l.mlp.up_proj, &format!("{p}.mlp.up_proj"), out);
-            linear_export(&l.mlp.down_proj, &format!("{p}.mlp.down_proj"), out);
+impl<B: Backend> TextModel<B> {
+    /// The language model's weights (`model.*`): see [`Weights`]. The layers come before the
+    /// embedding, the order of HF's random initialisation here.
+    pub fn weights(w: &mut Weights<B>, cfg: &TextConfig, this: Option<&Self>) -> Result<Self> {
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let layer = this.map(|m| &m.layers[i]);
+            layers.push(DecoderLayer::weights(
+                w,
+                &format!("model.layers.{i}"),
+                cfg,
+                layer,
+            )?);
         }
-        self.norm.export("model.norm.weight", out);
+        let (vocab, c) = (cfg.vocab_size, cfg.hidden_size);
+        Ok(Self {
+            embed_tokens: w.embedding(
+                "model.embed_tokens.weight",
+                vocab,
+                c,
+                this.map(|m| &m.embed_tokens),
+            )?,
+            layers,
+            norm: w.norm(
+                "model.norm.weight",
+                c,
+                cfg.rms_norm_eps,
+                this.map(|m| &m.norm),
+            )?,
+        })
     }
 }
 

@@ -14,24 +14,11 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use burn::tensor::FloatDType;
 
-use crate::attention::{AttentionImpl, AttentionMask, LayerAttention, ModelBackend};
+use crate::attention::{AttentionImpl, AttentionMask};
+use crate::backend::ModelBackend;
 use crate::config::VisionConfig;
-use crate::nn::{
-    apply_rotary, int1, linear_export, linear_init, linear_load, silu, tensor2, upcast, RmsNorm,
-};
+use crate::nn::{apply_rotary, int1, silu, tensor2, upcast, LayerAttention, RmsNorm, Weights};
 use crate::rope;
-use crate::weights::{ExportTensor, WeightReader};
-
-thread_local! {
-    static FORWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Vision tower forward passes called from this thread so far (the rollout engine's tests count
-/// that a prompt's image goes through the tower once for all its samples; per thread, so tests
-/// running in parallel do not see each other's forwards).
-pub fn forward_count() -> usize {
-    FORWARDS.with(|c| c.get())
-}
 
 /// How the tokens of one forward pass split into attention segments.
 pub struct SegmentPlan<B: Backend> {
@@ -107,11 +94,6 @@ impl<B: ModelBackend> SegmentPlan<B> {
     /// Attention scores one head computes (flash: the visited tiles).
     pub fn score_elements(&self) -> usize {
         self.attn.score_elements()
-    }
-
-    /// Segments x (longest segment)^2: what a dense attention over the padded segments holds.
-    pub fn dense_score_elements(&self) -> usize {
-        self.n_seg * self.max_len * self.max_len
     }
 
     /// Non-causal attention within segments. q, k, v: `[N, heads, head_dim]` -> `[N, heads * head_dim]`.
@@ -233,128 +215,99 @@ pub struct VisionTower<B: Backend> {
     pub config: VisionConfig,
 }
 
+impl<B: Backend> VisionBlock<B> {
+    /// The block's weights under `{p}.` (`visual.blocks.{i}`): see [`Weights`].
+    pub fn weights(
+        w: &mut Weights<B>,
+        p: &str,
+        cfg: &VisionConfig,
+        this: Option<&Self>,
+    ) -> Result<Self> {
+        let (c, mi, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+        let at = |name: &str| format!("{p}.{name}");
+        Ok(Self {
+            norm1: w.norm(&at("norm1.weight"), c, eps, this.map(|b| &b.norm1))?,
+            norm2: w.norm(&at("norm2.weight"), c, eps, this.map(|b| &b.norm2))?,
+            attn: VisionAttention {
+                qkv: w.linear(&at("attn.qkv"), c, 3 * c, true, this.map(|b| &b.attn.qkv))?,
+                proj: w.linear(&at("attn.proj"), c, c, true, this.map(|b| &b.attn.proj))?,
+                num_heads: cfg.num_heads,
+            },
+            mlp: VisionMlp {
+                gate_proj: w.linear(
+                    &at("mlp.gate_proj"),
+                    c,
+                    mi,
+                    true,
+                    this.map(|b| &b.mlp.gate_proj),
+                )?,
+                up_proj: w.linear(
+                    &at("mlp.up_proj"),
+                    c,
+                    mi,
+                    true,
+                    this.map(|b| &b.mlp.up_proj),
+                )?,
+                down_proj: w.linear(
+                    &at("mlp.down_proj"),
+                    mi,
+                    c,
+                    true,
+                    this.map(|b| &b.mlp.down_proj),
+                )?,
+            },
+        })
+    }
+}
+
 impl<B: Backend> VisionTower<B> {
-    pub fn init(cfg: &VisionConfig, device: &B::Device) -> Self {
-        let c = cfg.hidden_size;
-        let unit = cfg.merge_unit();
-        let blocks = (0..cfg.depth)
-            .map(|_| VisionBlock {
-                norm1: RmsNorm::init(c, cfg.rms_norm_eps, device),
-                norm2: RmsNorm::init(c, cfg.rms_norm_eps, device),
-                attn: VisionAttention {
-                    qkv: linear_init(c, 3 * c, true, device),
-                    proj: linear_init(c, c, true, device),
-                    num_heads: cfg.num_heads,
-                },
-                mlp: VisionMlp {
-                    gate_proj: linear_init(c, cfg.intermediate_size, true, device),
-                    up_proj: linear_init(c, cfg.intermediate_size, true, device),
-                    down_proj: linear_init(cfg.intermediate_size, c, true, device),
-                },
-            })
-            .collect();
-        Self {
-            patch_embed: linear_init(cfg.patch_dim(), c, false, device),
+    /// The tower's weights (`visual.*`): see [`Weights`]. The blocks come first, the order of
+    /// HF's random initialisation here. The patch embedding is a Conv3d `[C, in, t, p, p]`, the
+    /// linear map `[C, patch_dim]` in the processor's order.
+    pub fn weights(w: &mut Weights<B>, cfg: &VisionConfig, this: Option<&Self>) -> Result<Self> {
+        let mut blocks = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let block = this.map(|t| &t.blocks[i]);
+            blocks.push(VisionBlock::weights(
+                w,
+                &format!("visual.blocks.{i}"),
+                cfg,
+                block,
+            )?);
+        }
+        let (c, unit, eps) = (cfg.hidden_size, cfg.merge_unit(), cfg.rms_norm_eps);
+        let (t, p) = (cfg.temporal_patch_size, cfg.patch_size);
+        let conv = [c, cfg.in_channels, t, p, p];
+        let merger = this.map(|t| &t.merger);
+        Ok(Self {
+            patch_embed: w.linear_shaped(
+                "visual.patch_embed.proj.weight",
+                &conv,
+                cfg.patch_dim(),
+                c,
+                this.map(|t| &t.patch_embed),
+            )?,
             blocks,
             merger: PatchMerger {
-                ln_q: RmsNorm::init(c, cfg.rms_norm_eps, device),
-                mlp0: linear_init(c * unit, c * unit, true, device),
-                mlp2: linear_init(c * unit, cfg.out_hidden_size, true, device),
+                ln_q: w.norm("visual.merger.ln_q.weight", c, eps, merger.map(|m| &m.ln_q))?,
+                mlp0: w.linear(
+                    "visual.merger.mlp.0",
+                    c * unit,
+                    c * unit,
+                    true,
+                    merger.map(|m| &m.mlp0),
+                )?,
+                mlp2: w.linear(
+                    "visual.merger.mlp.2",
+                    c * unit,
+                    cfg.out_hidden_size,
+                    true,
+                    merger.map(|m| &m.mlp2),
+                )?,
                 unit,
             },
             config: cfg.clone(),
-        }
-    }
-
-    pub fn load(cfg: &VisionConfig, r: &mut WeightReader, device: &B::Device) -> Result<Self> {
-        let c = cfg.hidden_size;
-        let unit = cfg.merge_unit();
-        let eps = cfg.rms_norm_eps;
-        let mi = cfg.intermediate_size;
-        // Conv3d weight [C, in, t, p, p] is the linear map [C, patch_dim] in the processor's order.
-        let pe = r.take_transposed_as(
-            "visual.patch_embed.proj.weight",
-            &[
-                c,
-                cfg.in_channels,
-                cfg.temporal_patch_size,
-                cfg.patch_size,
-                cfg.patch_size,
-            ],
-            c,
-            cfg.patch_dim(),
-        )?;
-        let patch_embed = Linear {
-            weight: burn::module::Param::from_tensor(tensor2(pe, [cfg.patch_dim(), c], device)),
-            bias: None,
-        };
-        let mut blocks = Vec::with_capacity(cfg.depth);
-        for i in 0..cfg.depth {
-            let p = format!("visual.blocks.{i}");
-            blocks.push(VisionBlock {
-                norm1: RmsNorm::load(r, &format!("{p}.norm1.weight"), c, eps, device)?,
-                norm2: RmsNorm::load(r, &format!("{p}.norm2.weight"), c, eps, device)?,
-                attn: VisionAttention {
-                    qkv: linear_load(r, &format!("{p}.attn.qkv"), c, 3 * c, true, device)?,
-                    proj: linear_load(r, &format!("{p}.attn.proj"), c, c, true, device)?,
-                    num_heads: cfg.num_heads,
-                },
-                mlp: VisionMlp {
-                    gate_proj: linear_load(r, &format!("{p}.mlp.gate_proj"), c, mi, true, device)?,
-                    up_proj: linear_load(r, &format!("{p}.mlp.up_proj"), c, mi, true, device)?,
-                    down_proj: linear_load(r, &format!("{p}.mlp.down_proj"), mi, c, true, device)?,
-                },
-            });
-        }
-        let merger = PatchMerger {
-            ln_q: RmsNorm::load(r, "visual.merger.ln_q.weight", c, eps, device)?,
-            mlp0: linear_load(r, "visual.merger.mlp.0", c * unit, c * unit, true, device)?,
-            mlp2: linear_load(
-                r,
-                "visual.merger.mlp.2",
-                c * unit,
-                cfg.out_hidden_size,
-                true,
-                device,
-            )?,
-            unit,
-        };
-        Ok(Self {
-            patch_embed,
-            blocks,
-            merger,
-            config: cfg.clone(),
         })
-    }
-
-    pub fn export(&self, out: &mut Vec<ExportTensor>) {
-        let cfg = &self.config;
-        let c = cfg.hidden_size;
-        let w = self.patch_embed.weight.val();
-        out.push(crate::nn::export_transposed(
-            "visual.patch_embed.proj.weight".into(),
-            vec![
-                c,
-                cfg.in_channels,
-                cfg.temporal_patch_size,
-                cfg.patch_size,
-                cfg.patch_size,
-            ],
-            w,
-        ));
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("visual.blocks.{i}");
-            b.norm1.export(&format!("{p}.norm1.weight"), out);
-            b.norm2.export(&format!("{p}.norm2.weight"), out);
-            linear_export(&b.attn.qkv, &format!("{p}.attn.qkv"), out);
-            linear_export(&b.attn.proj, &format!("{p}.attn.proj"), out);
-            linear_export(&b.mlp.gate_proj, &format!("{p}.mlp.gate_proj"), out);
-            linear_export(&b.mlp.up_proj, &format!("{p}.mlp.up_proj"), out);
-            linear_export(&b.mlp.down_proj, &format!("{p}.mlp.down_proj"), out);
-        }
-        self.merger.ln_q.export("visual.merger.ln_q.weight", out);
-        linear_export(&self.merger.mlp0, "visual.merger.mlp.0", out);
-        linear_export(&self.merger.mlp2, "visual.merger.mlp.2", out);
     }
 }
 
@@ -373,7 +326,6 @@ impl<B: ModelBackend> VisionTower<B> {
         grids: &[[usize; 3]],
         imp: AttentionImpl,
     ) -> Tensor<B, 2> {
-        FORWARDS.with(|c| c.set(c.get() + 1));
         let cfg = &self.config;
         let device = pixel_values.device();
         let [n, _] = pixel_values.dims();

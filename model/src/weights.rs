@@ -9,7 +9,7 @@
 //!
 //! Writing: HF names (original scheme), `[out, in]` layout, sharded with an index when large.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -156,18 +156,6 @@ impl WeightReader {
 
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
-    }
-
-    /// The dtype of the first tensor (for "save in the dtype we loaded").
-    pub fn dominant_dtype(&self) -> Option<Dtype> {
-        let mut counts: BTreeMap<String, (usize, Dtype)> = BTreeMap::new();
-        for e in self.entries.values() {
-            let c = counts
-                .entry(format!("{:?}", e.dtype))
-                .or_insert((0, e.dtype));
-            c.0 += e.end - e.start;
-        }
-        counts.into_values().max_by_key(|c| c.0).map(|c| c.1)
     }
 
     /// Take tensor `name` (canonical), checking its shape; returns the values as f32.
@@ -447,14 +435,6 @@ pub enum SaveDtype {
 }
 
 impl SaveDtype {
-    pub fn from_safetensors(d: Dtype) -> Self {
-        match d {
-            Dtype::BF16 => Self::BF16,
-            Dtype::F16 => Self::F16,
-            _ => Self::F32,
-        }
-    }
-
     pub fn torch_name(self) -> &'static str {
         match self {
             Self::F32 => "float32",

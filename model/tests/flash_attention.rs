@@ -9,7 +9,9 @@ use std::sync::Arc;
 use burn::backend::{Autodiff, NdArray};
 use burn::prelude::*;
 use burn::tensor::{Distribution, TensorData};
-use infimed_model::attention::{attention, AttentionMask, AttentionPlan, LayerAttention, Tiles};
+use infimed_model::attention::{AttentionMask, AttentionPlan, Tiles};
+use infimed_model::backend::attention;
+use infimed_model::nn::LayerAttention;
 use infimed_model::AttentionImpl;
 use proptest::prelude::*;
 
