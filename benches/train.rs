@@ -23,6 +23,7 @@ use infimed::learn::batch::collate;
 use infimed::learn::logprobs::token_nll_sum;
 use infimed::learn::optim::OptimizerConfig;
 use infimed::learn::optim::{adamw, clip_grad_norm};
+use infimed::learn::recipe::Recipe;
 use infimed::model::{Qwen25VL, Qwen25VlConfig};
 
 type B = NdArray<f32>;

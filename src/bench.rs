@@ -27,11 +27,12 @@ use crate::backend::{
 use crate::data::encode::Encoded;
 use crate::learn::batch::{collate, collate_packed, MicroBatch};
 use crate::learn::freeze::{apply_freeze, assign_stable_param_ids, FreezeConfig};
-use crate::learn::logprobs::token_nll_sum_of;
 use crate::learn::optim::OptimizerConfig;
-use crate::learn::run::{accumulate_gradients, Trainee};
-use crate::model::{AttentionImpl, ModelInput, Qwen25VL, Qwen25VlConfig, Tiles, TrainBackend};
+use crate::learn::parallel::Rank;
+use crate::learn::run::Trainee;
+use crate::model::{AttentionImpl, Qwen25VL, Qwen25VlConfig, Tiles, TrainBackend};
 use crate::sft::plan::{memory_estimate, param_counts, ActivationShape};
+use crate::sft::step::sft_step;
 
 /// `infimed bench <what>`.
 #[derive(clap::Args, Debug, Clone)]
@@ -300,12 +301,12 @@ pub fn sft_batch(vocab: usize, batch: usize, seq: usize, packing: bool) -> Micro
     }
 }
 
-/// One SFT step runner: the learner's accumulate -> clip -> AdamW on a fixed micro-batch.
+/// The SFT learner's own step ([`sft_step`]) on one batch, over and over: random weights of a
+/// shape (seeded), lr 1e-5, the gradient norm clipped at 1.0, one rank.
 pub struct SftStepper<B: TrainBackend> {
     pub trainee: Trainee<B>,
     pub batch: MicroBatch,
-    pub precision: Precision,
-    pub checkpointing: GradientCheckpointing,
+    device: B::Device,
 }
 
 impl<B: TrainBackend> SftStepper<B> {
@@ -323,31 +324,31 @@ impl<B: TrainBackend> SftStepper<B> {
             assign_stable_param_ids(Qwen25VL::<B>::init(cfg, device).with_attention(attention)),
             freeze,
         );
-        let trainee = Trainee::new(model, &OptimizerConfig::with_lr(1e-5));
+        let trainee = Trainee::new(
+            model,
+            &OptimizerConfig::with_lr(1e-5),
+            precision,
+            checkpointing,
+        );
         Self {
             trainee,
             batch,
-            precision,
-            checkpointing,
+            device: device.clone(),
         }
     }
 
     /// One optimizer step; the loss.
     pub fn step(&mut self) -> Result<f64> {
-        let denom = self.batch.target_tokens.max(1) as f64;
-        let inputs: Vec<&ModelInput> = vec![&self.batch.input];
-        let batch = &self.batch;
-        let (loss, grads) = accumulate_gradients(
-            self.trainee.model(),
-            self.precision,
-            self.checkpointing,
-            &inputs,
-            0,
+        let batch = std::slice::from_ref(&self.batch);
+        let out = sft_step(
+            &mut self.trainee,
+            batch,
+            1e-5,
+            &Rank::single(),
+            &self.device,
             |_| "bench".into(),
-            |m, _, hidden| Ok(token_nll_sum_of(m, batch, hidden).div_scalar(denom)),
         )?;
-        self.trainee.update(grads, 1e-5, 1.0);
-        Ok(loss)
+        Ok(out.loss)
     }
 }
 

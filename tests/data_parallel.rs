@@ -7,6 +7,7 @@
 //!   4 ranks, for SFT and for GRPO; killing either one makes the other fail within 60 s naming the lost ranks, and the
 //!   last checkpoint resumes.
 
+use infimed::learn::recipe::Recipe;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ use infimed::data::lengths::{cache_path, sample_lengths, LengthEncoder, SampleLe
 use infimed::data::sharegpt::read_sharegpt;
 use infimed::inputs::Processor;
 use infimed::learn::batch::MicroBatch;
+use infimed::learn::recipe::Recipe;
 use infimed::sft::data::{Loader, SftData};
 use infimed::sft::recipe::SftRecipe;
 

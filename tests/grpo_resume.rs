@@ -6,6 +6,7 @@
 use burn::backend::{Autodiff, NdArray};
 use infimed::demo::{write_demo_data, DemoDataConfig};
 use infimed::grpo::{train_grpo, GrpoRecipe};
+use infimed::learn::recipe::Recipe;
 
 type B = Autodiff<NdArray<f32>>;
 

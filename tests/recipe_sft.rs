@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use infimed::learn::recipe::Recipe;
 use infimed::learn::schedule::{lr_at, warmup_steps};
 use infimed::model::Qwen25VlConfig;
 use infimed::sft::plan::{

@@ -25,11 +25,11 @@ pub enum Command {
     /// Log-likelihood of the last assistant turn of each sharegpt record.
     Score(score::ScoreArgs),
     /// Supervised fine-tuning from a TOML recipe (`--dry-run` prints the plan).
-    Sft(crate::sft::SftArgs),
+    Sft(crate::learn::trainer::TrainArgs),
     /// Generate answers (greedy or sampled) for one prompt or a sharegpt JSONL.
     Generate(generate::GenerateArgs),
     /// GRPO (RL with verifiable rewards) from a TOML recipe (`--dry-run` prints the plan).
-    Grpo(crate::grpo::GrpoArgs),
+    Grpo(crate::learn::trainer::TrainArgs),
     /// Score responses with the verifiable rewards (format + accuracy) and print a summary.
     Reward(reward::RewardArgs),
     /// Score benchmark responses (accuracy per benchmark, Table 1 layout).

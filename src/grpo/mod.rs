@@ -1,6 +1,7 @@
 //! GRPO (RLVR) for the InfiMed-RL stage: [`recipe`], [`plan`] (`--dry-run`), [`data`] (prompt
-//! records and their order), [`rollout`] (sampled responses, rewards, advantages), [`algos`] and the
-//! [`learner`].
+//! records and their order), [`rollout`] (sampled responses, rewards, advantages), [`algos`], the
+//! [`objective`] assembled from them, the updates of a [`step`], its [`metrics`], and the
+//! [`learner`] that the training loop ([`crate::learn::trainer`]) runs.
 //!
 //! [`algos`] holds the core algorithms as small pure functions, one per formula, as verl keeps them in
 //! `verl/trainer/ppo/core_algos.py`: group-normalised advantages, the clipped (dual-clip) policy loss,
@@ -24,9 +25,12 @@
 pub mod algos;
 pub mod data;
 pub mod learner;
+pub mod metrics;
+pub mod objective;
 pub mod plan;
 pub mod recipe;
 pub mod rollout;
+pub mod step;
 
-pub use learner::{train_grpo, GrpoArgs, GrpoSummary};
+pub use learner::{train_grpo, GrpoSummary};
 pub use recipe::GrpoRecipe;

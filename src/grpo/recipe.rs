@@ -10,15 +10,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendKind;
+use crate::backend::{BackendArgs, BackendKind};
 use crate::grpo::algos::{KlKind, LossAgg};
 use crate::learn::freeze::FreezeConfig;
 use crate::learn::optim::OptimizerConfig;
-use crate::learn::recipe::{check_model, check_precision_backend, load_toml, Precision};
+use crate::learn::recipe::{check_model, check_precision_backend, Precision, Recipe};
+use crate::learn::run::TraineeSpec;
 use crate::learn::schedule::{ScheduleConfig, ScheduleKind};
+use crate::learn::trainer::RunSettings;
 use crate::rewards::{FormatKind, RewardConfig};
 
 /// How prompts are sampled.
@@ -257,32 +258,9 @@ fn constant_schedule() -> ScheduleConfig {
     }
 }
 
-impl GrpoRecipe {
-    pub fn from_file(path: impl AsRef<Path>, overrides: &[String]) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read recipe", path.display()))?;
-        Self::from_str_with(&text, &path.display().to_string(), overrides)
-    }
-
-    pub fn from_str_with(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
-        let recipe: GrpoRecipe = load_toml(text, origin, overrides)?;
-        let errors = recipe.errors();
-        if !errors.is_empty() {
-            bail!(
-                "{}",
-                errors
-                    .iter()
-                    .map(|e| format!("{origin}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-        }
-        Ok(recipe)
-    }
-
+impl Recipe for GrpoRecipe {
     /// Every problem of this recipe, each naming its field.
-    pub fn errors(&self) -> Vec<String> {
+    fn errors(&self) -> Vec<String> {
         let mut e = Vec::new();
         check_model(&self.model, "model", &mut e);
         check_precision_backend(self.precision, self.backend, &mut e);
@@ -373,7 +351,9 @@ impl GrpoRecipe {
         }
         e
     }
+}
 
+impl GrpoRecipe {
     /// Rollout steps for `n_prompts` training prompts.
     pub fn total_steps(&self, n_prompts: usize) -> usize {
         let per_epoch = n_prompts as f64 / self.rollout.prompts_per_step as f64;
@@ -396,8 +376,33 @@ impl GrpoRecipe {
         }
     }
 
-    pub fn to_toml_string(&self) -> Result<String> {
-        toml::to_string_pretty(self).context("serialising the recipe")
+    /// How the training loop runs this recipe.
+    pub fn run_settings<'a>(&'a self, files: &'a Path, resume: bool) -> RunSettings<'a> {
+        RunSettings {
+            name: "grpo",
+            trainee: TraineeSpec {
+                model: &self.model,
+                seed: self.seed,
+                freeze: &self.freeze,
+                optimizer: &self.optimizer,
+                precision: self.precision,
+                checkpointing: self.gradient_checkpointing,
+                out_dir: &self.output_dir,
+                resume,
+            },
+            files,
+            log_every: self.log_every,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+        }
+    }
+
+    pub fn backend_args(&self) -> BackendArgs {
+        BackendArgs {
+            backend: self.backend,
+            device: self.device,
+            precision: self.precision,
+        }
     }
 }
 

@@ -125,12 +125,3 @@ pub fn pack_rows(lengths: &[usize], cutoff_len: usize, window: usize) -> Vec<Vec
     }
     rows
 }
-
-/// Fraction of a batch's token slots that are padding: `1 - real / (rows x longest row)`.
-pub fn padding_fraction(row_lengths: &[usize]) -> f64 {
-    let longest = row_lengths.iter().copied().max().unwrap_or(0);
-    if longest == 0 {
-        return 0.0;
-    }
-    1.0 - row_lengths.iter().sum::<usize>() as f64 / (row_lengths.len() * longest) as f64
-}

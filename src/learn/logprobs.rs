@@ -5,7 +5,6 @@ use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::TensorData;
 
 use crate::learn::batch::MicroBatch;
 use crate::model::nn::int1;
@@ -27,36 +26,6 @@ pub fn target_rows(batch: &MicroBatch) -> (Vec<usize>, Vec<u32>) {
         }
     }
     (rows, targets)
-}
-
-/// Logits `[targets, vocab]` at the positions before the batch's target tokens (computed only
-/// there), with the target ids, in batch order (row by row, left to right).
-pub fn target_logits<B: ModelBackend>(
-    model: &Qwen25VL<B>,
-    batch: &MicroBatch,
-) -> Result<(Tensor<B, 2>, Vec<u32>)> {
-    let device = model
-        .devices()
-        .into_iter()
-        .next()
-        .context("model has no parameters")?;
-    if target_rows(batch).0.is_empty() {
-        let v = model.config.text.vocab_size;
-        return Ok((Tensor::zeros([0, v], &device), vec![]));
-    }
-    let hidden = model.forward_hidden(&batch.input, None)?;
-    Ok(target_logits_of(model, batch, hidden))
-}
-
-/// [`target_logits`] from the final hidden states `[B, T, C]` of the batch (computed elsewhere,
-/// e.g. by the per-layer checkpointed backward pass).
-pub fn target_logits_of<B: ModelBackend>(
-    model: &Qwen25VL<B>,
-    batch: &MicroBatch,
-    hidden: Tensor<B, 3>,
-) -> (Tensor<B, 2>, Vec<u32>) {
-    let (rows, targets) = target_hidden(batch, hidden);
-    (model.logits(rows), targets)
 }
 
 /// The final hidden states `[targets, C]` at the positions before the batch's target tokens,
@@ -135,30 +104,6 @@ pub fn entropy_sum<B: ModelBackend>(
             .elem::<f64>();
     }
     total
-}
-
-/// `log_softmax(logits / temperature)` at the target ids: `[targets]`.
-pub fn gather_logprobs<B: Backend>(
-    logits: Tensor<B, 2>,
-    targets: &[u32],
-    temperature: f64,
-) -> Tensor<B, 1> {
-    let n = targets.len();
-    let device = logits.device();
-    if n == 0 {
-        return Tensor::zeros([0], &device);
-    }
-    // The log-softmax in f32 whatever the compute dtype (a bf16 head's logits are upcast).
-    let logits = crate::model::nn::upcast(logits);
-    let logits = if temperature == 1.0 {
-        logits
-    } else {
-        logits.div_scalar(temperature)
-    };
-    let logp = log_softmax(logits, 1);
-    let ids: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
-    let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
-    logp.gather(1, tgt).reshape([n])
 }
 
 /// Log-probs of the batch's target tokens (each from the logits at the position before it;

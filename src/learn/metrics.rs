@@ -1,9 +1,84 @@
-//! Metrics: the append-only JSONL log, SVG plots, and the stop on a non-finite loss.
+//! Metrics: typed records written to the run's sinks (`metrics.jsonl`, TensorBoard event files
+//! under `tensorboard/`), SVG plots, and the stop on a non-finite loss.
+//!
+//! A learner describes each kind of record as a `#[derive(Serialize)]` struct with a `step`
+//! ([`Record`]); [`Metrics::write`] puts it on one line of `metrics.jsonl` (its fields as keys)
+//! and every number in it into TensorBoard as a scalar of the same name at that step (nested
+//! maps joined with `/`: `by_task/mcq/reward`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::learn::tensorboard::EventWriter;
+
+/// One line of `metrics.jsonl`: what a learner measured at an optimizer step.
+pub trait Record: Serialize {
+    /// The optimizer step the record belongs to (its `step` key).
+    fn step(&self) -> usize;
+}
+
+/// The sinks of a run's metrics (rank 0): `metrics.jsonl` and TensorBoard.
+pub struct Metrics {
+    jsonl: MetricsLog,
+    tensorboard: EventWriter,
+}
+
+impl Metrics {
+    /// The sinks of `out_dir`: fresh (`resumed_at = None`) or continuing a run resumed at that
+    /// step (what was logged after it is dropped from both, so no step appears twice).
+    pub fn open(out_dir: &Path, resumed_at: Option<usize>) -> Result<Self> {
+        Ok(Self {
+            jsonl: MetricsLog::open(&out_dir.join("metrics.jsonl"), resumed_at)?,
+            tensorboard: EventWriter::open(&out_dir.join("tensorboard"), resumed_at)?,
+        })
+    }
+
+    /// One record: a JSON line, and its numbers as TensorBoard scalars at its step.
+    pub fn write<R: Record>(&mut self, record: &R) -> Result<()> {
+        let value = serde_json::to_value(record)?;
+        self.jsonl.write(&value)?;
+        self.tensorboard.scalars(record.step(), &scalars(&value))
+    }
+
+    /// A text (Markdown) in TensorBoard's text tab, at `step`.
+    pub fn text(&mut self, step: usize, tag: &str, text: &str) -> Result<()> {
+        self.tensorboard.text(step, tag, text)
+    }
+
+    /// `metrics.jsonl`.
+    pub fn path(&self) -> &Path {
+        self.jsonl.path()
+    }
+}
+
+/// Every number of a record except its `step`, by name (nested maps joined with `/`).
+pub fn scalars(record: &Value) -> Vec<(String, f64)> {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, f64)>) {
+        match v {
+            Value::Number(n) => out.extend(n.as_f64().map(|x| (prefix.to_string(), x))),
+            Value::Object(map) => {
+                for (k, x) in map {
+                    let name = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}/{k}")
+                    };
+                    if !(prefix.is_empty() && k == "step") {
+                        walk(&name, x, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = vec![];
+    walk("", record, &mut out);
+    out
+}
 
 /// Append-only metrics log (one JSON object per line).
 pub struct MetricsLog {

@@ -4,10 +4,12 @@
 //! - [`freeze`], [`optim`], [`schedule`]: what trains, AdamW + global grad-norm clip, HF's schedules;
 //! - [`batch`], [`logprobs`]: micro-batches and the log-probabilities of their target tokens;
 //! - [`layerwise`]: per-layer activation checkpointing (the backward pass one layer at a time);
-//! - [`checkpoint`], [`metrics`]: atomic checkpoints with exact resume, metrics JSONL and plots;
+//! - [`checkpoint`]: atomic checkpoints with exact resume;
+//! - [`metrics`], [`tensorboard`]: typed metric records to `metrics.jsonl` and TensorBoard, plots;
 //! - [`parallel`]: data parallelism: ranks, the step's shards, the gradient all-reduce;
 //! - [`run`]: a run's life: output folder, model + optimizer (fresh or resumed), gradient
-//!   accumulation over micro-batches, the optimizer update, the final checkpoint and HF export.
+//!   accumulation over micro-batches, the optimizer update, the final checkpoint and HF export;
+//! - [`trainer`]: the training loop both learners run (validation, metrics, checkpoints, export).
 
 pub mod batch;
 pub mod checkpoint;
@@ -20,3 +22,5 @@ pub mod parallel;
 pub mod recipe;
 pub mod run;
 pub mod schedule;
+pub mod tensorboard;
+pub mod trainer;

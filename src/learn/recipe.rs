@@ -18,10 +18,11 @@
 //!   recipe and on the command line. Relative image paths inside a dataset resolve against
 //!   `media_dir` when set, else against the dataset file's directory (see `data::sharegpt`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 pub use crate::backend::{BackendKind, GradientCheckpointing, Precision};
 
@@ -76,6 +77,38 @@ pub fn check_model(model: &str, field: &str, errors: &mut Vec<String>) {
                     .join(", ")
             ));
         }
+    }
+}
+
+/// A learner's recipe: read from TOML with `--set` overrides, validated, written back resolved
+/// (defaults and overrides included) into the run's `recipe.toml`.
+pub trait Recipe: Sized + DeserializeOwned + Serialize {
+    /// Every problem of the recipe, each naming its field (empty when valid).
+    fn errors(&self) -> Vec<String>;
+
+    /// Reads `path`, applies `overrides` (`key=value`, see the module docs), deserialises and
+    /// validates. Every error names the file.
+    fn from_file(path: impl AsRef<Path>, overrides: &[String]) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read recipe", path.display()))?;
+        Self::from_str_with(&text, &path.display().to_string(), overrides)
+    }
+
+    /// [`Recipe::from_file`] on a string; `origin` names it in errors.
+    fn from_str_with(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
+        let recipe: Self = load_toml(text, origin, overrides)?;
+        let errors = recipe.errors();
+        if !errors.is_empty() {
+            let lines: Vec<String> = errors.iter().map(|e| format!("{origin}: {e}")).collect();
+            bail!("{}", lines.join("\n"));
+        }
+        Ok(recipe)
+    }
+
+    /// The recipe as TOML, every field written.
+    fn to_toml_string(&self) -> Result<String> {
+        toml::to_string_pretty(self).context("serialising the recipe")
     }
 }
 

@@ -28,7 +28,8 @@ pub fn prepare_output_dir(out_dir: &Path, resolved_recipe: &str) -> Result<()> {
 }
 
 /// What a run trains: the model (f32 parameters with stable ids, frozen parts frozen), its AdamW
-/// state and the learner's position; from the newest complete checkpoint when resuming.
+/// state, the learner's position, and how its gradients are computed (precision, gradient
+/// checkpointing, clipping); from the newest complete checkpoint when resuming.
 pub struct Trainee<B: TrainBackend> {
     /// Always `Some` outside [`Trainee::update`] (see [`Trainee::model`]).
     model: Option<Qwen25VL<B>>,
@@ -36,6 +37,10 @@ pub struct Trainee<B: TrainBackend> {
     pub state: TrainState,
     /// The checkpoint this run continues from (`--resume`), if any.
     pub resumed_from: Option<PathBuf>,
+    pub precision: Precision,
+    pub checkpointing: GradientCheckpointing,
+    /// Global gradient-norm clip (0: none).
+    pub max_grad_norm: f64,
 }
 
 /// Where the run's parameters come from and how they are optimised.
@@ -45,6 +50,8 @@ pub struct TraineeSpec<'a> {
     pub seed: u64,
     pub freeze: &'a FreezeConfig,
     pub optimizer: &'a OptimizerConfig,
+    pub precision: Precision,
+    pub checkpointing: GradientCheckpointing,
     pub out_dir: &'a Path,
     pub resume: bool,
 }
@@ -61,33 +68,37 @@ impl<B: TrainBackend> Trainee<B> {
             None => load_model(spec.model, spec.seed, device)?,
         };
         let model = apply_freeze(assign_stable_param_ids(model), spec.freeze);
-        let mut optim = adamw(spec.optimizer).init::<B, Qwen25VL<B>>();
-        let mut state = TrainState {
-            seed: spec.seed,
-            ..Default::default()
-        };
+        let mut trainee = Self::new(model, spec.optimizer, spec.precision, spec.checkpointing);
+        trainee.state.seed = spec.seed;
         if let Some(ck) = &resumed_from {
-            let (o, s) = load_checkpoint::<B>(ck, optim, device)?;
-            optim = o;
-            state = s;
-            eprintln!("resuming from {} (step {})", ck.display(), state.step);
+            let (optim, state) = load_checkpoint::<B>(ck, trainee.optim, device)?;
+            trainee.optim = optim;
+            trainee.state = state;
+            eprintln!(
+                "resuming from {} (step {})",
+                ck.display(),
+                trainee.state.step
+            );
         }
-        Ok(Self {
-            model: Some(model),
-            optim,
-            state,
-            resumed_from,
-        })
+        trainee.resumed_from = resumed_from;
+        Ok(trainee)
     }
 
     /// A fresh run of `model` (ids and freezing as the caller set them) with AdamW.
-    pub fn new(model: Qwen25VL<B>, optimizer: &OptimizerConfig) -> Self {
-        let optim = adamw(optimizer).init::<B, Qwen25VL<B>>();
+    pub fn new(
+        model: Qwen25VL<B>,
+        optimizer: &OptimizerConfig,
+        precision: Precision,
+        checkpointing: GradientCheckpointing,
+    ) -> Self {
         Self {
             model: Some(model),
-            optim,
+            optim: adamw(optimizer).init::<B, Qwen25VL<B>>(),
             state: TrainState::default(),
             resumed_from: None,
+            precision,
+            checkpointing,
+            max_grad_norm: optimizer.max_grad_norm,
         }
     }
 
@@ -108,10 +119,30 @@ impl<B: TrainBackend> Trainee<B> {
             .expect("the trainee holds its model between updates")
     }
 
-    /// Clip the step's gradients to the global norm `max_grad_norm` (0: no clipping) and take one
-    /// AdamW step at `lr`. Returns the norm before clipping.
-    pub fn update(&mut self, mut grads: GradientsParams, lr: f64, max_grad_norm: f64) -> f64 {
-        let norm = clip_grad_norm(self.model(), &mut grads, max_grad_norm);
+    /// The summed gradients of one optimizer step over its micro-batches and the step's loss
+    /// ([`accumulate_gradients`] in the trainee's precision and checkpointing).
+    pub fn gradients(
+        &self,
+        inputs: &[&ModelInput],
+        what: impl Fn(usize) -> String,
+        loss_of: impl FnMut(&Qwen25VL<B>, usize, Tensor<B, 3>) -> Result<Tensor<B, 1>>,
+    ) -> Result<(f64, GradientsParams)> {
+        let (model, step) = (self.model(), self.state.step);
+        accumulate_gradients(
+            model,
+            self.precision,
+            self.checkpointing,
+            inputs,
+            step,
+            what,
+            loss_of,
+        )
+    }
+
+    /// Clip the step's gradients to the global norm `max_grad_norm` and take one AdamW step at
+    /// `lr`. Returns the norm before clipping.
+    pub fn update(&mut self, mut grads: GradientsParams, lr: f64) -> f64 {
+        let norm = clip_grad_norm(self.model(), &mut grads, self.max_grad_norm);
         // The optimizer takes the module by value (so that it can update tensors in place).
         let model = self
             .model
@@ -129,15 +160,10 @@ impl<B: TrainBackend> Trainee<B> {
 
     /// The end of a run: the final checkpoint (for resume) and the HF export at `out_dir`
     /// (bf16 runs export bf16, as LLaMA-Factory does). Returns the trained model without autodiff.
-    pub fn finish(
-        &self,
-        out_dir: &Path,
-        files: &Path,
-        precision: Precision,
-    ) -> Result<Qwen25VL<B::InnerBackend>> {
+    pub fn finish(&self, out_dir: &Path, files: &Path) -> Result<Qwen25VL<B::InnerBackend>> {
         self.save_checkpoint(out_dir, files)?;
         let inner = self.model().valid();
-        let dtype = match precision {
+        let dtype = match self.precision {
             Precision::Bf16 => SaveDtype::BF16,
             Precision::F32 => SaveDtype::F32,
         };

@@ -1,19 +1,19 @@
 //! The SFT learner (`infimed sft --recipe R`), as LLaMA-Factory trains Qwen2.5-VL: labels on
 //! assistant turns (`content<|im_end|>\n`), image-safe truncation, batches in a seeded mixed
 //! order, AdamW with the recipe's values, HF's cosine schedule, global gradient-norm clipping,
-//! gradient accumulation whose loss is the mean over all target tokens of the effective batch,
-//! atomic checkpoints with exact resume, HF export.
+//! gradient accumulation whose loss is the mean over all target tokens of the effective batch
+//! ([`crate::sft::step`]). The loop around the step (validation, metrics, checkpoints with exact
+//! resume, HF export) is [`crate::learn::trainer`].
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::module::AutodiffModule;
 use burn::prelude::*;
-use serde_json::json;
+use serde::Serialize;
 
-use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob, BackendArgs};
+use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob};
 use crate::data::encode::{Encoded, TrainOn};
 use crate::data::sharegpt::Conversation;
 use crate::data::template::ChatMessage;
@@ -21,70 +21,34 @@ use crate::engine::generate;
 use crate::generate::{rng_from_seed, stop_tokens, Prompt, SamplingConfig};
 use crate::inputs::Processor;
 use crate::learn::batch::collate;
-use crate::learn::logprobs::{token_nll_sum, token_nll_sum_of};
-use crate::learn::metrics::{plot_metrics, MetricsLog};
+use crate::learn::logprobs::token_nll_sum;
+use crate::learn::metrics::{MetricsLog, Record};
 use crate::learn::parallel::{run_ranks, Rank};
-use crate::learn::run::{
-    accumulate_gradients, prepare_output_dir, progress_bar, Trainee, TraineeSpec,
-};
+use crate::learn::recipe::Recipe;
+use crate::learn::run::{prepare_output_dir, Trainee};
 use crate::learn::schedule::lr_at;
-use crate::model::{ModelBackend, TrainBackend};
-use crate::model::{ModelInput, Qwen25VL, Qwen25VlConfig};
+use crate::learn::trainer::{train, Evaluation, Learner, RunSummary, StepRecord, TrainArgs};
+use crate::model::{ModelBackend, Qwen25VL, Qwen25VlConfig, TrainBackend};
 use crate::models::model_files_dir;
-use crate::sft::data::{read_sources, source_lengths};
-use crate::sft::data::{Loader, ScheduledStep, SftData, SkipReport};
+use crate::sft::data::{read_sources, source_lengths, Loader, ScheduledStep, SftData, SkipReport};
 use crate::sft::plan::{build_plan_with_lengths, count_available, run_end, SftPlan};
 use crate::sft::recipe::SftRecipe;
+use crate::sft::step::sft_step;
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct SftArgs {
-    /// TOML recipe (see recipes/).
-    #[arg(long)]
-    pub recipe: PathBuf,
-    /// Override any recipe field: `--set optimizer.lr=1e-5 --set data.0.samples=20000`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Print the plan (samples, steps, parameters, memory) and exit without training.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Continue from the newest complete checkpoint in output_dir.
-    #[arg(long)]
-    pub resume: bool,
-}
+/// What an SFT run reports at its end.
+pub type SftSummary = RunSummary<EvalResult, SftEnd>;
 
-/// What a run reports at its end.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SftSummary {
-    pub steps: usize,
-    pub final_loss: f64,
-    pub output_dir: PathBuf,
-    pub skips: SkipReport,
-    pub eval_before: Option<EvalResult>,
-    pub eval_after: Option<EvalResult>,
-}
-
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct EvalResult {
-    pub loss: f64,
-    pub exact_match: f64,
-    pub n: usize,
-}
-
-pub fn run(args: SftArgs) -> Result<()> {
+/// `infimed sft`: the plan (`--dry-run`), or the run.
+pub fn run(args: TrainArgs) -> Result<()> {
     let recipe = SftRecipe::from_file(&args.recipe, &args.set)?;
     if args.dry_run {
-        let plan = dry_run_plan(&recipe)?;
-        println!("{plan}");
+        println!("{}", dry_run_plan(&recipe)?);
         return Ok(());
     }
-    let backend = BackendArgs {
-        backend: recipe.backend,
-        device: recipe.device,
-        precision: recipe.precision,
-    };
+    let (backend, ck) = (recipe.backend_args(), recipe.gradient_checkpointing);
     let summary = dispatch_autodiff(
         backend,
-        recipe.gradient_checkpointing,
+        ck,
         SftJob {
             recipe,
             resume: args.resume,
@@ -125,6 +89,7 @@ impl AutodiffJob for SftJob {
     }
 }
 
+/// An SFT run on this node's ranks; rank 0's summary.
 pub fn train_sft<B: TrainBackend>(
     recipe: &SftRecipe,
     resume: bool,
@@ -137,13 +102,8 @@ pub fn train_sft<B: TrainBackend>(
 
     // Data: every source read and its lengths known (cached; skips reported); the plan.
     let data = Arc::new(SftData::load(recipe, &processor)?);
-    let processor = Arc::new(processor);
-    let plan = build_plan_with_lengths(
-        recipe,
-        &Qwen25VlConfig::from_dir(&files)?,
-        &data.available,
-        Some(&data.lengths),
-    )?;
+    let cfg = Qwen25VlConfig::from_dir(&files)?;
+    let plan = build_plan_with_lengths(recipe, &cfg, &data.available, Some(&data.lengths))?;
     if let Some(p) = &plan.padding {
         eprintln!(
             "sft: padding {:.1}% of token slots{} ({:.1}% with one sample per row, {:.1}% packed)",
@@ -159,193 +119,168 @@ pub fn train_sft<B: TrainBackend>(
         );
     }
 
-    // One learner per rank (a thread per device of this node), all taking the same steps.
-    let run = SftRun {
-        recipe,
-        files,
-        processor,
-        data,
-    };
+    let processor = Arc::new(processor);
+    let settings = recipe.run_settings(&files, resume);
     let mut summaries = run_ranks::<B::InnerBackend, _, _>(
         &recipe.parallel,
         recipe.backend,
         device,
-        |rank, device| sft_rank::<B>(&run, resume, &rank, &device),
+        |rank, device| {
+            train::<B, _>(&settings, &rank, &device, |trainee| {
+                SftLearner::start(
+                    recipe,
+                    &files,
+                    &processor,
+                    &data,
+                    trainee,
+                    rank.clone(),
+                    device.clone(),
+                )
+            })
+        },
     )?;
     Ok(summaries.swap_remove(0))
 }
 
-/// What the ranks of an SFT run share.
-struct SftRun<'a> {
+/// The SFT learner of one rank: every rank takes every optimizer step on its shard of the
+/// step's samples.
+struct SftLearner<'a, B: TrainBackend> {
     recipe: &'a SftRecipe,
-    files: PathBuf,
-    processor: Arc<Processor>,
-    data: Arc<SftData>,
+    files: &'a Path,
+    processor: &'a Processor,
+    data: &'a SftData,
+    rank: Rank,
+    device: B::Device,
+    /// The steps left to take (over all ranks) and the step the run ends at.
+    schedule: std::vec::IntoIter<ScheduledStep>,
+    total_steps: usize,
+    /// This rank's part of the steps, its samples encoded ahead on the loader's threads.
+    loader: Loader,
+    /// `samples.jsonl` (rank 0, with `log_samples`): the samples of every step.
+    sample_log: Option<MetricsLog>,
+    last_loss: f64,
 }
 
-/// The SFT loop of one rank. Every rank takes every optimizer step on its shard of the step's
-/// samples; rank 0 alone logs, validates, checkpoints and exports.
-fn sft_rank<B: TrainBackend>(
-    run: &SftRun,
-    resume: bool,
-    rank: &Rank,
-    device: &B::Device,
-) -> Result<SftSummary> {
-    let SftRun {
-        recipe,
-        files,
-        processor,
-        data,
-    } = run;
-    let out_dir = &recipe.output_dir;
-    let main = rank.is_main();
-
-    // Model (fresh or resumed), freezing, optimizer.
-    let spec = TraineeSpec {
-        model: &recipe.model,
-        seed: recipe.seed,
-        freeze: &recipe.freeze,
-        optimizer: &recipe.optimizer,
-        out_dir,
-        resume,
-    };
-    let mut run = Trainee::<B>::start(&spec, device)?;
-    run.sync_weights(rank)?;
-
-    // The remaining optimizer steps: from where the run stands to where a run of this world
-    // size ends (a run resumed on another number of ranks continues the same sample order).
-    let rows_per_epoch = data.epoch_rows(recipe, 0).len();
-    let position = (
-        run.state.epoch,
-        run.state
-            .rows_in_epoch
-            .unwrap_or(run.state.batch_in_epoch * recipe.per_device_batch),
-    );
-    let schedule = data.schedule_until(
-        recipe,
-        position,
-        Some(run_end(recipe, rows_per_epoch)),
-        usize::MAX,
-    )?;
-    let total_steps = run.state.step + schedule.len();
-    let shards: Arc<Vec<ScheduledStep>> = Arc::new(
-        schedule
+impl<'a, B: TrainBackend> SftLearner<'a, B> {
+    fn start(
+        recipe: &'a SftRecipe,
+        files: &'a Path,
+        processor: &'a Arc<Processor>,
+        data: &'a Arc<SftData>,
+        trainee: &Trainee<B>,
+        rank: Rank,
+        device: B::Device,
+    ) -> Result<Self> {
+        // The remaining optimizer steps: from where the run stands to where a run of this world
+        // size ends (a run resumed on another number of ranks continues the same sample order).
+        let state = &trainee.state;
+        let rows_per_epoch = data.epoch_rows(recipe, 0).len();
+        let position = (
+            state.epoch,
+            state
+                .rows_in_epoch
+                .unwrap_or(state.batch_in_epoch * recipe.per_device_batch),
+        );
+        let schedule = data.schedule_until(
+            recipe,
+            position,
+            Some(run_end(recipe, rows_per_epoch)),
+            usize::MAX,
+        )?;
+        let total_steps = state.step + schedule.len();
+        let shards = schedule
             .iter()
             .map(|s| s.shard(rank.rank, recipe.per_device_batch))
-            .collect(),
-    );
-    if main {
-        let (trainable, frozen) = crate::learn::freeze::count_params(run.model());
-        eprintln!(
-            "sft: {} rows/epoch, {} optimizer steps on {} rank(s) x {} rows x {} micro-batches, {trainable} trainable / {frozen} frozen parameters; {} ({}, gradient checkpointing {})",
-            rows_per_epoch,
-            total_steps,
-            rank.world,
-            recipe.per_device_batch,
-            recipe.grad_accum,
-            B::name(device),
-            recipe.precision,
-            recipe.gradient_checkpointing
-        );
-        if run.resumed_from.is_some() && run.state.world_size != rank.world {
+            .collect();
+        let main = rank.is_main();
+        if main {
+            let (trainable, frozen) = crate::learn::freeze::count_params(trainee.model());
             eprintln!(
-                "sft: the run was on {} rank(s), continues on {}: {} steps left",
-                run.state.world_size,
+                "sft: {rows_per_epoch} rows/epoch, {total_steps} optimizer steps on {} rank(s) x {} rows x {} micro-batches, {trainable} trainable / {frozen} frozen parameters; {} ({}, gradient checkpointing {})",
                 rank.world,
-                schedule.len()
+                recipe.per_device_batch,
+                recipe.grad_accum,
+                B::name(&device),
+                recipe.precision,
+                recipe.gradient_checkpointing
             );
+            if trainee.resumed_from.is_some() && state.world_size != rank.world {
+                let (was, left) = (state.world_size, schedule.len());
+                eprintln!(
+                    "sft: the run was on {was} rank(s), continues on {}: {left} steps left",
+                    rank.world
+                );
+            }
         }
-    }
-    let mut metrics = match main {
-        true => Some(MetricsLog::open(
-            &out_dir.join("metrics.jsonl"),
-            run.resumed_from.as_ref().map(|_| run.state.step),
-        )?),
-        false => None,
-    };
-    let mut sample_log = match main && recipe.log_samples {
-        true => Some(MetricsLog::open(
-            &out_dir.join("samples.jsonl"),
-            run.resumed_from.as_ref().map(|_| run.state.step),
-        )?),
-        false => None,
-    };
-    let validate = |model: &Qwen25VL<B::InnerBackend>| {
-        evaluate(
-            &compute_model(model, recipe.precision),
-            processor,
-            &data.eval,
-            recipe.train_on,
-            files,
-        )
-    };
-    let eval_before = if main && !data.eval.is_empty() && run.state.step == 0 {
-        let r = validate(&run.model().valid())?;
-        eprintln!(
-            "eval before training: loss {:.4}, exact match {:.1}% of {}",
-            r.loss,
-            r.exact_match * 100.0,
-            r.n
+        let resumed_at = trainee.resumed_from.as_ref().map(|_| state.step);
+        let sample_log = match main && recipe.log_samples {
+            true => Some(MetricsLog::open(
+                &recipe.output_dir.join("samples.jsonl"),
+                resumed_at,
+            )?),
+            false => None,
+        };
+        let (workers, depth) = (recipe.loader_workers, recipe.prefetch_steps);
+        let loader = Loader::start(
+            data.clone(),
+            processor.clone(),
+            Arc::new(recipe.clone()),
+            Arc::new(shards),
+            workers,
+            depth,
         );
-        write_metrics(
-            &mut metrics,
-            &json!({"step": 0, "eval_loss": r.loss, "eval_exact_match": r.exact_match}),
-        )?;
-        Some(r)
-    } else {
-        None
-    };
+        Ok(Self {
+            recipe,
+            files,
+            processor,
+            data,
+            rank,
+            device,
+            schedule: schedule.into_iter(),
+            total_steps,
+            loader,
+            sample_log,
+            last_loss: f64::NAN,
+        })
+    }
+}
 
-    let bar = if main {
-        progress_bar(total_steps, run.state.step)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    // This rank's part of the steps, its samples encoded ahead on the loader's threads.
-    let mut loader = Loader::start(
-        data.clone(),
-        processor.clone(),
-        Arc::new((*recipe).clone()),
-        shards.clone(),
-        recipe.loader_workers,
-        recipe.prefetch_steps,
-    );
-    let mut last_loss = f64::NAN;
-    let (t_start, mut tokens_since) = (Instant::now(), 0usize);
-    for scheduled in schedule.iter() {
+impl<B: TrainBackend> Learner<B> for SftLearner<'_, B> {
+    type Step = SftStep;
+    type Eval = EvalResult;
+    type Summary = SftEnd;
+
+    fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    fn step(&mut self, trainee: &mut Trainee<B>) -> Result<SftStep> {
+        let (recipe, rank) = (self.recipe, &self.rank);
+        let scheduled = self
+            .schedule
+            .next()
+            .context("the SFT schedule ended before the run")?;
         let t_wait = Instant::now();
-        let micro = loader.next()?;
-        let data_wait = t_wait.elapsed().as_secs_f64();
-        let step = run.state.step;
+        let micro = self.loader.next()?;
+        let data_wait_s = t_wait.elapsed().as_secs_f64();
 
-        // Loss: mean negative log-likelihood over every target token of the step (all ranks);
-        // one backward pass per micro-batch, gradients summed (over micro-batches and ranks),
-        // clipped to the global norm, one AdamW update.
+        // The step: mean negative log-likelihood over its target tokens, one AdamW update.
         let t0 = Instant::now();
-        let lr = lr_at(&recipe.schedule, recipe.optimizer.lr, step, total_steps);
-        let local_targets = micro.iter().map(|m| m.target_tokens).sum::<usize>() as f64;
-        let denom = rank.sum_values::<B::InnerBackend>(&[local_targets], device)?[0].max(1.0);
+        let lr = lr_at(
+            &recipe.schedule,
+            recipe.optimizer.lr,
+            trainee.state.step,
+            self.total_steps,
+        );
         let what = |k: usize| {
             format!(
                 "epoch {}, micro-batch {k} of rank {}",
                 scheduled.epoch, rank.rank
             )
         };
-        let inputs: Vec<&ModelInput> = micro.iter().map(|m| &m.input).collect();
-        let ck = recipe.gradient_checkpointing;
-        let (loss, grads) = accumulate_gradients(
-            run.model(),
-            recipe.precision,
-            ck,
-            &inputs,
-            step,
-            what,
-            |model, k, hidden| Ok(token_nll_sum_of(model, &micro[k], hidden).div_scalar(denom)),
-        )?;
-        let grads = rank.all_reduce_grads(run.model(), grads)?;
-        let grad_norm = run.update(grads, lr, recipe.optimizer.max_grad_norm);
+        let out = sft_step(trainee, &micro, lr, rank, &self.device, what)?;
 
-        // Bookkeeping (sums over the ranks), metrics, validation, checkpoints.
+        // Sums over the ranks; where the run stands after the step.
         let samples: usize = micro.iter().map(|m| m.samples).sum();
         let tokens: usize = micro
             .iter()
@@ -353,8 +288,8 @@ fn sft_rank<B: TrainBackend>(
             .sum();
         let real: usize = micro.iter().map(|m| m.input.real_tokens()).sum();
         let sums = rank.sum_values::<B::InnerBackend>(
-            &[loss, samples as f64, tokens as f64, real as f64],
-            device,
+            &[out.loss, samples as f64, tokens as f64, real as f64],
+            &self.device,
         )?;
         let (loss, samples, tokens, real) = (
             sums[0],
@@ -362,7 +297,7 @@ fn sft_rank<B: TrainBackend>(
             sums[2] as usize,
             sums[3] as usize,
         );
-        let s = &mut run.state;
+        let s = &mut trainee.state;
         s.step += 1;
         s.epoch = scheduled.epoch;
         s.rows_in_epoch = Some(scheduled.rows_end);
@@ -370,94 +305,142 @@ fn sft_rank<B: TrainBackend>(
         s.world_size = rank.world;
         s.samples_seen += samples;
         s.tokens_seen += tokens;
-        tokens_since += tokens;
-        last_loss = loss;
+        self.last_loss = loss;
         let dt = t0.elapsed().as_secs_f64();
-        let ids: Vec<[usize; 2]> = scheduled.samples().map(|(s, r)| [s, r]).collect();
-        write_metrics(
-            &mut sample_log,
-            &json!({"step": s.step, "epoch": s.epoch, "samples": ids}),
-        )?;
-        if s.step % recipe.log_every.max(1) == 0 || s.step == total_steps {
-            write_metrics(
-                &mut metrics,
-                &json!({
-                    "step": s.step, "epoch": s.epoch as f64 + scheduled.rows_end as f64 / scheduled.rows_in_epoch.max(1) as f64,
-                    "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": s.tokens_seen, "target_tokens": denom,
-                    "padding": 1.0 - real as f64 / tokens.max(1) as f64, "data_wait_s": data_wait,
-                    "samples_per_s": samples as f64 / dt, "tokens_per_s": tokens as f64 / dt, "ranks": rank.world,
-                }),
-            )?;
+        if let Some(log) = &mut self.sample_log {
+            let ids: Vec<[usize; 2]> = scheduled.samples().map(|(s, r)| [s, r]).collect();
+            log.write(&serde_json::json!({"step": s.step, "epoch": s.epoch, "samples": ids}))?;
         }
-        let tps = tokens_since as f64 / t_start.elapsed().as_secs_f64();
-        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
-        bar.inc(1);
-        let step = s.step;
-        if main
-            && recipe.eval_every > 0
-            && step % recipe.eval_every == 0
-            && !data.eval.is_empty()
-            && step < total_steps
-        {
-            let r = validate(&run.model().valid())?;
-            bar.println(format!(
-                "step {step}: eval loss {:.4}, exact match {:.1}%",
-                r.loss,
-                r.exact_match * 100.0
-            ));
-            write_metrics(
-                &mut metrics,
-                &json!({"step": step, "eval_loss": r.loss, "eval_exact_match": r.exact_match}),
-            )?;
-        }
-        if main && recipe.save_every > 0 && step % recipe.save_every == 0 && step < total_steps {
-            run.save_checkpoint(out_dir, files)?;
-        }
+        Ok(SftStep {
+            step: s.step,
+            epoch: s.epoch as f64
+                + scheduled.rows_end as f64 / scheduled.rows_in_epoch.max(1) as f64,
+            loss,
+            lr,
+            grad_norm: out.grad_norm,
+            tokens: s.tokens_seen,
+            target_tokens: out.target_tokens,
+            padding: 1.0 - real as f64 / tokens.max(1) as f64,
+            data_wait_s,
+            samples_per_s: samples as f64 / dt,
+            tokens_per_s: tokens as f64 / dt,
+            ranks: rank.world,
+        })
     }
-    bar.finish_and_clear();
-    let summary = SftSummary {
-        steps: run.state.step,
-        final_loss: last_loss,
-        output_dir: out_dir.clone(),
-        skips: data.skips.clone(),
-        eval_before,
-        eval_after: None,
-    };
-    let Some(mut metrics) = metrics else {
-        return Ok(summary);
-    };
 
-    // The end (rank 0): final checkpoint (for resume), HF export at output_dir, validation, plots.
-    let trained = run.finish(out_dir, files, recipe.precision)?;
-    let eval_after = if !data.eval.is_empty() {
-        let r = validate(&trained)?;
-        eprintln!(
-            "eval after training: loss {:.4}, exact match {:.1}% of {}",
-            r.loss,
-            r.exact_match * 100.0,
-            r.n
-        );
-        metrics.write(&json!({"step": run.state.step, "eval_loss": r.loss, "eval_exact_match": r.exact_match}))?;
-        Some(r)
-    } else {
-        None
-    };
-    plot_metrics(
-        metrics.path(),
-        &["loss", "lr", "grad_norm", "eval_exact_match"],
-        out_dir,
-    )?;
-    Ok(SftSummary {
-        eval_after,
-        ..summary
-    })
+    fn validate(&self, model: &Qwen25VL<B::InnerBackend>) -> Result<Option<EvalResult>> {
+        if self.data.eval.is_empty() {
+            return Ok(None);
+        }
+        let model = compute_model(model, self.recipe.precision);
+        evaluate(
+            &model,
+            self.processor,
+            &self.data.eval,
+            self.recipe.train_on,
+            self.files,
+        )
+        .map(Some)
+    }
+
+    fn plots(&self) -> &'static [&'static str] {
+        &["loss", "lr", "grad_norm", "eval_exact_match"]
+    }
+
+    fn finish(self) -> Result<SftEnd> {
+        Ok(SftEnd {
+            final_loss: self.last_loss,
+            skips: self.data.skips.clone(),
+        })
+    }
 }
 
-/// Rank 0 writes the metrics; the other ranks have none.
-fn write_metrics(metrics: &mut Option<MetricsLog>, value: &serde_json::Value) -> Result<()> {
-    match metrics {
-        Some(m) => m.write(value),
-        None => Ok(()),
+/// The `metrics.jsonl` line of an SFT step.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftStep {
+    pub step: usize,
+    /// Epochs done (fractional).
+    pub epoch: f64,
+    /// Mean negative log-likelihood per target token of the step (all ranks).
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens (padding included) seen so far.
+    pub tokens: usize,
+    /// Target tokens of the step (all ranks).
+    pub target_tokens: f64,
+    /// Padding's share of the step's token slots.
+    pub padding: f64,
+    /// Seconds the step waited for its samples.
+    pub data_wait_s: f64,
+    pub samples_per_s: f64,
+    pub tokens_per_s: f64,
+    pub ranks: usize,
+}
+
+impl Record for SftStep {
+    fn step(&self) -> usize {
+        self.step
+    }
+}
+
+impl StepRecord for SftStep {
+    fn progress(&self) -> String {
+        format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            self.loss, self.lr, self.tokens_per_s
+        )
+    }
+}
+
+/// What SFT adds to a run's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftEnd {
+    pub final_loss: f64,
+    pub skips: SkipReport,
+}
+
+/// Validation: loss (mean over target tokens) and exact-match accuracy of greedy answers.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub exact_match: f64,
+    pub n: usize,
+}
+
+/// The `metrics.jsonl` line of a validation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalLine {
+    pub step: usize,
+    pub eval_loss: f64,
+    pub eval_exact_match: f64,
+}
+
+impl Record for EvalLine {
+    fn step(&self) -> usize {
+        self.step
+    }
+}
+
+impl Evaluation for EvalResult {
+    type Line = EvalLine;
+
+    fn line(&self, step: usize) -> EvalLine {
+        EvalLine {
+            step,
+            eval_loss: self.loss,
+            eval_exact_match: self.exact_match,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "eval loss {:.4}, exact match {:.1}% of {}",
+            self.loss,
+            self.exact_match * 100.0,
+            self.n
+        )
     }
 }
 

@@ -5,13 +5,15 @@
 //!   arithmetic, parameter counts and the memory estimate;
 //! - [`mix`]: records per source and the seeded order of each epoch;
 //! - [`data`]: the sources read, their lengths, the schedule of steps and the background loader;
-//! - [`learner`]: the training loop (`infimed sft`).
+//! - [`step`]: one optimizer step: batch -> loss -> update;
+//! - [`learner`]: the learner the training loop ([`crate::learn::trainer`]) runs (`infimed sft`).
 
 pub mod data;
 pub mod learner;
 pub mod mix;
 pub mod plan;
 pub mod recipe;
+pub mod step;
 
-pub use learner::{run, train_sft, SftArgs, SftSummary};
+pub use learner::{run, train_sft, SftSummary};
 pub use recipe::SftRecipe;

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Result};
 use serde::{Deserialize, Serialize};
 
 /// Which assistant turns are trained (LLaMA-Factory: all by default, `mask_history` = last only).
@@ -15,9 +15,13 @@ pub use crate::data::encode::TrainOn;
 pub use crate::learn::freeze::FreezeConfig;
 pub use crate::learn::optim::OptimizerConfig;
 pub use crate::learn::recipe::{
-    check_model, check_precision_backend, load_toml, BackendKind, ModelSource, Precision, DEMO_TINY,
+    check_model, check_precision_backend, BackendKind, ModelSource, Precision, Recipe, DEMO_TINY,
 };
 pub use crate::learn::schedule::{ScheduleConfig, ScheduleKind};
+
+use crate::backend::BackendArgs;
+use crate::learn::run::TraineeSpec;
+use crate::learn::trainer::RunSettings;
 
 /// Dataset file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -252,35 +256,9 @@ fn default_seed() -> u64 {
     42
 }
 
-impl SftRecipe {
-    /// Reads `path`, applies `overrides` (`key=value`, see the module docs), deserialises and
-    /// validates. Every error names the file.
-    pub fn from_file(path: impl AsRef<Path>, overrides: &[String]) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read recipe", path.display()))?;
-        Self::from_str_with(&text, &path.display().to_string(), overrides)
-    }
-
-    /// [`SftRecipe::from_file`] on a string; `origin` names it in errors.
-    pub fn from_str_with(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
-        let recipe: SftRecipe = load_toml(text, origin, overrides)?;
-        let errors = recipe.errors();
-        if !errors.is_empty() {
-            bail!(
-                "{}",
-                errors
-                    .iter()
-                    .map(|e| format!("{origin}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-        }
-        Ok(recipe)
-    }
-
+impl Recipe for SftRecipe {
     /// Every problem of this recipe, each naming its field (empty when valid).
-    pub fn errors(&self) -> Vec<String> {
+    fn errors(&self) -> Vec<String> {
         let mut errors = Vec::new();
         check_model(&self.model, "model", &mut errors);
         check_precision_backend(self.precision, self.backend, &mut errors);
@@ -339,7 +317,9 @@ impl SftRecipe {
         }
         errors
     }
+}
 
+impl SftRecipe {
     /// Checks the recipe (an error lists every problem).
     pub fn validate(&self) -> Result<()> {
         let errors = self.errors();
@@ -354,18 +334,37 @@ impl SftRecipe {
         ModelSource::parse(&self.model)
     }
 
-    /// Samples (rows) per optimizer step on one device (`per_device_batch * grad_accum`).
-    pub fn samples_per_step(&self) -> usize {
-        self.per_device_batch * self.grad_accum
-    }
-
     /// Rows of one micro-batch over all ranks (`per_device_batch * world size`).
     pub fn global_batch(&self) -> usize {
         self.per_device_batch * self.parallel.world_size()
     }
 
-    /// The resolved recipe as TOML (defaults and overrides included), to save next to checkpoints.
-    pub fn to_toml_string(&self) -> Result<String> {
-        toml::to_string_pretty(self).context("serialising the recipe")
+    /// How the training loop runs this recipe.
+    pub fn run_settings<'a>(&'a self, files: &'a Path, resume: bool) -> RunSettings<'a> {
+        RunSettings {
+            name: "sft",
+            trainee: TraineeSpec {
+                model: &self.model,
+                seed: self.seed,
+                freeze: &self.freeze,
+                optimizer: &self.optimizer,
+                precision: self.precision,
+                checkpointing: self.gradient_checkpointing,
+                out_dir: &self.output_dir,
+                resume,
+            },
+            files,
+            log_every: self.log_every,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+        }
+    }
+
+    pub fn backend_args(&self) -> BackendArgs {
+        BackendArgs {
+            backend: self.backend,
+            device: self.device,
+            precision: self.precision,
+        }
     }
 }

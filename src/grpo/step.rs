@@ -1,0 +1,171 @@
+//! The updates of one GRPO step: `ppo.epochs` passes over the step's scored responses in
+//! mini-batches of `ppo.mini_batch` groups, one optimizer update per mini-batch, its
+//! micro-batches of `ppo.micro_batch` responses accumulated (each micro-batch's share of the
+//! mini-batch's objective is exact: [`crate::grpo::objective`]).
+
+use anyhow::Result;
+use burn::prelude::*;
+
+use crate::data::encode::Encoded;
+use crate::grpo::objective::{grpo_objective, micro_share};
+use crate::grpo::recipe::GrpoRecipe;
+use crate::grpo::rollout::{host_matrix, to_matrix, ScoredGroups};
+use crate::learn::batch::{collate, MicroBatch};
+use crate::learn::logprobs::{entropy_sum, target_hidden};
+use crate::learn::parallel::Rank;
+use crate::learn::run::Trainee;
+use crate::learn::schedule::lr_at;
+use crate::model::{ModelInput, TrainBackend};
+
+/// This rank's responses of the step as training sequences, and their token log-probs computed
+/// before the updates.
+pub struct StepResponses<'a> {
+    /// Prompt + response of this rank's responses, the step's responses `first..first + len`.
+    pub seqs: &'a [Encoded],
+    pub first: usize,
+    /// Under the policy that sampled them (`None`: one update per step, where old = current).
+    pub old: Option<&'a [Vec<f32>]>,
+    /// Under the frozen reference (`None`: no KL term).
+    pub reference: Option<&'a [Vec<f32>]>,
+}
+
+/// What the updates of one step measured (first PPO epoch; token-weighted sums over all ranks).
+#[derive(Default)]
+pub struct UpdateStats {
+    pub pg_sum: f64,
+    pub kl_sum: f64,
+    pub clip_sum: f64,
+    pub loss_tokens: usize,
+    pub entropy_sum: f64,
+    pub entropy_tokens: usize,
+    pub grad_norms: Vec<f64>,
+    pub lr: f64,
+    /// Tokens (prompt + response) run through forward + backward, every epoch.
+    pub tokens: usize,
+}
+
+/// The updates of the step (see the module docs) on the scored responses; `total_steps` places
+/// the updates on the lr schedule.
+#[allow(clippy::too_many_arguments)]
+pub fn policy_update<B: TrainBackend>(
+    trainee: &mut Trainee<B>,
+    recipe: &GrpoRecipe,
+    scored: &ScoredGroups,
+    responses: &StepResponses,
+    pad_id: u32,
+    total_steps: usize,
+    rank: &Rank,
+    device: &B::Device,
+) -> Result<UpdateStats> {
+    let alg = &recipe.algorithm;
+    let (g, temperature) = (recipe.rollout.n, recipe.rollout.temperature as f64);
+    let (ups, per_mini) = (recipe.updates_per_step(), recipe.ppo.mini_batch);
+    let (groups, first, seqs) = (scored.in_update.len(), responses.first, responses.seqs);
+    let lens: Vec<usize> = scored.rollouts.iter().map(|r| r.tokens.len()).collect();
+    let mut st = UpdateStats::default();
+    for epoch in 0..recipe.ppo.epochs {
+        for mini_start in (0..recipe.rollout.prompts_per_step).step_by(per_mini) {
+            let update = trainee.state.step * ups
+                + epoch * (recipe.rollout.prompts_per_step / per_mini)
+                + mini_start / per_mini;
+            st.lr = lr_at(
+                &recipe.schedule,
+                recipe.optimizer.lr,
+                update,
+                total_steps * ups,
+            );
+            let members: Vec<usize> = (mini_start..(mini_start + per_mini).min(groups))
+                .filter(|&k| scored.in_update[k])
+                .flat_map(|k| k * g..(k + 1) * g)
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let mini_tokens: usize = members.iter().map(|&i| lens[i]).sum();
+            // This rank's responses of the mini-batch; the shares are of the whole mini-batch,
+            // over all ranks.
+            let local: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&i| i >= first && i < first + seqs.len())
+                .collect();
+            let micros: Vec<&[usize]> = local.chunks(recipe.ppo.micro_batch).collect();
+            let batches: Vec<MicroBatch> = micros
+                .iter()
+                .map(|micro| {
+                    collate(
+                        &micro.iter().map(|&i| &seqs[i - first]).collect::<Vec<_>>(),
+                        pad_id,
+                    )
+                })
+                .collect();
+            let inputs: Vec<&ModelInput> = batches.iter().map(|mb| &mb.input).collect();
+            let what = |_k: usize| format!("mini-batch at prompt {mini_start}, ppo epoch {epoch}");
+            let (_, grads) = trainee.gradients(&inputs, what, |model, k, hidden| {
+                let (micro, mb) = (micros[k], &batches[k]);
+                let micro_lens: Vec<usize> = micro.iter().map(|&i| lens[i]).collect();
+                let micro_tokens: usize = micro_lens.iter().sum();
+                let (rows, targets) = target_hidden(mb, hidden);
+                if epoch == 0 {
+                    // Entropy of the sampling distribution (metric only, detached).
+                    st.entropy_sum += entropy_sum(model, rows.clone(), temperature);
+                    st.entropy_tokens += micro_tokens;
+                }
+                let logp = if targets.is_empty() {
+                    Tensor::zeros([0], device)
+                } else {
+                    model.target_logprobs(rows, targets, temperature)
+                };
+                let (logp, mask) = to_matrix(logp, &micro_lens);
+                let matrix = |m: &[Vec<f32>]| {
+                    let rows: Vec<&[f32]> =
+                        micro.iter().map(|&i| m[i - first].as_slice()).collect();
+                    host_matrix::<B>(&rows, device)
+                };
+                let old = match responses.old {
+                    Some(o) => matrix(o),
+                    None => logp.clone().detach(),
+                };
+                let advs: Vec<f32> = micro
+                    .iter()
+                    .map(|&i| scored.rollouts[i].advantage as f32)
+                    .collect();
+                let adv = Tensor::<B, 1>::from_data(TensorData::new(advs, [micro.len()]), device);
+                let share = micro_share(
+                    alg.loss_agg,
+                    (micro_tokens, micro.len()),
+                    (mini_tokens, members.len()),
+                );
+                let reference = responses.reference.map(matrix);
+                let obj = grpo_objective(logp, old, reference, adv, mask, alg, share);
+                if epoch == 0 {
+                    let value =
+                        |t: Tensor<B, 1>| t.into_scalar().elem::<f64>() * micro_tokens as f64;
+                    st.kl_sum += obj.kl.map(value).unwrap_or(0.0);
+                    st.pg_sum += value(obj.pg_loss);
+                    st.clip_sum += value(obj.clip_frac);
+                    st.loss_tokens += micro_tokens;
+                }
+                st.tokens += mb.input.input_ids.iter().map(Vec::len).sum::<usize>();
+                Ok(obj.loss)
+            })?;
+            let grads = rank.all_reduce_grads(trainee.model(), grads)?;
+            st.grad_norms.push(trainee.update(grads, st.lr));
+        }
+    }
+    // The measurements of every rank's responses.
+    let sums = [
+        st.pg_sum,
+        st.kl_sum,
+        st.clip_sum,
+        st.loss_tokens as f64,
+        st.entropy_sum,
+        st.entropy_tokens as f64,
+        st.tokens as f64,
+    ];
+    let sums = rank.sum_values::<B::InnerBackend>(&sums, device)?;
+    (st.pg_sum, st.kl_sum, st.clip_sum, st.loss_tokens) =
+        (sums[0], sums[1], sums[2], sums[3] as usize);
+    (st.entropy_sum, st.entropy_tokens, st.tokens) = (sums[4], sums[5] as usize, sums[6] as usize);
+    Ok(st)
+}
