@@ -116,13 +116,6 @@ impl Precision {
             Precision::Bf16 => 2,
         }
     }
-
-    pub fn float_dtype(self) -> FloatDType {
-        match self {
-            Precision::F32 => FloatDType::F32,
-            Precision::Bf16 => FloatDType::BF16,
-        }
-    }
 }
 
 impl fmt::Display for Precision {
@@ -216,8 +209,117 @@ fn wgpu_device(index: Option<usize>) -> burn::backend::wgpu::WgpuDevice {
     }
 }
 
+/// Error unless `kind` can run here: for cuda, the NVIDIA driver (`libcuda`), NVRTC (which
+/// compiles the kernels) and the device; for wgpu, an adapter (a Vulkan, Metal or DX12 driver).
+/// Commands probe before any work starts, so that a machine without the driver gets an error
+/// naming the backend, what was looked for and the alternatives, instead of a panic inside the
+/// GPU runtime. The CPU backends always run.
+pub fn probe(kind: BackendKind, device: Option<usize>) -> Result<()> {
+    let found = match kind {
+        BackendKind::Ndarray | BackendKind::Flex => return Ok(()),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => probe_cuda(device.unwrap_or(0)),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => probe_wgpu(device),
+        #[allow(unreachable_patterns)]
+        other => return Err(not_compiled(other)),
+    };
+    found.map_err(|what| {
+        anyhow::anyhow!(
+            "backend `{kind}` cannot run on this machine: {what}. Use `--backend flex` (or `--set backend=flex` in a recipe) to run on the CPU{}",
+            if kind == BackendKind::Cuda { ", or --backend wgpu with a Vulkan/Metal/DX12 driver" } else { "" }
+        )
+    })
+}
+
+/// The shared libraries cudarc loads, by the names it tries (`libcuda.so`, `libcuda.so.1`, ...).
+#[cfg(feature = "cuda")]
+fn load_library(stem: &str, versions: &[&str]) -> Option<*mut libc::c_void> {
+    let mut names = vec![format!("lib{stem}.so")];
+    names.extend(versions.iter().map(|v| format!("lib{stem}.so.{v}")));
+    names.iter().find_map(|name| {
+        let c = std::ffi::CString::new(name.as_str()).ok()?;
+        // SAFETY: dlopen with a valid C string; the library stays loaded for the process (as
+        // cudarc keeps it loaded once it has found it).
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        (!handle.is_null()).then_some(handle)
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn probe_cuda(device: usize) -> std::result::Result<(), String> {
+    const OK: i32 = 0;
+    let Some(cuda) = load_library("cuda", &["1"]) else {
+        return Err("the NVIDIA driver library (libcuda.so / libcuda.so.1) is not installed or not on LD_LIBRARY_PATH".into());
+    };
+    if load_library("nvrtc", &["13", "12", "11"]).is_none() {
+        return Err("NVRTC (libnvrtc.so, from the CUDA toolkit), which compiles the kernels, is not installed or not on LD_LIBRARY_PATH".into());
+    }
+    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
+    let symbol = |name: &str| {
+        let c = std::ffi::CString::new(name).expect("symbol name");
+        // SAFETY: dlsym on a handle dlopen returned.
+        unsafe { libc::dlsym(cuda, c.as_ptr()) }
+    };
+    let (init, count) = (symbol("cuInit"), symbol("cuDeviceGetCount"));
+    if init.is_null() || count.is_null() {
+        return Err(
+            "libcuda.so does not export cuInit / cuDeviceGetCount (not the NVIDIA driver?)".into(),
+        );
+    }
+    // SAFETY: the driver API's own signatures: CUresult cuInit(unsigned), cuDeviceGetCount(int*).
+    let (init, count): (CuInit, CuDeviceGetCount) =
+        unsafe { (std::mem::transmute(init), std::mem::transmute(count)) };
+    // SAFETY: calls into the driver with valid arguments.
+    let rc = unsafe { init(0) };
+    if rc != OK {
+        return Err(format!("the NVIDIA driver did not initialise (cuInit error {rc}: no GPU, or driver and kernel module out of step?)"));
+    }
+    let mut n = 0i32;
+    // SAFETY: `n` outlives the call.
+    let rc = unsafe { count(&mut n) };
+    if rc != OK || n <= 0 {
+        return Err(format!(
+            "the NVIDIA driver sees no GPU (cuDeviceGetCount: error {rc}, {n} devices)"
+        ));
+    }
+    if device >= n as usize {
+        return Err(format!(
+            "there is no CUDA device {device}: the driver sees {n} (0..{})",
+            n - 1
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the wgpu device as the backend would (cubecl panics when it finds no adapter: the
+/// panic is caught here and its message kept, the default panic output silenced meanwhile).
+#[cfg(feature = "wgpu")]
+fn probe_wgpu(device: Option<usize>) -> std::result::Result<(), String> {
+    use burn::tensor::Tensor;
+    let dev = wgpu_device(device);
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(|| Tensor::<WgpuBackend, 1>::zeros([1], &dev).into_data());
+    std::panic::set_hook(hook);
+    r.map(|_| ()).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!(
+            "no wgpu adapter{} ({}): install a Vulkan driver (Linux: the GPU vendor's, or mesa-vulkan-drivers for software Vulkan), Metal (macOS) or DX12 (Windows)",
+            device.map(|d| format!(" {d}")).unwrap_or_default(),
+            msg.lines().next().unwrap_or("the GPU runtime panicked")
+        )
+    })
+}
+
 /// Run `job` on the selected backend.
 pub fn dispatch<J: BackendJob>(args: BackendArgs, job: J) -> Result<J::Output> {
+    probe(args.backend, args.device)?;
     match args.backend {
         BackendKind::Ndarray => job.run::<NdArrayBackend>(Default::default()),
         #[cfg(feature = "flex")]
@@ -263,6 +365,7 @@ pub fn dispatch_autodiff<J: AutodiffJob>(
             job.run::<burn::backend::Autodiff<B>>(device)
         }
     }
+    probe(args.backend, args.device)?;
     let ck = gradient_checkpointing == GradientCheckpointing::Balanced;
     match args.backend {
         BackendKind::Ndarray => on::<NdArrayBackend, J>(job, Default::default(), ck),
@@ -298,11 +401,7 @@ pub enum GradientCheckpointing {
     Layer,
 }
 
-impl GradientCheckpointing {
-    pub fn is_on(self) -> bool {
-        self != GradientCheckpointing::Off
-    }
-}
+impl GradientCheckpointing {}
 
 impl std::fmt::Display for GradientCheckpointing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -4,12 +4,12 @@
 //!
 //! Sampling follows transformers' order: temperature, top-k, top-p, then a draw from the
 //! softmax; each sequence has its own seeded ChaCha RNG, so the same seed gives the same tokens
-//! whatever else is in the batch. [`sample_from_logits`] is the host reference of that draw.
+//! whatever else is in the batch ([`crate::engine::sample_on_device`]).
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::ModelInput;
@@ -122,187 +122,7 @@ pub fn left_padded_batch(prompts: &[&Prompt], pad_id: u32) -> ModelInput {
     input
 }
 
-/// Sample one token: temperature, top-k, top-p (nucleus), then a categorical draw.
-pub fn sample_from_logits(logits: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> u32 {
-    if cfg.is_greedy() {
-        return argmax(logits);
-    }
-    let t = cfg.temperature as f64;
-    // Candidates sorted by logit, descending (stable: lower id first on ties).
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| {
-        logits[b as usize]
-            .partial_cmp(&logits[a as usize])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    if cfg.top_k > 0 && cfg.top_k < idx.len() {
-        // Keep ties with the k-th logit, as transformers' `< kth value` filter does.
-        let kth = logits[idx[cfg.top_k - 1] as usize];
-        let keep = idx
-            .iter()
-            .take_while(|&&i| logits[i as usize] >= kth)
-            .count();
-        idx.truncate(keep);
-    }
-    let max = logits[idx[0] as usize] as f64;
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((logits[i as usize] as f64 - max) / t).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    if cfg.top_p < 1.0 {
-        let mut cum = 0.0;
-        let mut keep = 0;
-        for &p in &probs {
-            keep += 1;
-            cum += p;
-            if cum >= cfg.top_p as f64 {
-                break;
-            }
-        }
-        probs.truncate(keep);
-        idx.truncate(keep);
-    }
-    let total: f64 = probs.iter().sum();
-    let u: f64 = rng.random::<f64>() * total;
-    let mut acc = 0.0;
-    for (k, &p) in probs.iter().enumerate() {
-        acc += p;
-        if u < acc {
-            return idx[k];
-        }
-    }
-    *idx.last().unwrap()
-}
-
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// The RNG used for sampling, from a seed.
 pub fn rng_from_seed(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
-}
-
-/// The tokens a top-p filter keeps for `logits` at temperature `t` (for tests and debugging).
-pub fn nucleus(logits: &[f32], temperature: f32, top_p: f32) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| {
-        logits[b as usize]
-            .partial_cmp(&logits[a as usize])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    let max = logits[idx[0] as usize] as f64;
-    let probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((logits[i as usize] as f64 - max) / temperature as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    let mut cum = 0.0;
-    let mut out = vec![];
-    for (k, p) in probs.iter().enumerate() {
-        out.push(idx[k]);
-        cum += p / total;
-        if cum >= top_p as f64 {
-            break;
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn same_seed_same_tokens() {
-        let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
-        let cfg = SamplingConfig {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            max_new_tokens: 1,
-        };
-        let draw = |seed| {
-            let mut rng = rng_from_seed(seed);
-            (0..100)
-                .map(|_| sample_from_logits(&logits, &cfg, &mut rng))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(draw(7), draw(7));
-        assert_ne!(draw(7), draw(8));
-    }
-
-    #[test]
-    fn temperature_one_matches_softmax_chi_square() {
-        let logits = [1.0f32, 0.0, -1.0, 2.0, 0.5, -0.5];
-        let cfg = SamplingConfig {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            max_new_tokens: 1,
-        };
-        let mut rng = rng_from_seed(42);
-        let n = 60_000;
-        let mut counts = [0usize; 6];
-        for _ in 0..n {
-            counts[sample_from_logits(&logits, &cfg, &mut rng) as usize] += 1;
-        }
-        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
-        let chi2: f64 = logits
-            .iter()
-            .zip(counts)
-            .map(|(&l, c)| {
-                let e = n as f64 * (l as f64).exp() / z;
-                (c as f64 - e).powi(2) / e
-            })
-            .sum();
-        // 5 degrees of freedom: P(chi2 > 20.52) = 0.001.
-        assert!(chi2 < 20.52, "chi-square {chi2} for counts {counts:?}");
-    }
-
-    #[test]
-    fn top_p_never_leaves_the_nucleus() {
-        let logits: Vec<f32> = (0..40).map(|i| (i as f32 * 0.77).sin() * 3.0).collect();
-        for &top_p in &[0.1f32, 0.5, 0.9] {
-            let cfg = SamplingConfig {
-                temperature: 0.7,
-                top_k: 0,
-                top_p,
-                max_new_tokens: 1,
-            };
-            let allowed = nucleus(&logits, 0.7, top_p);
-            let mut rng = rng_from_seed(1);
-            for _ in 0..5000 {
-                let t = sample_from_logits(&logits, &cfg, &mut rng);
-                assert!(
-                    allowed.contains(&t),
-                    "top_p {top_p}: token {t} outside nucleus {allowed:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn top_k_keeps_k_best() {
-        let logits = [0.0f32, 5.0, 1.0, 4.0, 2.0];
-        let cfg = SamplingConfig {
-            temperature: 1.0,
-            top_k: 2,
-            top_p: 1.0,
-            max_new_tokens: 1,
-        };
-        let mut rng = rng_from_seed(3);
-        for _ in 0..2000 {
-            let t = sample_from_logits(&logits, &cfg, &mut rng);
-            assert!(t == 1 || t == 3, "{t}");
-        }
-    }
 }

@@ -66,14 +66,6 @@ impl Encoded {
             .map(|l| l.map_or(IGNORE_INDEX, i64::from))
             .collect()
     }
-
-    /// Number of `<|image_pad|>` tokens each image expands to.
-    pub fn image_token_counts(&self, merge_size: usize) -> Vec<usize> {
-        self.image_grids
-            .iter()
-            .map(|g| super::image::num_image_tokens(*g, merge_size))
-            .collect()
-    }
 }
 
 /// Loads and processes image files in order (errors name the file).

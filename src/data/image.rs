@@ -214,18 +214,6 @@ impl ImageProcessorConfig {
         self
     }
 
-    /// Enables LLaMA-Factory's pre-resize (see [`llamafactory_preresize`]).
-    pub fn with_preresize(mut self, preresize: Option<PreResize>) -> Self {
-        self.preresize = preresize;
-        self
-    }
-
-    /// Reproduces another Pillow version's resize pass order.
-    pub fn with_pillow(mut self, pillow: PillowVersion) -> Self {
-        self.pillow = pillow;
-        self
-    }
-
     fn validate(&self) -> Result<()> {
         ensure!(self.patch_size > 0, "patch_size must be > 0");
         ensure!(

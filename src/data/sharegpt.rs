@@ -208,13 +208,6 @@ impl SharegptReader {
             line_no: 0,
         })
     }
-
-    /// Resolves relative image paths against `dir` instead of the file's directory
-    /// (LLaMA-Factory's `media_dir`).
-    pub fn with_media_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.base_dir = dir.into();
-        self
-    }
 }
 
 impl Iterator for SharegptReader {

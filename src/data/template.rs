@@ -250,276 +250,44 @@ impl ChatTemplate {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Python-compatible methods (the subset chat templates use).
+// Python-compatible methods
 // ---------------------------------------------------------------------------------------------
 
-fn unknown() -> Error {
-    Error::from(ErrorKind::UnknownMethod)
-}
-
-fn bad_args(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::InvalidOperation, msg.into())
-}
-
-fn arg_str<'a>(args: &'a [Value], i: usize, method: &str) -> Result<Option<&'a str>, Error> {
-    match args.get(i) {
-        None => Ok(None),
-        Some(v) if v.is_none() || v.is_undefined() => Ok(None),
-        Some(v) => v
-            .as_str()
-            .map(Some)
-            .ok_or_else(|| bad_args(format!("{method}: expected a string argument"))),
+/// Python's string, dict and list methods in templates (`.strip()`, `.split()`, `.items()`,
+/// `.get()`, ...): minijinja-contrib's `pycompat`, plus what it lacks and chat templates use:
+/// `str.removeprefix` / `str.removesuffix` and `list.index`.
+fn pycompat(state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
+    match minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args) {
+        Err(e) if e.kind() == ErrorKind::UnknownMethod => python_extras(value, method, args),
+        other => other,
     }
 }
 
-fn arg_int(args: &[Value], i: usize, method: &str) -> Result<Option<i64>, Error> {
-    match args.get(i) {
-        None => Ok(None),
-        Some(v) if v.is_none() || v.is_undefined() => Ok(None),
-        Some(v) => v
-            .as_i64()
-            .map(Some)
-            .ok_or_else(|| bad_args(format!("{method}: expected an integer argument"))),
-    }
-}
-
-fn strip_with<'a>(s: &'a str, chars: Option<&str>, left: bool, right: bool) -> &'a str {
-    let pred = |c: char| match chars {
-        Some(set) => set.contains(c),
-        None => c.is_whitespace(),
+fn python_extras(value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
+    let arg = |i: usize| {
+        args.get(i).ok_or_else(|| {
+            Error::new(
+                ErrorKind::MissingArgument,
+                format!("{method}: missing argument"),
+            )
+        })
     };
-    let s = if left { s.trim_start_matches(pred) } else { s };
-    if right {
-        s.trim_end_matches(pred)
-    } else {
-        s
-    }
-}
-
-fn prefixes(v: &Value, method: &str) -> Result<Vec<String>, Error> {
-    if let Some(s) = v.as_str() {
-        return Ok(vec![s.to_string()]);
-    }
-    if matches!(v.kind(), ValueKind::Seq) {
-        let mut out = Vec::new();
-        for item in v.try_iter()? {
-            out.push(
-                item.as_str()
-                    .ok_or_else(|| bad_args(format!("{method}: expected strings")))?
-                    .to_string(),
-            );
+    match (value.kind(), method) {
+        (ValueKind::String, "removeprefix" | "removesuffix") => {
+            let (s, affix) = (value.as_str().unwrap_or_default(), arg(0)?.to_string());
+            let cut = match method {
+                "removeprefix" => s.strip_prefix(affix.as_str()),
+                _ => s.strip_suffix(affix.as_str()),
+            };
+            Ok(Value::from(cut.unwrap_or(s)))
         }
-        return Ok(out);
-    }
-    Err(bad_args(format!(
-        "{method}: expected a string or a tuple of strings"
-    )))
-}
-
-fn py_split(s: &str, sep: Option<&str>, maxsplit: Option<i64>) -> Result<Vec<String>, Error> {
-    let max = maxsplit.filter(|&m| m >= 0).map(|m| m as usize);
-    match sep {
-        Some("") => Err(bad_args("split: empty separator")),
-        Some(sep) => Ok(match max {
-            Some(m) => s.splitn(m + 1, sep).map(String::from).collect(),
-            None => s.split(sep).map(String::from).collect(),
-        }),
-        None => {
-            let mut out = Vec::new();
-            let mut rest = s.trim_start();
-            while !rest.is_empty() {
-                if max.is_some_and(|m| out.len() == m) {
-                    out.push(rest.to_string());
-                    break;
-                }
-                let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-                out.push(rest[..end].to_string());
-                rest = rest[end..].trim_start();
-            }
-            Ok(out)
+        (ValueKind::Seq, "index") => {
+            let x = arg(0)?;
+            let at = value.try_iter()?.position(|v| &v == x);
+            at.map(Value::from)
+                .ok_or_else(|| Error::new(ErrorKind::InvalidOperation, "index: value not in list"))
         }
-    }
-}
-
-fn pycompat(_state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
-    match value.kind() {
-        ValueKind::String => {
-            let s = value.as_str().unwrap_or_default();
-            match method {
-                "strip" => Ok(Value::from(strip_with(
-                    s,
-                    arg_str(args, 0, method)?,
-                    true,
-                    true,
-                ))),
-                "lstrip" => Ok(Value::from(strip_with(
-                    s,
-                    arg_str(args, 0, method)?,
-                    true,
-                    false,
-                ))),
-                "rstrip" => Ok(Value::from(strip_with(
-                    s,
-                    arg_str(args, 0, method)?,
-                    false,
-                    true,
-                ))),
-                "upper" => Ok(Value::from(s.to_uppercase())),
-                "lower" => Ok(Value::from(s.to_lowercase())),
-                "capitalize" => {
-                    let mut c = s.chars();
-                    Ok(Value::from(match c.next() {
-                        Some(f) => f
-                            .to_uppercase()
-                            .chain(c.flat_map(char::to_lowercase))
-                            .collect::<String>(),
-                        None => String::new(),
-                    }))
-                }
-                "title" => {
-                    let mut out = String::with_capacity(s.len());
-                    let mut prev_alpha = false;
-                    for ch in s.chars() {
-                        if prev_alpha {
-                            out.extend(ch.to_lowercase());
-                        } else {
-                            out.extend(ch.to_uppercase());
-                        }
-                        prev_alpha = ch.is_alphabetic();
-                    }
-                    Ok(Value::from(out))
-                }
-                "startswith" | "endswith" => {
-                    let p = args
-                        .first()
-                        .ok_or_else(|| bad_args(format!("{method}: missing argument")))?;
-                    let ps = prefixes(p, method)?;
-                    let hit = ps.iter().any(|p| {
-                        if method == "startswith" {
-                            s.starts_with(p)
-                        } else {
-                            s.ends_with(p)
-                        }
-                    });
-                    Ok(Value::from(hit))
-                }
-                "split" => Ok(Value::from(py_split(
-                    s,
-                    arg_str(args, 0, method)?,
-                    arg_int(args, 1, method)?,
-                )?)),
-                "splitlines" => Ok(Value::from(s.lines().map(String::from).collect::<Vec<_>>())),
-                "replace" => {
-                    let old = arg_str(args, 0, method)?
-                        .ok_or_else(|| bad_args("replace: missing argument"))?;
-                    let new = arg_str(args, 1, method)?
-                        .ok_or_else(|| bad_args("replace: missing argument"))?;
-                    Ok(Value::from(match arg_int(args, 2, method)? {
-                        Some(n) if n >= 0 => s.replacen(old, new, n as usize),
-                        _ => s.replace(old, new),
-                    }))
-                }
-                "find" => {
-                    let sub = arg_str(args, 0, method)?
-                        .ok_or_else(|| bad_args("find: missing argument"))?;
-                    Ok(Value::from(
-                        s.find(sub)
-                            .map(|i| s[..i].chars().count() as i64)
-                            .unwrap_or(-1),
-                    ))
-                }
-                "count" => {
-                    let sub = arg_str(args, 0, method)?
-                        .ok_or_else(|| bad_args("count: missing argument"))?;
-                    Ok(Value::from(if sub.is_empty() {
-                        s.chars().count() + 1
-                    } else {
-                        s.matches(sub).count()
-                    }))
-                }
-                "join" => {
-                    let items = args
-                        .first()
-                        .ok_or_else(|| bad_args("join: missing argument"))?;
-                    let parts: Vec<String> = items.try_iter()?.map(|v| v.to_string()).collect();
-                    Ok(Value::from(parts.join(s)))
-                }
-                "removeprefix" => {
-                    let p = arg_str(args, 0, method)?.unwrap_or("");
-                    Ok(Value::from(s.strip_prefix(p).unwrap_or(s)))
-                }
-                "removesuffix" => {
-                    let p = arg_str(args, 0, method)?.unwrap_or("");
-                    Ok(Value::from(s.strip_suffix(p).unwrap_or(s)))
-                }
-                "isdigit" => Ok(Value::from(
-                    !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()),
-                )),
-                "isalpha" => Ok(Value::from(
-                    !s.is_empty() && s.chars().all(char::is_alphabetic),
-                )),
-                "isspace" => Ok(Value::from(
-                    !s.is_empty() && s.chars().all(char::is_whitespace),
-                )),
-                "islower" => Ok(Value::from(
-                    s.chars().any(char::is_lowercase) && !s.chars().any(char::is_uppercase),
-                )),
-                "isupper" => Ok(Value::from(
-                    s.chars().any(char::is_uppercase) && !s.chars().any(char::is_lowercase),
-                )),
-                _ => Err(unknown()),
-            }
-        }
-        ValueKind::Map => match method {
-            "items" => {
-                let mut out = Vec::new();
-                for k in value.try_iter()? {
-                    let v = value.get_item(&k)?;
-                    out.push(Value::from(vec![k, v]));
-                }
-                Ok(Value::from(out))
-            }
-            "keys" => Ok(Value::from(value.try_iter()?.collect::<Vec<_>>())),
-            "values" => {
-                let mut out = Vec::new();
-                for k in value.try_iter()? {
-                    out.push(value.get_item(&k)?);
-                }
-                Ok(Value::from(out))
-            }
-            "get" => {
-                let key = args
-                    .first()
-                    .ok_or_else(|| bad_args("get: missing argument"))?;
-                let v = value.get_item(key)?;
-                Ok(if v.is_undefined() {
-                    args.get(1).cloned().unwrap_or(Value::from(()))
-                } else {
-                    v
-                })
-            }
-            _ => Err(unknown()),
-        },
-        ValueKind::Seq => match method {
-            "count" => {
-                let x = args
-                    .first()
-                    .ok_or_else(|| bad_args("count: missing argument"))?;
-                Ok(Value::from(value.try_iter()?.filter(|v| v == x).count()))
-            }
-            "index" => {
-                let x = args
-                    .first()
-                    .ok_or_else(|| bad_args("index: missing argument"))?;
-                value
-                    .try_iter()?
-                    .position(|v| &v == x)
-                    .map(Value::from)
-                    .ok_or_else(|| bad_args("index: value not in list"))
-            }
-            _ => Err(unknown()),
-        },
-        _ => Err(unknown()),
+        _ => Err(Error::from(ErrorKind::UnknownMethod)),
     }
 }
 
@@ -637,6 +405,10 @@ mod tests {
             "a=1"
         );
         assert_eq!(r("{{ {'a': 1}.get('b', 7) }}").unwrap(), "7");
+        // What minijinja-contrib's pycompat lacks.
+        assert_eq!(r("{{ 'image_1'.removeprefix('image_') }}").unwrap(), "1");
+        assert_eq!(r("{{ 'a.png'.removesuffix('.png') }}").unwrap(), "a");
+        assert_eq!(r("{{ ['a', 'b'].index('b') }}").unwrap(), "1");
         // trim_blocks + lstrip_blocks.
         assert_eq!(r("  {% if true %}\nX\n  {% endif %}\nY").unwrap(), "X\nY");
         // Undefined variables are falsy (add_vision_id).

@@ -17,7 +17,6 @@
 //! - `low_var_kl` ([`kl_penalty`]): verl clamps to `[-10, 10]`; the estimator `e^x - x - 1` is >= 0, so we
 //!   clamp to `[0, 10]`, which only removes negative rounding noise (~1e-7 in f32 near x = 0).
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -380,17 +379,6 @@ pub fn kl_penalty<B: Backend, const D: usize>(
 // ---------------------------------------------------------------------------------------------------
 // Entropy
 // ---------------------------------------------------------------------------------------------------
-
-/// Entropy of `softmax(logits)` at every position: `[responses, max_len, vocab] -> [responses, max_len]`
-/// (verl's `entropy_from_logits`, for metrics; aggregate with [`masked_mean`]). Entries with
-/// probability 0 (e.g. `-inf` logits) contribute 0. Meant for metrics: call it on detached logits (the
-/// full-vocabulary softmax is large; chunk the rows if memory matters).
-pub fn token_entropy_from_logits<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
-    let logp = log_softmax(logits, 2);
-    let p = logp.clone().exp();
-    let plogp = (p.clone() * logp).mask_fill(p.equal_elem(0.0), 0.0);
-    plogp.sum_dim(2).squeeze_dim::<2>(2).neg()
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Tests
@@ -854,32 +842,6 @@ mod tests {
     #[should_panic(expected = "do not split")]
     fn advantages_reject_ragged_groups() {
         group_advantages(&[1.0, 0.0, 1.0], 2, true);
-    }
-
-    #[test]
-    fn entropy_of_logits() {
-        let d = dev();
-        let v = 5usize;
-        let mut data = vec![0.0f32; v]; // uniform: ln 5
-        data.extend([
-            10.0,
-            f32::NEG_INFINITY,
-            f32::NEG_INFINITY,
-            f32::NEG_INFINITY,
-            f32::NEG_INFINITY,
-        ]); // one-hot: 0
-        data.extend([1.0, 2.0, 3.0, 0.5, -1.0]);
-        let logits = Tensor::<B, 3>::from_data(TensorData::new(data, [1, 3, v]), &d);
-        let h = vec2(token_entropy_from_logits(logits));
-        let z: Vec<f64> = [1.0f64, 2.0, 3.0, 0.5, -1.0]
-            .iter()
-            .map(|x| x.exp())
-            .collect();
-        let s: f64 = z.iter().sum();
-        let want: f64 = -z.iter().map(|e| (e / s) * (e / s).ln()).sum::<f64>();
-        assert!((h[0] - (5f64).ln()).abs() < 1e-5, "{h:?}");
-        assert!(h[1].abs() < 1e-6, "{h:?}");
-        assert!((h[2] - want).abs() < 1e-5, "{h:?} vs {want}");
     }
 
     #[test]
