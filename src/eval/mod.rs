@@ -62,6 +62,7 @@ use serde_json::Value;
 
 pub mod convert;
 pub mod csv;
+pub mod medevalkit;
 pub mod parquet;
 pub mod report;
 pub mod score;
