@@ -112,7 +112,7 @@ fn library_path_gives_the_same_figures() {
     let (responses, _) =
         infimed::eval::read_responses(&fixture("score40/responses.jsonl"), false).unwrap();
     assert_eq!(responses.len(), 40);
-    let rep = infimed::eval::score_responses(&records, &responses);
+    let rep = infimed::eval::score_responses(&records, &responses, infimed::eval::Rules::Infimed);
     let names: Vec<&str> = rep.benchmarks.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(
         names,

@@ -33,8 +33,20 @@ fn types(rs: &[BenchRecord]) -> Vec<AnswerType> {
 }
 
 #[test]
-fn slake_english_only_unless_all_languages() {
-    let rs = run(BenchFormat::Slake, "slake", ConvertOptions::default());
+fn slake_both_languages_unless_lang() {
+    // MedEvalKit scores all SLAKE test questions, English and Chinese: so does the default
+    let all = run(BenchFormat::Slake, "slake", ConvertOptions::default());
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[2].lang.as_deref(), Some("zh"));
+    assert_eq!(all[2].answer, "肺");
+    let rs = run(
+        BenchFormat::Slake,
+        "slake/test.json",
+        ConvertOptions {
+            lang: Some("en".into()),
+            ..Default::default()
+        },
+    );
     assert_eq!(rs.len(), 3);
     assert_eq!(
         types(&rs),
@@ -42,19 +54,19 @@ fn slake_english_only_unless_all_languages() {
     );
     assert_eq!(rs[0].id, "slake/11934");
     assert_eq!(rs[0].answer, "Lung");
+    // closed yes/no answers are kept as written (MedEvalKit's scoring depends on the case)
+    assert_eq!(rs[1].answer, "No");
     assert!(rs[0].images[0].ends_with("slake/imgs/xmlab102/source.jpg"));
     assert_eq!(rs[0].lang, None);
-    let all = run(
+    let zh = run(
         BenchFormat::Slake,
-        "slake/test.json",
+        "slake",
         ConvertOptions {
-            all_languages: true,
+            lang: Some("zh".into()),
             ..Default::default()
         },
     );
-    assert_eq!(all.len(), 4);
-    assert_eq!(all[2].lang.as_deref(), Some("zh"));
-    assert_eq!(all[2].answer, "肺");
+    assert_eq!(zh, vec![all[2].clone()]);
 }
 
 #[test]
@@ -139,6 +151,15 @@ fn pmc_vqa_csv() {
     assert_eq!(rs[1].answer, "C");
     assert_eq!(rs[2].answer, "B");
     assert_eq!(rs[2].options.as_ref().unwrap()["B"], "H&E");
+    // the cells as published, for MedEvalKit's prompt and judge
+    assert_eq!(
+        r.meta.as_ref().unwrap()["choices"],
+        serde_json::json!([" A:CT ", " B:MRI ", " C:X-ray ", " D:Ultrasound "])
+    );
+    assert_eq!(
+        r.meta_str("question"),
+        Some("What imaging modality is shown? ")
+    );
 }
 
 #[test]
@@ -159,6 +180,8 @@ fn omnimedvqa_open_access_jsons() {
     );
     let answers: Vec<&str> = rs.iter().map(|r| r.answer.as_str()).collect();
     assert_eq!(answers, vec!["B", "B", "C"]); // the second matches "Adenocarcinoma" case-insensitively
+                                              // MedEvalKit keeps a gold that is not exactly an option as text: the published one is kept
+    assert_eq!(rs[1].meta_str("gt_answer"), Some("adenocarcinoma"));
     assert_eq!(rs[1].options.as_ref().unwrap().len(), 3);
     assert!(
         rs[0].images[0].ends_with("omnimedvqa/Images/Chest CT Scan/test/0001.png"),
@@ -192,6 +215,89 @@ fn medxpertqa_mm_jsonl() {
         rs[0].images[1]
     );
     assert!(rs[0].question.contains("Answer Choices:"));
+    assert_eq!(rs[0].meta_str("medical_task"), Some("Diagnosis"));
+}
+
+/// The authors' eval input (`eval/data/medxpertqa/input/medxpertqa_mm_input.jsonl`): options as
+/// `[{letter, content}]`, label `["B"]`, images `[{image_path}]`, converted to the same records as
+/// the Hugging Face layout.
+#[test]
+fn medxpertqa_official_eval_input() {
+    let hf = run(
+        BenchFormat::MedXpertQa,
+        "medxpertqa",
+        ConvertOptions::default(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    let mut text = String::new();
+    for line in std::fs::read_to_string(fixture("medxpertqa/MM/test.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let opts: Vec<serde_json::Value> = v["options"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, c)| serde_json::json!({"letter": k, "content": c}))
+            .collect();
+        v["options"] = opts.into();
+        v["label"] = serde_json::json!([v["label"]]);
+        let imgs: Vec<serde_json::Value> = v["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| serde_json::json!({"image_path": p}))
+            .collect();
+        v["images"] = imgs.into();
+        text += &format!("{v}\n");
+    }
+    std::fs::write(input.join("medxpertqa_mm_input.jsonl"), &text).unwrap();
+    // the images folder of the dataset, as for the Hugging Face layout
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let official = convert(BenchFormat::MedXpertQa, &input, &ConvertOptions::default())
+        .unwrap()
+        .records;
+    assert_eq!(official.len(), hf.len());
+    for (o, h) in official.iter().zip(&hf) {
+        assert_eq!(
+            (&o.id, &o.answer, &o.options, &o.meta),
+            (&h.id, &h.answer, &h.options, &h.meta)
+        );
+        let names = |r: &BenchRecord| -> Vec<String> {
+            r.images
+                .iter()
+                .map(|p| {
+                    Path::new(p)
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect()
+        };
+        assert_eq!(names(o), names(h));
+        assert!(o
+            .images
+            .iter()
+            .all(|p| p.starts_with(&*images.canonicalize().unwrap().to_string_lossy())));
+    }
+    // a label list of two letters is an error naming the line
+    std::fs::write(
+        input.join("medxpertqa_mm_input.jsonl"),
+        text.replacen("\"label\":[\"B\"]", "\"label\":[\"B\",\"C\"]", 1),
+    )
+    .unwrap();
+    let e = convert(BenchFormat::MedXpertQa, &input, &ConvertOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("medxpertqa_mm_input.jsonl:1") && e.contains("label"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -247,23 +353,35 @@ fn invalid_records_error_or_skip() {
 fn bench_convert_cli_writes_jsonl() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("slake.jsonl");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_infimed"))
-        .args([
-            "bench-convert",
-            "--format",
-            "slake",
-            "--input",
-            fixture("slake").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let convert = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_infimed"))
+            .args([
+                "bench-convert",
+                "--format",
+                "slake",
+                "--input",
+                fixture("slake").to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // both languages by default
+    let o = convert(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .contains("SLAKE: 4 records (closed 2, open 2); 0 filtered out"));
+    let o = convert(&["--lang", "en"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout)
         .contains("SLAKE: 3 records (closed 2, open 1); 1 filtered out"));
-    let (rs, _) = infimed::eval::read_bench_files(&[out], false).unwrap();
+    let (rs, _) = infimed::eval::read_bench_files(std::slice::from_ref(&out), false).unwrap();
     assert_eq!(rs.len(), 3);
+    let o = convert(&["--lang", "fr"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--lang must be en or zh"));
 }
 
 #[test]

@@ -10,7 +10,13 @@
 //!   always the wrong file);
 //! * bad input (malformed JSON, unknown answer_type, MCQ without options, duplicate ids) is an error
 //!   naming FILE:LINE, or with `--skip-invalid` a skipped line, counted and listed in the output;
-//! * writes `DIR/results.jsonl`, `DIR/summary.json`, `DIR/summary.md`.
+//! * writes `DIR/results.jsonl`, `DIR/summary.json`, `DIR/summary.md` (and, with
+//!   `--rules medevalkit`, `DIR/medevalkit.json` in MedEvalKit's layout);
+//! * `--rules infimed|medevalkit` picks the scoring rules (see [`crate::eval`]); `--lang en|zh`
+//!   scores only the records of that language;
+//! * `--judge URL --judge-model NAME [--judge-key-env VAR]` also asks an OpenAI-compatible
+//!   endpoint MedEvalKit's judge prompt for the free-text answers ([`crate::eval::judge`]; replies
+//!   cached in `DIR/judge_cache.jsonl`); reports give rule-based and judged accuracy side by side.
 //!
 //! `infimed eval --model DIR --mode direct|reasoning --bench ... --out DIR` generates the responses
 //! first: MedEvalKit's prompt for each record ([`crate::eval::build_prompt`]) after the record's
@@ -30,9 +36,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::backend::{dispatch, BackendArgs, BackendJob};
 use crate::data::template::{ChatMessage, ContentPart};
 use crate::engine::generate_batched;
-use crate::eval::report::EvalReport;
-use crate::eval::score::score_record;
-use crate::eval::{BenchRecord, Skipped};
+use crate::eval::judge::{self, JudgeConfig};
+use crate::eval::medevalkit::judge_verdict;
+use crate::eval::report::{summarize, EvalReport};
+use crate::eval::{BenchRecord, Rules, Skipped};
 use crate::generate::{rng_from_seed, stop_tokens, Prompt, SamplingConfig};
 use crate::inputs::Processor;
 use crate::model::ModelBackend;
@@ -58,6 +65,30 @@ pub struct EvalArgs {
     /// Row label in summary.md (default: the responses file name, or "model").
     #[arg(long)]
     pub label: Option<String>,
+    /// Scoring rules: infimed (the default; see the README) or medevalkit (MedEvalKit's judges,
+    /// prompts and metrics layout, its bugs included, to compare with published numbers).
+    #[arg(long, default_value = "infimed")]
+    pub rules: Rules,
+    /// Score only the records of this language (en or zh; default: all, e.g. SLAKE en + zh).
+    #[arg(long)]
+    pub lang: Option<String>,
+    /// LLM judge for free-text answers: an OpenAI-compatible API base URL
+    /// (e.g. http://localhost:8000/v1) or its .../chat/completions address.
+    #[arg(long, requires = "judge_model")]
+    pub judge: Option<String>,
+    /// The judge's model name (sent as `model`).
+    #[arg(long, requires = "judge")]
+    pub judge_model: Option<String>,
+    /// Environment variable holding the judge's API key (sent as a Bearer token).
+    #[arg(long, requires = "judge")]
+    pub judge_key_env: Option<String>,
+    /// Judge requests in flight at most.
+    #[arg(long, default_value_t = 8)]
+    pub judge_concurrency: usize,
+    /// Retries of a failed judge request (connection errors, timeouts, HTTP 429 / 5xx), with
+    /// exponential backoff from 1 s.
+    #[arg(long, default_value_t = 4)]
+    pub judge_retries: u32,
     /// Generate the responses with this model first: an HF model folder, or `builtin:NAME`
     /// (seeded random weights, with --seed).
     #[arg(long, conflicts_with = "responses")]
@@ -82,6 +113,9 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    if let Some(l) = &args.lang {
+        ensure!(l == "en" || l == "zh", "--lang must be en or zh, got {l:?}");
+    }
     if args.model.is_some() {
         let backend = args.backend;
         return dispatch(backend, ModelEvalJob(args));
@@ -89,30 +123,112 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let Some(responses_path) = args.responses.as_ref() else {
         bail!("give --responses R.jsonl (responses produced elsewhere) or --model DIR (generate them)");
     };
-    let (records, mut skipped) = eval::read_bench_files(&args.bench, args.skip_invalid)?;
-    ensure!(!records.is_empty(), "the benchmark file(s) hold no record");
+    let (all, mut skipped) = eval::read_bench_files(&args.bench, args.skip_invalid)?;
+    let ids: std::collections::HashSet<String> = all.iter().map(|r| r.id.clone()).collect();
+    let records = keep_lang(all, args.lang.as_deref())?;
     let (responses, skipped_resp) = eval::read_responses(responses_path, args.skip_invalid)?;
     skipped.extend(skipped_resp);
-    let mut report = eval::score_responses(&records, &responses);
-    if !responses.is_empty() && report.unmatched_responses.len() == responses.len() {
+    let mut report = eval::score_responses(&records, &responses, args.rules);
+    // responses of the records --lang leaves out are not "unmatched"
+    report.unmatched_responses.retain(|id| !ids.contains(id));
+    if !responses.is_empty() && responses.keys().all(|id| !ids.contains(id)) {
         bail!(
             "none of the {} responses in {} matches a benchmark record id (wrong file?)",
             responses.len(),
             responses_path.display()
         );
     }
-    report.label = args.label.clone().unwrap_or_else(|| {
+    let report = judge_report(&args, report)?;
+    finish(
+        &args,
+        report,
         responses_path
             .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
-    report.skipped = skipped;
-    finish(&args, &report)
+            .map(|s| s.to_string_lossy().into_owned()),
+        skipped,
+    )
 }
 
-/// Warnings, the report files and the printed table.
-fn finish(args: &EvalArgs, report: &EvalReport) -> Result<()> {
+/// The records of `lang` (all when `None`); an error when none is left.
+fn keep_lang(records: Vec<BenchRecord>, lang: Option<&str>) -> Result<Vec<BenchRecord>> {
+    ensure!(!records.is_empty(), "the benchmark file(s) hold no record");
+    let n = records.len();
+    let kept: Vec<BenchRecord> = records
+        .into_iter()
+        .filter(|r| lang.is_none_or(|l| r.lang() == l))
+        .collect();
+    ensure!(
+        !kept.is_empty(),
+        "none of the {n} benchmark records is in language {:?}",
+        lang.unwrap_or_default()
+    );
+    Ok(kept)
+}
+
+/// With `--judge`: ask the judge about every record that has a judge prompt, apply its verdicts
+/// and summarise with rule-based and judged figures side by side.
+fn judge_report(args: &EvalArgs, report: EvalReport) -> Result<EvalReport> {
+    let (Some(url), Some(model)) = (&args.judge, &args.judge_model) else {
+        return Ok(report);
+    };
+    let api_key = match &args.judge_key_env {
+        Some(var) => Some(std::env::var(var).with_context(|| {
+            format!("--judge-key-env {var}: the environment variable {var} is not set")
+        })?),
+        None => None,
+    };
+    let cfg = JudgeConfig {
+        url: url.clone(),
+        model: model.clone(),
+        api_key,
+        concurrency: args.judge_concurrency,
+        retries: args.judge_retries,
+        backoff: std::time::Duration::from_secs(1),
+        timeout: std::time::Duration::from_secs(180),
+        cache: args.out.join("judge_cache.jsonl"),
+    };
+    let EvalReport {
+        mut results,
+        unmatched_responses,
+        ..
+    } = report;
+    let asked: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].judge_prompt.is_some())
+        .collect();
+    let prompts: Vec<String> = asked
+        .iter()
+        .filter_map(|&i| results[i].judge_prompt.clone())
+        .collect();
+    let (replies, stats) = judge::ask_all(&cfg, &prompts)?;
+    eprintln!(
+        "judge {model} at {}: {} record(s) judged, {} prompt(s) asked, {} from {}",
+        judge::endpoint(url),
+        prompts.len(),
+        stats.asked,
+        stats.cached,
+        cfg.cache.display()
+    );
+    for (i, reply) in asked.into_iter().zip(replies) {
+        results[i].judge = Some(judge_verdict(Some(&reply)));
+    }
+    let mut judged = summarize(results, args.rules, Some(model.clone()));
+    judged.unmatched_responses = unmatched_responses;
+    Ok(judged)
+}
+
+/// Label, warnings, the report files and the printed table.
+fn finish(
+    args: &EvalArgs,
+    mut report: EvalReport,
+    default_label: Option<String>,
+    skipped: Vec<Skipped>,
+) -> Result<()> {
+    report.label = args
+        .label
+        .clone()
+        .or(default_label)
+        .unwrap_or_else(|| "model".into());
+    report.skipped = skipped;
     for s in &report.skipped {
         tracing::warn!("skipped {s}");
     }
@@ -135,24 +251,48 @@ fn finish(args: &EvalArgs, report: &EvalReport) -> Result<()> {
             report.missing_responses
         );
     }
-    eval::write_report(&args.out, report)?;
+    eval::write_report(&args.out, &report)?;
     print!("{}", report.summary_markdown());
     println!("wrote {}", args.out.display());
     Ok(())
 }
 
-/// The chat messages of a benchmark record: one user turn, its images first, then the prompt.
-pub fn bench_messages(record: &BenchRecord, mode: Mode) -> Vec<ChatMessage> {
-    let mut parts = vec![ContentPart::Image; record.images.len()];
-    parts.push(ContentPart::Text(eval::build_prompt(record, mode)));
+/// The chat messages of a benchmark record: one user turn, its images first, then the prompt
+/// ([`eval::build_prompt_with`]). Under `--rules medevalkit` the images are sent as MedEvalKit's
+/// Qwen2.5-VL wrapper sends them: MMMU only its first image; a record with several images (as
+/// MedXpertQA's) each after a text part `"<image_{i}>: "`.
+pub fn bench_messages(record: &BenchRecord, mode: Mode, rules: Rules) -> Vec<ChatMessage> {
+    let mut parts = Vec::new();
+    let n = bench_image_count(record, rules);
+    for i in 0..n {
+        if rules == Rules::Medevalkit && record.images.len() > 1 {
+            parts.push(ContentPart::Text(format!("<image_{}>: ", i + 1)));
+        }
+        parts.push(ContentPart::Image);
+    }
+    parts.push(ContentPart::Text(eval::build_prompt_with(
+        record, mode, rules,
+    )));
     vec![ChatMessage::new("user", parts)]
 }
 
-/// Image paths of a record, relative ones resolved against its benchmark file's folder.
-pub fn bench_images(record: &BenchRecord, base: &Path) -> Vec<PathBuf> {
+/// How many of a record's images are sent (all; MMMU's first only under `--rules medevalkit`).
+fn bench_image_count(record: &BenchRecord, rules: Rules) -> usize {
+    let mmmu = eval::kit::Kit::of(&record.benchmark) == eval::kit::Kit::Mmmu;
+    if rules == Rules::Medevalkit && mmmu {
+        record.images.len().min(1)
+    } else {
+        record.images.len()
+    }
+}
+
+/// Image paths of a record (those [`bench_messages`] sends), relative ones resolved against its
+/// benchmark file's folder.
+pub fn bench_images(record: &BenchRecord, base: &Path, rules: Rules) -> Vec<PathBuf> {
     record
         .images
         .iter()
+        .take(bench_image_count(record, rules))
         .map(|i| {
             let p = PathBuf::from(i);
             if p.is_absolute() {
@@ -183,9 +323,13 @@ impl BackendJob for ModelEvalJob {
             let (recs, skip) = eval::read_bench_file(path, args.skip_invalid, &mut seen)?;
             skipped.extend(skip);
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            for rec in recs {
-                let msgs = bench_messages(&rec, args.mode);
-                match processor.prompt(&msgs, &bench_images(&rec, &base)) {
+            let lang = args.lang.as_deref();
+            for rec in recs
+                .into_iter()
+                .filter(|r| lang.is_none_or(|l| r.lang() == l))
+            {
+                let msgs = bench_messages(&rec, args.mode, args.rules);
+                match processor.prompt(&msgs, &bench_images(&rec, &base, args.rules)) {
                     Ok(p) => {
                         prompts.push(p);
                         prompt_of.push(records.len());
@@ -236,7 +380,8 @@ impl BackendJob for ModelEvalJob {
                 for (&i, g) in idx.iter().zip(gens) {
                     let text = processor.tokenizer.decode(&g.tokens, true);
                     if let Ok(t) = &text {
-                        correct += score_record(&records[prompt_of[i]], Some(t)).correct as usize;
+                        correct +=
+                            args.rules.score(&records[prompt_of[i]], Some(t)).correct as usize;
                     }
                     texts[i] = Some(text);
                     new_tokens += g.tokens.len();
@@ -274,13 +419,10 @@ impl BackendJob for ModelEvalJob {
             args.mode.as_str(),
             resp_path.display()
         );
-        let mut report = eval::score_responses(&records, &responses);
-        report.label = args
-            .label
-            .clone()
-            .unwrap_or_else(|| format!("{model_name} ({})", args.mode.as_str()));
-        report.skipped = skipped;
-        finish(&args, &report)
+        let report = eval::score_responses(&records, &responses, args.rules);
+        let report = judge_report(&args, report)?;
+        let label = format!("{model_name} ({})", args.mode.as_str());
+        finish(&args, report, Some(label), skipped)
     }
 }
 
@@ -295,9 +437,10 @@ pub struct BenchConvertArgs {
     /// Output benchmark JSONL.
     #[arg(long)]
     pub out: PathBuf,
-    /// SLAKE: keep the Chinese questions too (default: English only).
+    /// SLAKE: keep only the questions of this language, en or zh (default: both, as MedEvalKit
+    /// scores all 2,094 test questions).
     #[arg(long)]
-    pub all_languages: bool,
+    pub lang: Option<String>,
     /// Split: VQA-RAD OSF file test|train|all (default test); PathVQA pickle folder test|val|train
     /// (default test); MMMU id prefix (default validation).
     #[arg(long)]
@@ -312,6 +455,9 @@ pub struct BenchConvertArgs {
 }
 
 pub fn run_convert(args: BenchConvertArgs) -> Result<()> {
+    if let Some(l) = &args.lang {
+        ensure!(l == "en" || l == "zh", "--lang must be en or zh, got {l:?}");
+    }
     let media_dir = args.media_dir.clone().unwrap_or_else(|| {
         let stem = args
             .out
@@ -326,7 +472,7 @@ pub fn run_convert(args: BenchConvertArgs) -> Result<()> {
         std::env::current_dir()?.join(media_dir)
     };
     let opts = ConvertOptions {
-        all_languages: args.all_languages,
+        lang: args.lang.clone(),
         split: args.split.clone(),
         skip_invalid: args.skip_invalid,
         media_dir: Some(media_dir),

@@ -11,7 +11,8 @@
 //! * `slake` — SLAKE (`BoKelvin/SLAKE` / Slake1.0): `test.json`, a JSON array of
 //!   `{"qid", "img_name", "question", "answer", "answer_type": "OPEN"|"CLOSED", "q_lang": "en"|"zh", ...}`,
 //!   images under `imgs/<img_name>`. `--input` is the folder or the JSON file. CLOSED -> `closed`,
-//!   OPEN -> `open`. English only unless `all_languages` (then Chinese records get `lang: "zh"`).
+//!   OPEN -> `open`. Both languages (as MedEvalKit: all 2,094 test questions; Chinese records get
+//!   `lang: "zh"`) unless `lang` keeps one. The answer is kept as written ("Yes", "是的").
 //! * `vqa-rad` — VQA-RAD, two layouts: (a) the official OSF release `VQA_RAD Dataset Public.json`
 //!   (JSON array of `{"qid", "image_name", "question", "answer", "answer_type", "phrase_type", ...}`;
 //!   the test split is `phrase_type` `test_freeform` + `test_para`, 451 questions; images in
@@ -34,18 +35,23 @@
 //!   `A:` prefix is removed); the answer is a letter or an option text (`Answer_label` is tried
 //!   when `Answer` is neither; we have not checked every release of the file, so all three answer
 //!   forms are accepted). Images: `figures/<Figure_path>` if that folder exists, else
-//!   `images/<Figure_path>`. `--input` is the folder (then `test_2.csv`) or the CSV file.
+//!   `images/<Figure_path>`. `--input` is the folder (then `test_2.csv`) or the CSV file. `meta`
+//!   keeps the choice cells and the question as published (`choices`, `question`: MedEvalKit's
+//!   prompt and judge use them).
 //! * `omnimedvqa` — OmniMedVQA: `QA_information/Open-access/*.json` (the Restricted-access part is
 //!   not public), each a JSON array of `{"question_id", "question", "gt_answer", "option_A"..
 //!   "option_D", "image_path", "dataset", "question_type", "modality_type"}`; `image_path` is
 //!   relative to the OmniMedVQA folder. The answer letter is the option whose text equals
-//!   `gt_answer` (exactly, else after lowercasing and dropping punctuation). `--input` is the
+//!   `gt_answer` (exactly, else after lowercasing and dropping punctuation); `meta` keeps
+//!   `gt_answer` as published (MedEvalKit keeps a gold that is not exactly an option as text). `--input` is the
 //!   OmniMedVQA folder, the `Open-access` folder or one JSON file.
 //! * `medxpertqa` — MedXpertQA MM (`TsinghuaC3I/MedXpertQA`): `MM/test.jsonl`, lines
 //!   `{"id", "question", "options": {"A".."E"}, "label", "images": [...], "medical_task",
-//!   "body_system", "question_type"}`, images in `images/` (of the dataset folder). The question
-//!   text already ends with the answer choices; it is kept as published (MedEvalKit does too).
-//!   `--input` is the dataset folder or the JSONL file.
+//!   "body_system", "question_type"}`, images in `images/` (of the dataset folder); or the
+//!   authors' official eval input `eval/data/medxpertqa/input/medxpertqa_mm_input.jsonl`
+//!   (`"options": [{"letter", "content"}]`, `"label": ["A"]`, `"images": [{"image_path"}]`). The
+//!   question text already ends with the answer choices; it is kept as published (MedEvalKit
+//!   does too). `--input` is the dataset folder, the input folder or the JSONL file.
 //! * `mmmu` — MMMU Health & Medicine (`MMMU/MMMU`, subjects Basic_Medical_Science,
 //!   Clinical_Medicine, Diagnostics_and_Laboratory_Medicine, Pharmacy, Public_Health; the
 //!   validation split is the one with public answers). MMMU ships parquet only, with the images
@@ -147,8 +153,8 @@ impl std::str::FromStr for BenchFormat {
 /// Options of a conversion.
 #[derive(Debug, Clone, Default)]
 pub struct ConvertOptions {
-    /// SLAKE: keep the Chinese questions too (default: English only).
-    pub all_languages: bool,
+    /// SLAKE: keep only this language (`en` or `zh`; default: both).
+    pub lang: Option<String>,
     /// Split where the source has several in one file (VQA-RAD OSF: `test` (default), `train`,
     /// `all`) or in its folder layout (PathVQA pickle: `test` default, `val`, `train`; MMMU:
     /// keep ids of this split, default `validation`).
@@ -303,12 +309,14 @@ fn need_str(obj: &Map<String, Value>, key: &str) -> Result<String> {
     get_str(obj, &[key]).ok_or_else(|| anyhow!("missing string field `{key}`"))
 }
 
-/// An image reference: a string path, or an object with a `path` (Hugging Face `Image` export).
+/// An image reference: a string path, or an object with a `path` (Hugging Face `Image` export) or
+/// an `image_path` (MedXpertQA's official eval input).
 fn image_ref(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         Value::Object(o) => o
             .get("path")
+            .or_else(|| o.get("image_path"))
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string),
@@ -411,7 +419,7 @@ fn slake(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         let lang = get_str(o, &["q_lang"])
             .unwrap_or_else(|| "en".into())
             .to_lowercase();
-        if lang != "en" && !opts.all_languages {
+        if opts.lang.as_ref().is_some_and(|l| *l != lang) {
             return Ok(None);
         }
         let t = need_str(o, "answer_type")?;
@@ -781,6 +789,11 @@ fn pmc_vqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
                 AnswerType::Mcq,
             );
             r.options = Some(options);
+            // MedEvalKit's prompt and judge use the cells as published (`--rules medevalkit`)
+            r.meta = Some(json!({
+                "choices": choices.iter().map(|&(_, i)| field(i)).collect::<Vec<_>>(),
+                "question": field(q),
+            }));
             r.images = vec![join_str(&img_dir, field(fig).trim())];
             r.validate()?;
             Ok(r)
@@ -888,7 +901,13 @@ fn omnimedvqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
             r.images = vec![join_str(&root, &need_str(o, "image_path")?)];
             r.meta = meta_of(
                 o,
-                &["dataset", "question_type", "modality_type", "modality"],
+                &[
+                    "dataset",
+                    "question_type",
+                    "modality_type",
+                    "modality",
+                    "gt_answer",
+                ],
             );
             Ok(Some(r))
         })?;
@@ -914,12 +933,19 @@ fn medxpertqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         let cands = [
             input.join("MM").join("test.jsonl"),
             input.join("test.jsonl"),
+            input.join("medxpertqa_mm_input.jsonl"),
+            input.join("input").join("medxpertqa_mm_input.jsonl"),
         ];
         cands
             .iter()
             .find(|p| p.exists())
             .cloned()
-            .with_context(|| format!("{} has no MM/test.jsonl", input.display()))?
+            .with_context(|| {
+                format!(
+                    "{} has no MM/test.jsonl or medxpertqa_mm_input.jsonl",
+                    input.display()
+                )
+            })?
     } else {
         input.to_path_buf()
     };
@@ -932,27 +958,20 @@ fn medxpertqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         .unwrap_or_else(|| parent_of(&abs).join("images"));
     let mut conv = Conversion::default();
     each_row(read_rows(&file, opts)?, opts, &mut conv, |o, i| {
-        let opts_v = o
-            .get("options")
-            .and_then(Value::as_object)
-            .context("missing `options` object")?;
-        let options: BTreeMap<String, String> = opts_v
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.trim().to_ascii_uppercase(),
-                    v.as_str()
-                        .map(str::to_string)
-                        .with_context(|| format!("option {k} is not a string"))?,
-                ))
-            })
-            .collect::<Result<_>>()?;
+        let options = medxpertqa_options(o.get("options"))?;
+        let label = match o.get("label") {
+            Some(Value::Array(a)) => match a.as_slice() {
+                [Value::String(l)] => l.clone(),
+                _ => bail!("`label` must be one letter or a list of one letter, got {a:?}"),
+            },
+            _ => need_str(o, "label")?,
+        };
         let id = get_str(o, &["id"]).unwrap_or_else(|| i.to_string());
         let mut r = record(
             BenchFormat::MedXpertQa,
             id,
             need_str(o, "question")?,
-            need_str(o, "label")?,
+            label,
             AnswerType::Mcq,
         );
         r.options = Some(options);
@@ -971,6 +990,37 @@ fn medxpertqa(input: &Path, opts: &ConvertOptions) -> Result<Conversion> {
         Ok(Some(r))
     })?;
     Ok(conv)
+}
+
+/// MedXpertQA's options: the Hugging Face object `{"A": "..", ...}`, or the official eval input's
+/// list `[{"letter": "A", "content": ".."}, ...]`.
+fn medxpertqa_options(v: Option<&Value>) -> Result<BTreeMap<String, String>> {
+    let pairs: Vec<(String, &Value)> = match v {
+        Some(Value::Object(m)) => m.iter().map(|(k, v)| (k.clone(), v)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|e| {
+                let letter = e.get("letter").and_then(Value::as_str);
+                let content = e.get("content");
+                match (letter, content) {
+                    (Some(l), Some(c)) => Ok((l.to_string(), c)),
+                    _ => bail!("an option must be {{\"letter\", \"content\"}}, got {e}"),
+                }
+            })
+            .collect::<Result<_>>()?,
+        _ => bail!("missing `options` (an object, or a list of {{\"letter\", \"content\"}})"),
+    };
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                k.trim().to_ascii_uppercase(),
+                v.as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("option {k} is not a string"))?,
+            ))
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

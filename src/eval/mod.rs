@@ -30,21 +30,28 @@
 //!   folder (as for sharegpt data). Images are attached by the caller as image parts before the
 //!   prompt text.
 //! * `lang` (optional, `"en"` default, or `"zh"`): selects MedEvalKit's Chinese prompts (SLAKE has
-//!   Chinese questions).
-//! * `meta` (optional, any JSON): kept, not used (subset, modality, ...).
+//!   Chinese questions); reports break accuracy down by language.
+//! * `meta` (optional, any JSON object): `question_type`, `modality_type`, `medical_task` and
+//!   `subject` (strings) give the reports' breakdowns; `--rules medevalkit` also reads PMC-VQA's
+//!   raw `choices` (a list of the CSV's choice cells) and OmniMedVQA's raw `gt_answer` (see
+//!   [`kit`]). The converters write them.
 //!
 //! [`read_bench_file`] reads and validates such a file; a bad line is an error naming `FILE:LINE`
 //! (or, with `skip_invalid`, a counted and reported skip).
 //!
 //! # Prompts
 //!
-//! [`build_prompt`] gives MedEvalKit's prompt for a record (no system prompt), see its docs.
+//! [`build_prompt`] gives MedEvalKit's prompt for a record (no system prompt), see its docs;
+//! [`build_prompt_with`] its per-benchmark layouts under `--rules medevalkit`.
 //!
 //! # Scoring
 //!
-//! See [`score`]: the answer span is the last `\boxed{}` content, else the first `<answer>` tag,
-//! else the whole response; then per answer type: MCQ letter (or option text), yes/no as whole
-//! words, closed exact match after normalisation, open exact match plus token-set F1.
+//! Two rule sets ([`Rules`]): `infimed` (the default, [`score`]: the answer a reply commits to,
+//! one normalisation that keeps numbers, never a guess) and `medevalkit` ([`kit`], with the
+//! ported functions in [`medevalkit`]: MedEvalKit's judges per benchmark, bugs included, so that
+//! numbers can be put beside published ones). An optional LLM judge ([`judge`]) re-scores free-text
+//! answers with MedEvalKit's judge prompt; reports give rule-based and judged accuracy side by
+//! side ([`report`]).
 //!
 //! # Converters
 //!
@@ -62,12 +69,64 @@ use serde_json::Value;
 
 pub mod convert;
 pub mod csv;
+pub mod judge;
+pub mod kit;
+pub mod medevalkit;
 pub mod parquet;
 pub mod report;
 pub mod score;
 
 pub use report::{score_responses, write_report, BenchSummary, EvalReport, TypeSummary};
 pub use score::{score_record, ScoredRecord};
+
+/// The scoring rules of `infimed eval --rules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rules {
+    /// infimed's rules ([`score`]).
+    #[default]
+    Infimed,
+    /// MedEvalKit's rules, reproduced exactly ([`kit`]).
+    Medevalkit,
+}
+
+impl Rules {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rules::Infimed => "infimed",
+            Rules::Medevalkit => "medevalkit",
+        }
+    }
+
+    /// Score one response under these rules.
+    pub fn score(self, record: &BenchRecord, response: Option<&str>) -> ScoredRecord {
+        match self {
+            Rules::Infimed => {
+                let mut s = score::score_record(record, response);
+                s.judge_prompt = score::judge_prompt(record, response);
+                s
+            }
+            Rules::Medevalkit => kit::score_record(record, response),
+        }
+    }
+}
+
+impl std::fmt::Display for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Rules {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "infimed" => Ok(Rules::Infimed),
+            "medevalkit" => Ok(Rules::Medevalkit),
+            _ => bail!("unknown rules {s:?} (expected infimed or medevalkit)"),
+        }
+    }
+}
 
 /// How a benchmark answer is graded (and which prompt asks for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -405,6 +464,19 @@ impl BenchRecord {
         self.lang.as_deref().unwrap_or("en")
     }
 
+    /// A string field of `meta` (`None` when absent or not a string).
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        self.meta.as_ref()?.get(key)?.as_str()
+    }
+
+    /// [`Self::option_pairs`] with owned texts.
+    pub fn option_pairs_owned(&self) -> Vec<(char, String)> {
+        self.option_pairs()
+            .into_iter()
+            .map(|(l, t)| (l, t.to_string()))
+            .collect()
+    }
+
     /// The options as `(letter, text)` pairs in letter order (empty when absent).
     pub fn option_pairs(&self) -> Vec<(char, &str)> {
         self.options
@@ -582,8 +654,9 @@ pub fn options_block(record: &BenchRecord) -> String {
 ///
 /// `lang` zh uses MedEvalKit's Chinese versions (`问题：`/`选项：` and the Chinese instructions).
 /// Differences from MedEvalKit, on purpose: every MCQ uses the layout above (MedEvalKit's PMC-VQA
-/// passes its raw `A:text` choices and its MMMU loader has its own `(A) text` layout), and no
-/// "The index of the given image is 1." line is added (that is a later fork's addition).
+/// passes its raw `A:text` choices and its MMMU loader has its own `(A) text` layout: under
+/// `--rules medevalkit` [`build_prompt_with`] gives those), and no "The index of the given image
+/// is 1." line is added (that is a later fork's addition).
 pub fn build_prompt(record: &BenchRecord, mode: Mode) -> String {
     let zh = record.lang() == "zh";
     let reasoning = mode == Mode::Reasoning;
@@ -640,10 +713,88 @@ pub fn build_prompt(record: &BenchRecord, mode: Mode) -> String {
     }
 }
 
+/// The prompt under `rules`: [`build_prompt`], except that `--rules medevalkit` gives MedEvalKit's
+/// own layouts where they differ: PMC-VQA's question and options are its raw CSV cells
+/// (`meta.question`, `meta.choices`, e.g. `" A: Right Coronary Artery "`), and MMMU's prompt is its `construct_prompt`:
+/// `"\n{q}\n\n(A) {opt}\n(B) {opt}\n\n\n        "` + the instruction (open questions:
+/// `"\n{q}\n\n        "` + `Answer the question using a single word or phrase.`, or its
+/// reasoning variant).
+pub fn build_prompt_with(record: &BenchRecord, mode: Mode, rules: Rules) -> String {
+    if rules == Rules::Infimed {
+        return build_prompt(record, mode);
+    }
+    let reasoning = mode == Mode::Reasoning;
+    match kit::Kit::of(&record.benchmark) {
+        kit::Kit::Mmmu if record.answer_type == AnswerType::Mcq => {
+            let opts: String = record
+                .option_pairs()
+                .iter()
+                .map(|(l, t)| format!("({l}) {t}\n"))
+                .collect();
+            let suffix = if reasoning { MCQ_REASONING } else { MCQ_DIRECT };
+            format!("\n{}\n\n{opts}\n\n        {suffix}", record.question)
+        }
+        kit::Kit::Mmmu => {
+            let suffix = if reasoning {
+                CLOSED_REASONING
+            } else {
+                CLOSED_DIRECT
+            };
+            format!("\n{}\n\n        {suffix}", record.question)
+        }
+        kit::Kit::PmcVqa if record.answer_type == AnswerType::Mcq => {
+            match record
+                .meta
+                .as_ref()
+                .and_then(|m| m.get("choices"))
+                .and_then(Value::as_array)
+            {
+                Some(cells) => {
+                    let opts: Vec<&str> = cells.iter().filter_map(Value::as_str).collect();
+                    let q = record.meta_str("question").unwrap_or(&record.question);
+                    let suffix = if reasoning { MCQ_REASONING } else { MCQ_DIRECT };
+                    format!("\nQuestion: {q}\nOptions: \n{}\n{suffix}", opts.join("\n"))
+                }
+                None => build_prompt(record, mode),
+            }
+        }
+        _ => build_prompt(record, mode),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn medevalkit_prompts_for_mmmu_and_pmc() {
+        let m = rec(
+            json!({"id": "1", "benchmark": "MMMU", "question": "Which <image 1>?", "options": {"A": "x", "B": "y"}, "answer": "A", "answer_type": "mcq"}),
+        );
+        assert_eq!(
+            build_prompt_with(&m, Mode::Direct, Rules::Medevalkit),
+            "\nWhich <image 1>?\n\n(A) x\n(B) y\n\n\n        Answer with the option's letter from the given choices directly."
+        );
+        assert_eq!(
+            build_prompt_with(&m, Mode::Direct, Rules::Infimed),
+            build_prompt(&m, Mode::Direct)
+        );
+        let o = rec(
+            json!({"id": "2", "benchmark": "MMMU", "question": "Dose?", "answer": "2", "answer_type": "closed"}),
+        );
+        assert_eq!(
+            build_prompt_with(&o, Mode::Reasoning, Rules::Medevalkit),
+            "\nDose?\n\n        Answer the question using a single word or phrase and put the answer in one \"\\boxed{}\"."
+        );
+        let p = rec(
+            json!({"id": "3", "benchmark": "PMC-VQA", "question": " What? ", "options": {"A": "CT", "B": "MRI"}, "answer": "B", "answer_type": "mcq", "meta": {"choices": [" A: CT ", " B: MRI"]}}),
+        );
+        assert_eq!(
+            build_prompt_with(&p, Mode::Direct, Rules::Medevalkit),
+            "\nQuestion:  What? \nOptions: \n A: CT \n B: MRI\nAnswer with the option's letter from the given choices directly."
+        );
+    }
 
     fn rec(v: Value) -> BenchRecord {
         BenchRecord::from_value(&v).unwrap()
