@@ -261,6 +261,12 @@ impl<B: Backend> VisionBlock<B> {
 }
 
 impl<B: Backend> VisionTower<B> {
+    /// A randomly initialised tower (HF's initialisation; seed the backend first).
+    pub fn init(cfg: &VisionConfig, device: &B::Device) -> Self {
+        Self::weights(&mut Weights::Init(device), cfg, None)
+            .expect("a random initialisation reads nothing")
+    }
+
     /// The tower's weights (`visual.*`): see [`Weights`]. The blocks come first, the order of
     /// HF's random initialisation here. The patch embedding is a Conv3d `[C, in, t, p, p]`, the
     /// linear map `[C, patch_dim]` in the processor's order.
