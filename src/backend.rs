@@ -309,10 +309,13 @@ fn probe_wgpu(device: Option<usize>) -> std::result::Result<(), String> {
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
+        // cubecl names the missing adapter where it panics on this thread; where the panic is on
+        // its device thread, this one only sees the channel close: no detail worth showing.
+        let detail = msg.lines().next().filter(|m| m.contains("adapter") || m.contains("device"));
         format!(
-            "no wgpu adapter{} ({}): install a Vulkan driver (Linux: the GPU vendor's, or mesa-vulkan-drivers for software Vulkan), Metal (macOS) or DX12 (Windows)",
-            device.map(|d| format!(" {d}")).unwrap_or_default(),
-            msg.lines().next().unwrap_or("the GPU runtime panicked")
+            "no wgpu adapter found{}{}: install a Vulkan driver (Linux: the GPU vendor's, or mesa-vulkan-drivers for software Vulkan), Metal (macOS) or DX12 (Windows)",
+            device.map(|d| format!(" for device {d}")).unwrap_or_default(),
+            detail.map(|d| format!(" ({d})")).unwrap_or_default()
         )
     })
 }
