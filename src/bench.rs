@@ -346,7 +346,6 @@ impl<B: TrainBackend> SftStepper<B> {
             1e-5,
             &Rank::single(),
             &self.device,
-            |_| "bench".into(),
         )?;
         Ok(out.loss)
     }

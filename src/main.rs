@@ -13,6 +13,10 @@ fn main() {
     infimed::cli::init_tracing();
     if let Err(err) = infimed::cli::run(cli) {
         eprintln!("error: {err:#}");
-        std::process::exit(1);
+        // A run stopped by SIGTERM / SIGINT exits as a shell reports a process the signal ended.
+        let code = err
+            .downcast_ref::<infimed::learn::stop::Interrupted>()
+            .map_or(1, |i| i.exit_code());
+        std::process::exit(code);
     }
 }

@@ -28,7 +28,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use burn::module::AutodiffModule;
 use rand::Rng;
 
-use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob};
+use crate::backend::{check_precision, compute_model, dispatch_autodiff, probe, AutodiffJob};
 use crate::data::encode::Encoded;
 use crate::engine::{generate_batched, generate_requests, EngineConfig, Request};
 use crate::eval::Skipped;
@@ -39,6 +39,7 @@ use crate::grpo::recipe::GrpoRecipe;
 use crate::grpo::rollout::{response_logprobs, rollout_sequence, score_groups, ScoredGroups};
 use crate::grpo::step::{policy_update, StepResponses};
 use crate::inputs::Processor;
+use crate::learn::checkpoint::DiskPlan;
 use crate::learn::checkpoint::TrainState;
 use crate::learn::freeze::count_params;
 use crate::learn::metrics::MetricsLog;
@@ -46,9 +47,10 @@ use crate::learn::parallel::{run_ranks, shard_range, Rank};
 use crate::learn::recipe::Recipe;
 use crate::learn::run::{prepare_output_dir, Trainee};
 use crate::learn::trainer::{train, Learner, RunSummary, TrainArgs};
-use crate::model::{Qwen25VL, TrainBackend};
+use crate::model::{Qwen25VL, Qwen25VlConfig, TrainBackend};
 use crate::models::{load_model, model_files_dir};
 use crate::rewards;
+use crate::sft::plan::param_counts;
 
 /// What a GRPO run reports at its end.
 pub type GrpoSummary = RunSummary<RlEval, GrpoEnd>;
@@ -56,6 +58,10 @@ pub type GrpoSummary = RunSummary<RlEval, GrpoEnd>;
 /// `infimed grpo`: the plan, then the run.
 pub fn run(args: TrainArgs) -> Result<()> {
     let recipe = GrpoRecipe::from_file(&args.recipe, &args.set)?;
+    let (backend, ck) = (recipe.backend_args(), recipe.gradient_checkpointing);
+    if !args.dry_run {
+        probe(backend.backend, backend.device)?;
+    }
     let (n_prompts, n_skipped) = if args.dry_run && !recipe.data.exists() {
         println!(
             "note: {} does not exist yet; step counts need it",
@@ -75,18 +81,30 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "{}",
         crate::grpo::plan::describe(&recipe, n_prompts, n_skipped)
     );
+    if let (Some(n), Ok(cfg)) = (
+        n_prompts,
+        model_files_dir(&recipe.model).and_then(|d| Qwen25VlConfig::from_dir(&d)),
+    ) {
+        let params = param_counts(&cfg);
+        let trainable = params.trainable(&recipe.freeze).total();
+        let (steps, p) = (recipe.total_steps(n), params.total());
+        let disk = DiskPlan::new(
+            p,
+            trainable,
+            recipe.save_optimizer,
+            recipe.precision.bytes(),
+            steps,
+            recipe.save_every,
+            recipe.keep_checkpoints,
+        );
+        println!("  {disk}");
+    }
     if args.dry_run {
         return Ok(());
     }
-    let (backend, ck) = (recipe.backend_args(), recipe.gradient_checkpointing);
-    let summary = dispatch_autodiff(
-        backend,
-        ck,
-        GrpoJob {
-            recipe,
-            resume: args.resume,
-        },
-    )?;
+    let claim = args.claim(&recipe.output_dir, recipe.parallel.node_rank)?;
+    let resume = claim.as_ref().is_some_and(|c| c.resume);
+    let summary = dispatch_autodiff(backend, ck, GrpoJob { recipe, resume })?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -300,11 +318,18 @@ impl<B: TrainBackend> Learner<B> for GrpoLearner<'_, B> {
 
         // 5. Updates: ppo epochs x mini-batches of the GRPO objective, one AdamW step each.
         let t_upd = Instant::now();
+        let records = &self.data.records;
+        let origins: Vec<String> = scored
+            .rollouts
+            .iter()
+            .map(|r| records[r.record].origin.clone())
+            .collect();
         let responses = StepResponses {
             seqs: &seqs,
             first: own.start,
             old: old.as_deref(),
             reference: reference.as_deref(),
+            origins: &origins,
         };
         let stats = policy_update(
             trainee,

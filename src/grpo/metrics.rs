@@ -123,6 +123,8 @@ pub struct GrpoStep {
     pub zero_variance_frac: f64,
     /// The largest gradient norm (before clipping) of the step's updates.
     pub grad_norm: f64,
+    /// Updates skipped for a non-finite loss or gradient norm (`nan_policy = "skip"`).
+    pub skipped_updates: usize,
     pub skipped_prompts: usize,
     pub rollout_tokens_per_s: f64,
     pub update_tokens_per_s: f64,
@@ -181,6 +183,7 @@ impl GrpoStep {
             zero_variance_groups: scored.zero_variance,
             zero_variance_frac: scored.zero_variance as f64 / groups as f64,
             grad_norm: st.grad_norms.iter().copied().fold(0.0, f64::max),
+            skipped_updates: st.skipped_updates,
             skipped_prompts: skipped_now,
             rollout_tokens_per_s: 0.0,
             update_tokens_per_s: 0.0,

@@ -17,7 +17,7 @@ use crate::grpo::algos::{KlKind, LossAgg};
 use crate::learn::freeze::FreezeConfig;
 use crate::learn::optim::OptimizerConfig;
 use crate::learn::recipe::{check_model, check_precision_backend, Precision, Recipe};
-use crate::learn::run::TraineeSpec;
+use crate::learn::run::{NanPolicy, TraineeSpec};
 use crate::learn::schedule::{ScheduleConfig, ScheduleKind};
 use crate::learn::trainer::RunSettings;
 use crate::rewards::{FormatKind, RewardConfig};
@@ -198,6 +198,20 @@ pub struct GrpoRecipe {
     /// Checkpoint every N steps (0 = only at the end).
     #[serde(default)]
     pub save_every: usize,
+    /// Complete checkpoints kept: the newest N, older ones removed once a newer one is complete
+    /// (HF's `save_total_limit`; 0 = all). The default 2 keeps ~75 GiB for the 3B recipes
+    /// (f32 weights + AdamW moments: ~37 GiB a checkpoint) instead of ~1 TB over a paper run.
+    #[serde(default = "crate::learn::recipe::default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
+    /// Checkpoints hold AdamW's moments (exact resume); `false`: weights only (a third of the
+    /// size; a resume then starts the moments from zero).
+    #[serde(default = "crate::learn::recipe::yes")]
+    pub save_optimizer: bool,
+    /// An update whose loss or gradient norm is not finite: `"stop"` the run (an error naming
+    /// the step, its samples and the last good checkpoint) or `"skip"` it (counted in the
+    /// metrics as `skipped_updates`).
+    #[serde(default)]
+    pub nan_policy: NanPolicy,
     /// Greedy validation every N steps (0 = only before and after).
     #[serde(default)]
     pub eval_every: usize,
@@ -387,6 +401,8 @@ impl GrpoRecipe {
                 optimizer: &self.optimizer,
                 precision: self.precision,
                 checkpointing: self.gradient_checkpointing,
+                nan_policy: self.nan_policy,
+                save_optimizer: self.save_optimizer,
                 out_dir: &self.output_dir,
                 resume,
             },
@@ -394,6 +410,7 @@ impl GrpoRecipe {
             log_every: self.log_every,
             eval_every: self.eval_every,
             save_every: self.save_every,
+            keep_checkpoints: self.keep_checkpoints,
         }
     }
 

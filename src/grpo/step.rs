@@ -13,7 +13,7 @@ use crate::grpo::rollout::{host_matrix, to_matrix, ScoredGroups};
 use crate::learn::batch::{collate, MicroBatch};
 use crate::learn::logprobs::{entropy_sum, target_hidden};
 use crate::learn::parallel::Rank;
-use crate::learn::run::Trainee;
+use crate::learn::run::{NonFinite, Trainee};
 use crate::learn::schedule::lr_at;
 use crate::model::{ModelInput, TrainBackend};
 
@@ -27,6 +27,8 @@ pub struct StepResponses<'a> {
     pub old: Option<&'a [Vec<f32>]>,
     /// Under the frozen reference (`None`: no KL term).
     pub reference: Option<&'a [Vec<f32>]>,
+    /// `FILE:LINE` of the record of each of the step's responses (errors name them).
+    pub origins: &'a [String],
 }
 
 /// What the updates of one step measured (first PPO epoch; token-weighted sums over all ranks).
@@ -39,6 +41,8 @@ pub struct UpdateStats {
     pub entropy_sum: f64,
     pub entropy_tokens: usize,
     pub grad_norms: Vec<f64>,
+    /// Updates skipped for a non-finite loss or gradient norm (`nan_policy = "skip"`).
+    pub skipped_updates: usize,
     pub lr: f64,
     /// Tokens (prompt + response) run through forward + backward, every epoch.
     pub tokens: usize,
@@ -100,8 +104,7 @@ pub fn policy_update<B: TrainBackend>(
                 })
                 .collect();
             let inputs: Vec<&ModelInput> = batches.iter().map(|mb| &mb.input).collect();
-            let what = |_k: usize| format!("mini-batch at prompt {mini_start}, ppo epoch {epoch}");
-            let (_, grads) = trainee.gradients(&inputs, what, |model, k, hidden| {
+            let grads = trainee.gradients(&inputs, |model, k, hidden| {
                 let (micro, mb) = (micros[k], &batches[k]);
                 let micro_lens: Vec<usize> = micro.iter().map(|&i| lens[i]).collect();
                 let micro_tokens: usize = micro_lens.iter().sum();
@@ -149,8 +152,16 @@ pub fn policy_update<B: TrainBackend>(
                 st.tokens += mb.input.input_ids.iter().map(Vec::len).sum::<usize>();
                 Ok(obj.loss)
             })?;
-            let grads = rank.all_reduce_grads(trainee.model(), grads)?;
-            st.grad_norms.push(trainee.update(grads, st.lr));
+            let update = trainee.update(grads, st.lr, rank, device).map_err(|e| {
+                NonFinite::name_samples(e, |k| {
+                    micros[k]
+                        .iter()
+                        .map(|&i| responses.origins[i].clone())
+                        .collect()
+                })
+            })?;
+            st.grad_norms.push(update.grad_norm);
+            st.skipped_updates += update.skipped as usize;
         }
     }
     // The measurements of every rank's responses.

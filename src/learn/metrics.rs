@@ -1,5 +1,5 @@
 //! Metrics: typed records written to the run's sinks (`metrics.jsonl`, TensorBoard event files
-//! under `tensorboard/`), SVG plots, and the stop on a non-finite loss.
+//! under `tensorboard/`), and SVG plots.
 //!
 //! A learner describes each kind of record as a `#[derive(Serialize)]` struct with a `step`
 //! ([`Record`]); [`Metrics::write`] puts it on one line of `metrics.jsonl` (its fields as keys)
@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -188,12 +188,4 @@ pub fn svg_line_plot(title: &str, pts: &[(f64, f64)]) -> String {
         xl = h - 10.0,
         pts = path.join(" "),
     )
-}
-
-/// Stop on a non-finite loss, naming where it happened.
-pub fn check_finite(loss: f64, step: usize, what: &str) -> Result<()> {
-    if !loss.is_finite() {
-        bail!("loss is {loss} at optimizer step {step} ({what}); stopping (try a lower lr or check the data)");
-    }
-    Ok(())
 }

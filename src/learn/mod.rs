@@ -9,7 +9,9 @@
 //! - [`parallel`]: data parallelism: ranks, the step's shards, the gradient all-reduce;
 //! - [`run`]: a run's life: output folder, model + optimizer (fresh or resumed), gradient
 //!   accumulation over micro-batches, the optimizer update, the final checkpoint and HF export;
-//! - [`trainer`]: the training loop both learners run (validation, metrics, checkpoints, export).
+//! - [`trainer`]: the training loop both learners run (validation, metrics, checkpoints, export);
+//! - [`outdir`], [`stop`]: a run's output directory (claim, lock, checkpoint retention) and its
+//!   stop on SIGTERM / SIGINT.
 
 pub mod batch;
 pub mod checkpoint;
@@ -18,9 +20,11 @@ pub mod layerwise;
 pub mod logprobs;
 pub mod metrics;
 pub mod optim;
+pub mod outdir;
 pub mod parallel;
 pub mod recipe;
 pub mod run;
 pub mod schedule;
+pub mod stop;
 pub mod tensorboard;
 pub mod trainer;

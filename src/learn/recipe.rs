@@ -80,6 +80,15 @@ pub fn check_model(model: &str, field: &str, errors: &mut Vec<String>) {
     }
 }
 
+/// `keep_checkpoints`' default (see the learners' recipes).
+pub fn default_keep_checkpoints() -> usize {
+    2
+}
+
+pub fn yes() -> bool {
+    true
+}
+
 /// A learner's recipe: read from TOML with `--set` overrides, validated, written back resolved
 /// (defaults and overrides included) into the run's `recipe.toml`.
 pub trait Recipe: Sized + DeserializeOwned + Serialize {

@@ -317,14 +317,16 @@ impl EventWriter {
     }
 }
 
-fn wall_time() -> f64 {
+/// Seconds since the Unix epoch.
+pub fn wall_time() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
 
-fn hostname() -> String {
+/// This machine's host name (letters, digits, `-` and `.`), as event file names carry it.
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

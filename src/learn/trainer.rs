@@ -11,7 +11,12 @@
 //! final checkpoint, HF export, validate after training, plots           (rank 0)
 //! ```
 //!
-//! A learner ([`Learner`]) supplies its step and its validation; this module owns the rest.
+//! A learner ([`Learner`]) supplies its step and its validation; this module owns the rest,
+//! including what keeps a run's work (see [`crate::learn::outdir`], [`crate::learn::stop`]):
+//! only the newest `keep_checkpoints` complete checkpoints are kept; SIGTERM / SIGINT stop every
+//! rank after the same step, with a checkpoint of it; an update whose loss or gradient norm is
+//! not finite stops the run naming the step, its samples and the last good checkpoint (or, with
+//! `nan_policy = "skip"`, is skipped and counted).
 
 use std::path::{Path, PathBuf};
 
@@ -19,9 +24,12 @@ use anyhow::Result;
 use burn::module::AutodiffModule;
 use serde::Serialize;
 
+use crate::learn::checkpoint::latest_checkpoint;
 use crate::learn::metrics::{plot_metrics, Metrics, Record};
+use crate::learn::outdir::{claim, prune_checkpoints, Claim, ResumeMode};
 use crate::learn::parallel::Rank;
-use crate::learn::run::{progress_bar, Trainee, TraineeSpec};
+use crate::learn::run::{progress_bar, NonFinite, Trainee, TraineeSpec};
+use crate::learn::stop::{catch_stop_signals, stop_signal, Interrupted};
 use crate::model::{Qwen25VL, TrainBackend};
 
 /// `infimed sft` and `infimed grpo`: a recipe and what to do with it.
@@ -36,9 +44,24 @@ pub struct TrainArgs {
     /// Print the plan (data, steps, parameters, memory) and exit without training.
     #[arg(long)]
     pub dry_run: bool,
-    /// Continue from the newest complete checkpoint in output_dir.
-    #[arg(long)]
-    pub resume: bool,
+    /// Continue from the newest complete checkpoint in output_dir (`--resume`: an error when
+    /// there is none; `--resume=auto`: start fresh when there is none).
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "required")]
+    pub resume: Option<ResumeMode>,
+    /// Replace the run in output_dir (its metrics, checkpoints and export; other files stay).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+}
+
+impl TrainArgs {
+    /// Claims the recipe's output directory for this run (see [`crate::learn::outdir`]); `None`
+    /// for a dry run, which writes nothing.
+    pub fn claim(&self, output_dir: &Path, node_rank: usize) -> Result<Option<Claim>> {
+        if self.dry_run {
+            return Ok(None);
+        }
+        claim(output_dir, self.resume, self.overwrite, node_rank == 0).map(Some)
+    }
 }
 
 /// What one step of a learner measured: a line of `metrics.jsonl`.
@@ -89,6 +112,8 @@ pub struct RunSettings<'a> {
     pub log_every: usize,
     pub eval_every: usize,
     pub save_every: usize,
+    /// Complete checkpoints kept (0: all).
+    pub keep_checkpoints: usize,
 }
 
 /// What a run reports at its end (`infimed sft|grpo` print it as JSON).
@@ -134,27 +159,44 @@ pub fn train<B: TrainBackend, L: Learner<B>>(
         Some(_) => progress_bar(total_steps, trainee.state.step),
         None => indicatif::ProgressBar::hidden(),
     };
+    catch_stop_signals();
     while trainee.state.step < total_steps {
-        let record = learner.step(&mut trainee)?;
+        let record = learner
+            .step(&mut trainee)
+            .map_err(|e| with_last_checkpoint(e, out_dir))?;
         let step = trainee.state.step;
+        let stop = stop_requested::<B>(rank, device)?.filter(|_| step < total_steps);
         bar.set_message(record.progress());
         bar.inc(1);
-        let Some(m) = &mut metrics else { continue };
-        if step % run.log_every.max(1) == 0 || step == total_steps {
-            m.write(&record)?;
+        let mut saved = None;
+        if let Some(m) = &mut metrics {
+            if step % run.log_every.max(1) == 0 || step == total_steps {
+                m.write(&record)?;
+            }
+            for (tag, text) in record.texts() {
+                m.text(step, tag, &text)?;
+            }
+            let before_end = step < total_steps;
+            if run.eval_every > 0 && step % run.eval_every == 0 && before_end && stop.is_none() {
+                let model = trainee.model().valid();
+                validate(&learner, &model, step, m, |line| {
+                    bar.println(format!("step {step}: {line}"))
+                })?;
+            }
+            let due = run.save_every > 0 && step % run.save_every == 0 && before_end;
+            if due || stop.is_some() {
+                saved = Some(save(&trainee, run)?);
+            }
         }
-        for (tag, text) in record.texts() {
-            m.text(step, tag, &text)?;
-        }
-        let before_end = step < total_steps;
-        if run.eval_every > 0 && step % run.eval_every == 0 && before_end {
-            let model = trainee.model().valid();
-            validate(&learner, &model, step, m, |line| {
-                bar.println(format!("step {step}: {line}"))
-            })?;
-        }
-        if run.save_every > 0 && step % run.save_every == 0 && before_end {
-            trainee.save_checkpoint(out_dir, run.files)?;
+        if let Some(signal) = stop {
+            // Every rank stops after the same step; rank 0 has checkpointed it.
+            bar.finish_and_clear();
+            return Err(Interrupted {
+                signal,
+                step,
+                checkpoint: saved,
+            }
+            .into());
         }
     }
     bar.finish_and_clear();
@@ -163,7 +205,8 @@ pub fn train<B: TrainBackend, L: Learner<B>>(
     // validation, plots.
     let mut eval_after = None;
     if let Some(m) = &mut metrics {
-        let trained = trainee.finish(out_dir, run.files)?;
+        save(&trainee, run)?;
+        let trained = trainee.export(out_dir, run.files)?;
         let step = trainee.state.step;
         eval_after = validate(&learner, &trained, step, m, |line| {
             eprintln!("{}: after training: {line}", run.name)
@@ -177,6 +220,41 @@ pub fn train<B: TrainBackend, L: Learner<B>>(
         eval_after,
         learner: learner.finish()?,
     })
+}
+
+/// Write the trainee's checkpoint, then remove all but the newest `keep_checkpoints`.
+fn save<B: TrainBackend>(trainee: &Trainee<B>, run: &RunSettings) -> Result<PathBuf> {
+    let path = trainee.save_checkpoint(run.trainee.out_dir, run.files)?;
+    prune_checkpoints(run.trainee.out_dir, run.keep_checkpoints)?;
+    Ok(path)
+}
+
+/// The stop signal any rank has received (they all see the same answer: one all-reduce).
+fn stop_requested<B: TrainBackend>(rank: &Rank, device: &B::Device) -> Result<Option<i32>> {
+    let mine = stop_signal();
+    let flags = [
+        (mine == Some(libc::SIGTERM)) as u8 as f64,
+        (mine == Some(libc::SIGINT)) as u8 as f64,
+    ];
+    let any = rank.sum_values::<B::InnerBackend>(&flags, device)?;
+    Ok(if any[0] > 0.0 {
+        Some(libc::SIGTERM)
+    } else if any[1] > 0.0 {
+        Some(libc::SIGINT)
+    } else {
+        None
+    })
+}
+
+/// A non-finite update's error with the run's last good checkpoint named.
+fn with_last_checkpoint(e: anyhow::Error, out_dir: &Path) -> anyhow::Error {
+    match e.downcast::<NonFinite>() {
+        Ok(mut nf) => {
+            nf.last_checkpoint = latest_checkpoint(out_dir).ok().flatten();
+            nf.into()
+        }
+        Err(e) => e,
+    }
 }
 
 /// Validate `model` at `step`: logged to the metrics and told with `say`.

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use serde::Serialize;
 
-use crate::backend::{check_precision, compute_model, dispatch_autodiff, AutodiffJob};
+use crate::backend::{check_precision, compute_model, dispatch_autodiff, probe, AutodiffJob};
 use crate::data::encode::{Encoded, TrainOn};
 use crate::data::sharegpt::Conversation;
 use crate::data::template::ChatMessage;
@@ -25,12 +25,14 @@ use crate::learn::logprobs::token_nll_sum;
 use crate::learn::metrics::{MetricsLog, Record};
 use crate::learn::parallel::{run_ranks, Rank};
 use crate::learn::recipe::Recipe;
-use crate::learn::run::{prepare_output_dir, Trainee};
+use crate::learn::run::{prepare_output_dir, NonFinite, Trainee};
 use crate::learn::schedule::lr_at;
 use crate::learn::trainer::{train, Evaluation, Learner, RunSummary, StepRecord, TrainArgs};
 use crate::model::{ModelBackend, Qwen25VL, Qwen25VlConfig, TrainBackend};
 use crate::models::model_files_dir;
-use crate::sft::data::{read_sources, source_lengths, Loader, ScheduledStep, SftData, SkipReport};
+use crate::sft::data::{
+    read_sources, source_lengths, Loader, SampleId, ScheduledStep, SftData, SkipReport,
+};
 use crate::sft::plan::{build_plan_with_lengths, count_available, run_end, SftPlan};
 use crate::sft::recipe::SftRecipe;
 use crate::sft::step::sft_step;
@@ -46,14 +48,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         return Ok(());
     }
     let (backend, ck) = (recipe.backend_args(), recipe.gradient_checkpointing);
-    let summary = dispatch_autodiff(
-        backend,
-        ck,
-        SftJob {
-            recipe,
-            resume: args.resume,
-        },
-    )?;
+    probe(backend.backend, backend.device)?;
+    let claim = args.claim(&recipe.output_dir, recipe.parallel.node_rank)?;
+    let resume = claim.as_ref().is_some_and(|c| c.resume);
+    let summary = dispatch_autodiff(backend, ck, SftJob { recipe, resume })?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -245,6 +243,15 @@ impl<'a, B: TrainBackend> SftLearner<'a, B> {
     }
 }
 
+impl<B: TrainBackend> SftLearner<'_, B> {
+    /// `FILE:LINE` of samples.
+    fn origins<'s>(&self, samples: impl Iterator<Item = &'s SampleId>) -> Vec<String> {
+        samples
+            .map(|&(s, r)| self.data.sources[s][r].origin.clone())
+            .collect()
+    }
+}
+
 impl<B: TrainBackend> Learner<B> for SftLearner<'_, B> {
     type Step = SftStep;
     type Eval = EvalResult;
@@ -272,13 +279,10 @@ impl<B: TrainBackend> Learner<B> for SftLearner<'_, B> {
             trainee.state.step,
             self.total_steps,
         );
-        let what = |k: usize| {
-            format!(
-                "epoch {}, micro-batch {k} of rank {}",
-                scheduled.epoch, rank.rank
-            )
-        };
-        let out = sft_step(trainee, &micro, lr, rank, &self.device, what)?;
+        let out = sft_step(trainee, &micro, lr, rank, &self.device).map_err(|e| {
+            let mine = scheduled.shard(rank.rank, recipe.per_device_batch);
+            NonFinite::name_samples(e, |k| self.origins(mine.micro[k].iter().flatten()))
+        })?;
 
         // Sums over the ranks; where the run stands after the step.
         let samples: usize = micro.iter().map(|m| m.samples).sum();
@@ -325,6 +329,7 @@ impl<B: TrainBackend> Learner<B> for SftLearner<'_, B> {
             samples_per_s: samples as f64 / dt,
             tokens_per_s: tokens as f64 / dt,
             ranks: rank.world,
+            skipped_updates: out.skipped as usize,
         })
     }
 
@@ -377,6 +382,8 @@ pub struct SftStep {
     pub samples_per_s: f64,
     pub tokens_per_s: f64,
     pub ranks: usize,
+    /// Updates skipped for a non-finite loss or gradient norm (`nan_policy = "skip"`).
+    pub skipped_updates: usize,
 }
 
 impl Record for SftStep {

@@ -29,6 +29,7 @@ use anyhow::{bail, Result};
 use crate::backend::BackendKind;
 use crate::backend::GradientCheckpointing;
 use crate::data::lengths::SampleLength;
+use crate::learn::checkpoint::DiskPlan;
 use crate::learn::schedule::warmup_steps;
 use crate::model::{Qwen25VlConfig, Tiles};
 use crate::sft::data::{padding_stats, PaddingStats, SampleId};
@@ -375,6 +376,7 @@ pub struct SftPlan {
     pub packing: bool,
     /// Padding with and without packing (when the records' lengths are known).
     pub padding: Option<PaddingStats>,
+    pub disk: DiskPlan,
 }
 
 impl SftPlan {
@@ -530,6 +532,15 @@ pub fn build_plan_with_lengths(
         memory,
         packing: recipe.packing,
         padding,
+        disk: DiskPlan::new(
+            tr + frozen.total(),
+            tr,
+            recipe.save_optimizer,
+            recipe.precision.bytes(),
+            total_steps,
+            recipe.save_every,
+            recipe.keep_checkpoints,
+        ),
     })
 }
 
@@ -773,6 +784,7 @@ impl fmt::Display for SftPlan {
             "    (the reference attention would keep {} of scores instead of the working set)",
             gib(m.reference_attention)
         )?;
+        writeln!(f, "  {}", self.disk)?;
         Ok(())
     }
 }

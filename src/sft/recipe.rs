@@ -20,7 +20,7 @@ pub use crate::learn::recipe::{
 pub use crate::learn::schedule::{ScheduleConfig, ScheduleKind};
 
 use crate::backend::BackendArgs;
-use crate::learn::run::TraineeSpec;
+use crate::learn::run::{NanPolicy, TraineeSpec};
 use crate::learn::trainer::RunSettings;
 
 /// Dataset file format.
@@ -219,6 +219,20 @@ pub struct SftRecipe {
     /// Checkpoint every N optimizer steps; 0 = only at the end.
     #[serde(default)]
     pub save_every: usize,
+    /// Complete checkpoints kept: the newest N, older ones removed once a newer one is complete
+    /// (HF's `save_total_limit`; 0 = all). The default 2 keeps ~75 GiB for the 3B recipes
+    /// (f32 weights + AdamW moments: ~37 GiB a checkpoint) instead of ~1 TB over a paper run.
+    #[serde(default = "crate::learn::recipe::default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
+    /// Checkpoints hold AdamW's moments (exact resume); `false`: weights only (a third of the
+    /// size; a resume then starts the moments from zero).
+    #[serde(default = "crate::learn::recipe::yes")]
+    pub save_optimizer: bool,
+    /// An update whose loss or gradient norm is not finite: `"stop"` the run (an error naming
+    /// the step, its samples and the last good checkpoint) or `"skip"` it (counted in the
+    /// metrics as `skipped_updates`).
+    #[serde(default)]
+    pub nan_policy: NanPolicy,
     /// Evaluate on eval_data every N optimizer steps; 0 = off.
     #[serde(default)]
     pub eval_every: usize,
@@ -350,6 +364,8 @@ impl SftRecipe {
                 optimizer: &self.optimizer,
                 precision: self.precision,
                 checkpointing: self.gradient_checkpointing,
+                nan_policy: self.nan_policy,
+                save_optimizer: self.save_optimizer,
                 out_dir: &self.output_dir,
                 resume,
             },
@@ -357,6 +373,7 @@ impl SftRecipe {
             log_every: self.log_every,
             eval_every: self.eval_every,
             save_every: self.save_every,
+            keep_checkpoints: self.keep_checkpoints,
         }
     }
 
