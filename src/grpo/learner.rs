@@ -383,6 +383,8 @@ impl<B: TrainBackend> Learner<B> for GrpoLearner<'_, B> {
         Ok(Some(summarize(&scores)))
     }
 
+    const LOGS_END_VALIDATIONS: bool = false;
+
     fn plots(&self) -> &'static [&'static str] {
         &[
             "reward_mean",
