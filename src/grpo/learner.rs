@@ -514,7 +514,10 @@ impl<B: TrainBackend> GrpoLearner<'_, B> {
         let Some(log) = &mut self.completions else {
             return Ok(());
         };
-        if record.step % self.recipe.log_completions_every != 0 {
+        if !record
+            .step
+            .is_multiple_of(self.recipe.log_completions_every)
+        {
             return Ok(());
         }
         let records = &self.data.records;
