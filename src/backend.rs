@@ -269,8 +269,12 @@ fn probe_cuda(device: usize) -> std::result::Result<(), String> {
         );
     }
     // SAFETY: the driver API's own signatures: CUresult cuInit(unsigned), cuDeviceGetCount(int*).
-    let (init, count): (CuInit, CuDeviceGetCount) =
-        unsafe { (std::mem::transmute(init), std::mem::transmute(count)) };
+    let (init, count): (CuInit, CuDeviceGetCount) = unsafe {
+        (
+            std::mem::transmute::<*mut libc::c_void, CuInit>(init),
+            std::mem::transmute::<*mut libc::c_void, CuDeviceGetCount>(count),
+        )
+    };
     // SAFETY: calls into the driver with valid arguments.
     let rc = unsafe { init(0) };
     if rc != OK {

@@ -794,7 +794,7 @@ fn split_summary(records: &[DemoRecord]) -> SplitSummary {
 /// names are overwritten, nothing else is removed). See the module docs for the layout.
 pub fn write_demo_data(out_dir: &Path, cfg: &DemoDataConfig) -> Result<DemoDataSummary> {
     ensure!(
-        cfg.image_size >= 28 && cfg.image_size % 28 == 0,
+        cfg.image_size >= 28 && cfg.image_size.is_multiple_of(28),
         "image_size must be a positive multiple of 28, got {}",
         cfg.image_size
     );

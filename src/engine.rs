@@ -231,7 +231,9 @@ pub fn generate_requests<B: ModelBackend>(
             let fits_rows = rows + n <= engine.max_rows;
             let fits_tokens =
                 engine.max_batch_tokens == 0 || tokens + cost(i) <= engine.max_batch_tokens;
-            if !(fits_rows && fits_tokens) && !(cohorts.is_empty() && admit.is_empty()) {
+            // The first request is always admitted, so one too large for the limits still runs.
+            let first = cohorts.is_empty() && admit.is_empty();
+            if !(fits_rows && fits_tokens || first) {
                 break;
             }
             queue.pop_front();

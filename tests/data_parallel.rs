@@ -542,10 +542,7 @@ fn a_killed_node_stops_the_other_with_an_error_naming_its_ranks_and_the_run_resu
         };
         eprintln!(
             "node {victim} killed: the other exited after {secs:.1} s: {}",
-            err.lines()
-                .filter(|l| l.contains("lost"))
-                .last()
-                .unwrap_or("")
+            err.lines().rfind(|l| l.contains("lost")).unwrap_or("")
         );
         assert!(!ok, "the surviving node should fail");
         assert!(

@@ -161,9 +161,9 @@ fn background_loader_gives_the_synchronous_batches() {
             3,
         );
         for _ in 0..schedule.len() {
-            same(&sync.next().unwrap(), &bg.next().unwrap());
+            same(&sync.next_step().unwrap(), &bg.next_step().unwrap());
         }
-        assert!(bg.next().is_err(), "past the schedule");
+        assert!(bg.next_step().is_err(), "past the schedule");
     }
 }
 

@@ -34,6 +34,8 @@ max_steps = {max_steps}
 seed = 3
 output_dir = "{out}"
 save_every = 1
+# The test reads checkpoint-1 after the run: keep every checkpoint.
+keep_checkpoints = 0
 log_completions_every = 1
 [freeze]
 vision_tower = true

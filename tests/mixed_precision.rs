@@ -64,7 +64,7 @@ fn q_proj(m: &Qwen25VL<B>) -> Vec<f32> {
 fn demo_batch() -> MicroBatch {
     let dir = builtin_dir("demo-tiny").unwrap();
     let processor = Processor::from_dir(&dir, None).unwrap();
-    let convs = read_sharegpt(&fixtures().join("samples.jsonl")).unwrap();
+    let convs = read_sharegpt(fixtures().join("samples.jsonl")).unwrap();
     let enc: Vec<Encoded> = convs[..4]
         .iter()
         .map(|c| processor.encode(c, TrainOn::AllAssistant).unwrap())
@@ -156,9 +156,12 @@ fn mean_diff(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len().max(1) as f64
 }
 
+/// A sample's name, whether it has an image, and its log-probs: ours, transformers f32 and bf16.
+type SampleScores = (String, bool, Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// `infimed score --backend flex --precision P` on every fixture checkpoint: per sample, (ours,
 /// transformers f32, transformers bf16) log-probs.
-fn flex_scores(precision: &str) -> Vec<(String, bool, Vec<f64>, Vec<f64>, Vec<f64>)> {
+fn flex_scores(precision: &str) -> Vec<SampleScores> {
     let data = fixtures().join("samples.jsonl");
     let dir = std::env::temp_dir().join(format!("infimed-flex-{precision}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -167,7 +167,13 @@ fn main() {
     }
     let trials = tests
         .into_iter()
-        .map(|(name, f)| Trial::test(name, move || Ok(f())).with_ignored_flag(missing.is_some()))
+        .map(|(name, f)| {
+            Trial::test(name, move || {
+                let _: () = f();
+                Ok(())
+            })
+            .with_ignored_flag(missing.is_some())
+        })
         .collect();
     libtest_mimic::run(&args, trials).exit();
 }

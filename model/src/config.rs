@@ -347,7 +347,7 @@ impl Qwen25VlConfig {
         if t.num_attention_heads == 0 || t.num_key_value_heads == 0 {
             bail!("attention heads must be > 0");
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             bail!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 t.num_attention_heads,
@@ -363,7 +363,10 @@ impl Qwen25VlConfig {
             );
         }
         let v = &self.vision;
-        if v.num_heads == 0 || v.hidden_size % v.num_heads != 0 || v.head_dim() % 4 != 0 {
+        if v.num_heads == 0
+            || !v.hidden_size.is_multiple_of(v.num_heads)
+            || !v.head_dim().is_multiple_of(4)
+        {
             bail!(
                 "vision hidden_size {} must split into {} heads of a size divisible by 4",
                 v.hidden_size,

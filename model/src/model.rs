@@ -20,6 +20,9 @@ use crate::text::{KvCache, TextModel};
 use crate::vision::VisionTower;
 use crate::weights::{save_exports, ExportTensor, NamedTensor, SaveDtype, WeightReader};
 
+/// One row's M-RoPE positions: temporal, height and width, each `[T]`.
+pub type RowPositions = [Vec<i64>; 3];
+
 /// A batch of token sequences (all of the same, padded length) and the images they refer to.
 #[derive(Debug, Clone, Default)]
 pub struct ModelInput {
@@ -319,7 +322,7 @@ impl<B: ModelBackend> Qwen25VL<B> {
     }
 
     /// M-RoPE positions of a batch: per row `[3][T]` positions and the row's `rope_delta`.
-    pub fn rope_positions(&self, input: &ModelInput) -> Result<(Vec<[Vec<i64>; 3]>, Vec<i64>)> {
+    pub fn rope_positions(&self, input: &ModelInput) -> Result<(Vec<RowPositions>, Vec<i64>)> {
         let merge = self.config.vision.spatial_merge_size;
         let unit = merge * merge;
         let image_token = self.config.tokens.image_token_id;

@@ -319,7 +319,7 @@ fn with_host_values<B: Backend, const D: usize, R>(
         if flex.dtype() != DType::F32 || !flex.is_contiguous() {
             return None;
         }
-        return flex.storage::<f32>().get(start..start + n).map(f);
+        flex.storage::<f32>().get(start..start + n).map(f)
     }
     #[cfg(not(feature = "flex"))]
     {

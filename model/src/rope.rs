@@ -296,6 +296,8 @@ pub fn mrope_cos_sin(
     let mut sin = Vec::with_capacity(n * head_dim);
     let mut tmp_c = vec![0f32; half];
     let mut tmp_s = vec![0f32; half];
+    // `pos` is indexed by (section row of frequency j, token i): no single iterator walks it.
+    #[allow(clippy::needless_range_loop)]
     for i in 0..n {
         for j in 0..half {
             let f = pos[row_of[j]][i] as f32 * inv[j];

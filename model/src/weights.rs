@@ -267,7 +267,7 @@ fn decode(
         );
     }
     Ok(match dtype {
-        Dtype::F32 => decode_as::<4, _>(bytes, n, transposed, |c| f32::from_le_bytes(c)),
+        Dtype::F32 => decode_as::<4, _>(bytes, n, transposed, f32::from_le_bytes),
         Dtype::BF16 => decode_as::<2, _>(bytes, n, transposed, |c| {
             f32::from_bits((u16::from_le_bytes(c) as u32) << 16)
         }),
@@ -405,7 +405,7 @@ fn transpose_block<T: Copy + Default>(
 ) {
     const TR: usize = 32;
     const TC: usize = 256;
-    let mut tile = vec![T::default(); TR * TC];
+    let mut tile = [T::default(); TR * TC];
     for r0 in (0..rows).step_by(TR) {
         let tr = TR.min(rows - r0);
         for c0 in (0..n_c).step_by(TC) {
@@ -684,7 +684,7 @@ fn encode_into(dtype: SaveDtype, values: &[f32], out: &mut Vec<u8>) {
 /// `total_rows x cols` matrix) into `out`, the bytes of those columns transposed (`[count,
 /// total_rows]`), transposing and converting in one pass: the words are written straight into
 /// the bytes (little-endian, the safetensors byte order, which this assumes of the machine).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // an inner loop's geometry, kept as plain integers
 fn encode_strip(
     dtype: SaveDtype,
     src: &[f32],

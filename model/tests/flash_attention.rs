@@ -263,7 +263,7 @@ fn plan_skips_invisible_tiles_and_memory_is_linear() {
     let plan = AttentionPlan::new(&mask, 1024, Tiles { q: 64, k: 64 });
     assert_eq!(plan.pairs.iter().map(Vec::len).sum::<usize>(), 16 * 17 / 2);
     // Packed: 8 samples of 128 tokens, block-diagonal: 2 * 3 / 2 tiles per sample.
-    let seg: Vec<i32> = (0..1024).map(|i| (i / 128) as i32).collect();
+    let seg: Vec<i32> = (0..1024).map(|i| i / 128).collect();
     let plan = AttentionPlan::new(
         &AttentionMask {
             key_segments: vec![seg],

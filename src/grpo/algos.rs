@@ -260,7 +260,7 @@ pub struct PolicyLossOut<B: Backend> {
 /// 0.2 in verl; EasyR1 0.2 / 0.3).
 ///
 /// Panics when `dual_clip` is `Some(c)` with `c <= 1` (verl asserts the same).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // verl's compute_policy_loss, argument for argument
 pub fn policy_loss<B: Backend>(
     logp: Tensor<B, 2>,
     old_logp: Tensor<B, 2>,

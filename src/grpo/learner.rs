@@ -371,6 +371,8 @@ impl<B: TrainBackend> Learner<B> for GrpoLearner<'_, B> {
         Ok(Some(summarize(&scores)))
     }
 
+    const LOGS_END_VALIDATIONS: bool = false;
+
     fn plots(&self) -> &'static [&'static str] {
         &[
             "reward_mean",
@@ -539,7 +541,10 @@ impl<B: TrainBackend> GrpoLearner<'_, B> {
         let Some(log) = &mut self.completions else {
             return Ok(());
         };
-        if record.step % self.recipe.log_completions_every != 0 {
+        if !record
+            .step
+            .is_multiple_of(self.recipe.log_completions_every)
+        {
             return Ok(());
         }
         let records = &self.data.records;

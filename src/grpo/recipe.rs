@@ -375,7 +375,7 @@ impl Recipe for GrpoRecipe {
             e.push("rollout.generation_batch must be >= 1".into());
         }
         let p = &self.ppo;
-        if p.mini_batch == 0 || r.prompts_per_step % p.mini_batch.max(1) != 0 {
+        if p.mini_batch == 0 || !r.prompts_per_step.is_multiple_of(p.mini_batch.max(1)) {
             e.push(format!(
                 "ppo.mini_batch ({}) must be >= 1 and divide rollout.prompts_per_step ({})",
                 p.mini_batch, r.prompts_per_step
@@ -401,7 +401,7 @@ impl Recipe for GrpoRecipe {
             ));
         }
         if let Some(c) = a.dual_clip {
-            if !(c > 1.0) {
+            if c.is_nan() || c <= 1.0 {
                 e.push(format!("algorithm.dual_clip must be > 1, got {c}"));
             }
         }

@@ -34,11 +34,11 @@ pub fn rollout_sequence(prompt: &Prompt, tokens: &[u32]) -> Encoded {
     let mut labels = vec![None; prompt.input_ids.len()];
     labels.extend(tokens.iter().map(|&t| Some(t)));
     let pixel_rows: usize = prompt.image_grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-    let pixel_cols = if pixel_rows > 0 {
-        prompt.pixel_values.len() / pixel_rows
-    } else {
-        0
-    };
+    let pixel_cols = prompt
+        .pixel_values
+        .len()
+        .checked_div(pixel_rows)
+        .unwrap_or(0);
     Encoded {
         input_ids,
         labels,

@@ -56,7 +56,7 @@ pub struct UpdateStats {
 
 /// The updates of the step (see the module docs) on the scored responses; `total_steps` places
 /// the updates on the lr schedule.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the step's inputs, as the learner holds them
 pub fn policy_update<B: TrainBackend>(
     trainee: &mut Trainee<B>,
     recipe: &GrpoRecipe,

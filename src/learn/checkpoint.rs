@@ -185,7 +185,7 @@ pub struct DiskPlan {
 }
 
 impl DiskPlan {
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the plan's terms, each a number from the recipe
     pub fn new(
         params: u64,
         trainable: u64,
@@ -195,11 +195,10 @@ impl DiskPlan {
         save_every: usize,
         keep_checkpoints: usize,
     ) -> Self {
-        let periodic = if save_every > 0 {
-            total_steps.saturating_sub(1) / save_every
-        } else {
-            0
-        };
+        let periodic = total_steps
+            .saturating_sub(1)
+            .checked_div(save_every)
+            .unwrap_or(0);
         let written = periodic + 1;
         let kept = if keep_checkpoints == 0 {
             written

@@ -163,7 +163,7 @@ impl Event {
 /// CRC-32C of `data`, masked as TFRecord stores it.
 pub fn masked_crc(data: &[u8]) -> u32 {
     let c = crc32c::crc32c(data);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// One TFRecord holding `data`.
@@ -358,7 +358,7 @@ mod tests {
         let c: u32 = 0xe306_9283;
         assert_eq!(
             masked_crc(b"123456789"),
-            ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+            c.rotate_right(15).wrapping_add(0xa282_ead8)
         );
     }
 

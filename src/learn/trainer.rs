@@ -96,6 +96,9 @@ pub trait Learner<B: TrainBackend> {
     fn step(&mut self, trainee: &mut Trainee<B>) -> Result<Self::Step>;
     /// Validation of `model` (`None`: the recipe has no validation data). Rank 0 only.
     fn validate(&self, model: &Qwen25VL<B::InnerBackend>) -> Result<Option<Self::Eval>>;
+    /// Whether the validations before and after training are lines of `metrics.jsonl` too
+    /// (SFT's are; GRPO's metrics hold its in-run validations only, as they always have).
+    const LOGS_END_VALIDATIONS: bool = true;
     /// The metrics plotted at the end (SVGs beside `metrics.jsonl`).
     fn plots(&self) -> &'static [&'static str];
     /// The learner's part of the summary, at the end of the run (every rank).
@@ -148,7 +151,8 @@ pub fn train<B: TrainBackend, L: Learner<B>>(
     let eval_before = match &mut metrics {
         Some(m) if trainee.state.step == 0 => {
             let model = trainee.model().valid();
-            validate(&learner, &model, 0, m, |line| {
+            let log = L::LOGS_END_VALIDATIONS.then_some(m);
+            validate(&learner, &model, 0, log, |line| {
                 eprintln!("{}: before training: {line}", run.name)
             })?
         }
@@ -179,7 +183,7 @@ pub fn train<B: TrainBackend, L: Learner<B>>(
             let before_end = step < total_steps;
             if run.eval_every > 0 && step % run.eval_every == 0 && before_end && stop.is_none() {
                 let model = trainee.model().valid();
-                validate(&learner, &model, step, m, |line| {
+                validate(&learner, &model, step, Some(&mut *m), |line| {
                     bar.println(format!("step {step}: {line}"))
                 })?;
             }
@@ -208,7 +212,8 @@ pub fn train<B: TrainBackend, L: Learner<B>>(
         save(&trainee, run)?;
         let trained = trainee.export(out_dir, run.files)?;
         let step = trainee.state.step;
-        eval_after = validate(&learner, &trained, step, m, |line| {
+        let log = L::LOGS_END_VALIDATIONS.then_some(&mut *m);
+        eval_after = validate(&learner, &trained, step, log, |line| {
             eprintln!("{}: after training: {line}", run.name)
         })?;
         plot_metrics(m.path(), learner.plots(), out_dir)?;
@@ -257,18 +262,20 @@ fn with_last_checkpoint(e: anyhow::Error, out_dir: &Path) -> anyhow::Error {
     }
 }
 
-/// Validate `model` at `step`: logged to the metrics and told with `say`.
+/// Validate `model` at `step`: told with `say` and logged to `metrics` (when given).
 fn validate<B: TrainBackend, L: Learner<B>>(
     learner: &L,
     model: &Qwen25VL<B::InnerBackend>,
     step: usize,
-    metrics: &mut Metrics,
+    metrics: Option<&mut Metrics>,
     say: impl FnOnce(String),
 ) -> Result<Option<L::Eval>> {
     let Some(eval) = learner.validate(model)? else {
         return Ok(None);
     };
     say(eval.describe());
-    metrics.write(&eval.line(step))?;
+    if let Some(m) = metrics {
+        m.write(&eval.line(step))?;
+    }
     Ok(Some(eval))
 }

@@ -129,7 +129,7 @@ pub fn epoch_batches(
     }
     for mega in valid.chunks(batch * 50) {
         let mut mega = mega.to_vec();
-        mega.sort_by(|a, b| b.2.cmp(&a.2)); // stable: ties keep the seeded order
+        mega.sort_by_key(|m| std::cmp::Reverse(m.2)); // stable: ties keep the seeded order
         for b in mega.chunks(batch) {
             batches.push(b.iter().map(|&(s, r, _)| (s, r)).collect());
         }
@@ -574,7 +574,7 @@ impl Loader {
     }
 
     /// The micro-batches of the next scheduled step.
-    pub fn next(&mut self) -> Result<Vec<MicroBatch>> {
+    pub fn next_step(&mut self) -> Result<Vec<MicroBatch>> {
         let i = self.taken;
         self.taken += 1;
         if let Some(s) = &self.sync {

@@ -268,7 +268,7 @@ impl<B: TrainBackend> Learner<B> for SftLearner<'_, B> {
             .next()
             .context("the SFT schedule ended before the run")?;
         let t_wait = Instant::now();
-        let micro = self.loader.next()?;
+        let micro = self.loader.next_step()?;
         let data_wait_s = t_wait.elapsed().as_secs_f64();
 
         // The step: mean negative log-likelihood over its target tokens, one AdamW update.

@@ -549,7 +549,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -598,8 +598,8 @@ impl fmt::Display for SftPlan {
             .max(5);
         writeln!(
             f,
-            "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}  {}",
-            "source", "group", "available", "per epoch", "mix"
+            "  {:<name_w$}  {:<group_w$}  {:>12}  {:>12}  mix",
+            "source", "group", "available", "per epoch"
         )?;
         for s in &self.sources {
             writeln!(

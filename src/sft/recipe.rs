@@ -126,11 +126,9 @@ impl DataSource {
         if self.group.trim().is_empty() {
             errors.push(format!("{field}.group must not be empty"));
         }
-        if self.samples.is_some() && self.weight.is_some() {
+        if let (Some(samples), Some(weight)) = (self.samples, self.weight) {
             errors.push(format!(
-                "{field}: set either samples or weight, not both (samples = {}, weight = {})",
-                self.samples.unwrap(),
-                self.weight.unwrap()
+                "{field}: set either samples or weight, not both (samples = {samples}, weight = {weight})"
             ));
         }
         if let Some(w) = self.weight {
