@@ -328,7 +328,6 @@ pub fn policy_loss<B: Backend>(
 /// recipe requires `loss_agg = "seq_mean_token_mean"` with GSPO so that the KL term agrees). No
 /// dual clip (`clip_frac_lower` is 0); `ppo_kl` is the unclamped token mean of `old_logp - logp`.
 /// GSPO's clip ranges are ~1e-3 times PPO's (the paper: 3e-4 / 4e-4).
-#[allow(clippy::too_many_arguments)]
 pub fn policy_loss_gspo<B: Backend>(
     logp: Tensor<B, 2>,
     old_logp: Tensor<B, 2>,

@@ -75,7 +75,7 @@ pub fn sample_groups(
             if !alg.dynamic_sampling {
                 out.train.push_group(&scored, k, g, scored.in_update[k]);
                 out.prompts.push(prompt);
-            } else if !informative(&group.rewards) {
+            } else if !informative(group.rewards) {
                 out.dropped += 1;
             } else if out.prompts.len() < per_step {
                 out.train.push_group(&scored, k, g, true);
@@ -106,7 +106,7 @@ mod tests {
     /// Whether record `r`'s group has zero variance: `r % 4 == 0` or `r % 5 == 0` (16 of the 40
     /// records: a known share of 40%).
     fn zero_variance(r: usize) -> bool {
-        r % 4 == 0 || r % 5 == 0
+        r.is_multiple_of(4) || r.is_multiple_of(5)
     }
 
     /// Only `r % 10 >= 8` varies (8 of the 40 records: 80% zero variance).
