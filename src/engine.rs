@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 
 use anyhow::{bail, Result};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{log_softmax, softmax};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -149,6 +149,8 @@ pub fn sample_rng(seed: u64, j: usize) -> ChaCha8Rng {
 struct Seq {
     sample: usize,
     tokens: Vec<u32>,
+    /// The log-prob of each token under the distribution it was drawn from (see [`Generation`]).
+    logprobs: Vec<f32>,
     rng: ChaCha8Rng,
     stopped: bool,
 }
@@ -196,6 +198,7 @@ pub fn generate_requests<B: ModelBackend>(
             let gens = vec![
                 Generation {
                     tokens: vec![],
+                    logprobs: vec![],
                     stopped: false
                 };
                 requests[i].n
@@ -265,6 +268,7 @@ pub fn generate_requests<B: ModelBackend>(
                 .map(|(i, j)| Seq {
                     sample: j,
                     tokens: vec![],
+                    logprobs: vec![],
                     rng: sample_rng(requests[i].seed, j),
                     stopped: false,
                 })
@@ -354,6 +358,7 @@ fn complete(
         .into_iter()
         .map(|s| Generation {
             tokens: s.tokens,
+            logprobs: s.logprobs,
             stopped: s.stopped,
         })
         .collect();
@@ -366,7 +371,7 @@ fn complete(
 /// groups left without live rows, which leave the cohort (and its cache).
 fn push_tokens<B: ModelBackend>(
     c: &mut Cohort<B>,
-    next: &[u32],
+    next: &[(u32, f32)],
     stop: &[u32],
     max_new: usize,
     stats: &mut EngineStats,
@@ -376,8 +381,9 @@ fn push_tokens<B: ModelBackend>(
     for g in c.groups.iter_mut() {
         let mut kept = vec![];
         for (r, mut s) in std::mem::take(&mut g.live).into_iter().enumerate() {
-            let t = *next.next().expect("a token per live row");
+            let &(t, logprob) = next.next().expect("a token per live row");
             s.tokens.push(t);
+            s.logprobs.push(logprob);
             stats.new_tokens += 1;
             if stop.contains(&t) {
                 s.stopped = true;
@@ -425,45 +431,59 @@ fn banned_row<B: ModelBackend>(model: &Qwen25VL<B>, head: &Tensor<B, 2>) -> Opti
     ))
 }
 
-/// The next token of every row from its final hidden state `[rows, C]`, on the device; each
-/// sampling row draws one uniform number from its own RNG.
+/// The next token of every row from its final hidden state `[rows, C]`, on the device, with its
+/// log-prob; each sampling row draws one uniform number from its own RNG.
 fn next_tokens<B: ModelBackend>(
     head: &Tensor<B, 2>,
     banned: &Option<Tensor<B, 2>>,
     hidden: Tensor<B, 2>,
     cfg: &SamplingConfig,
     seqs: &mut [Seq],
-) -> Vec<u32> {
+) -> Vec<(u32, f32)> {
     let logits = crate::model::nn::upcast(hidden.matmul(head.clone()));
-    let logits = match banned {
-        Some(b) => logits + b.clone(),
-        None => logits,
-    };
     let u: Vec<f64> = if cfg.is_greedy() {
         vec![]
     } else {
         seqs.iter_mut().map(|s| s.rng.random::<f64>()).collect()
     };
-    sample_on_device(logits, cfg, &u)
+    let (tokens, logprobs) = sample_on_device(logits, banned.clone(), cfg, &u);
+    tokens.into_iter().zip(logprobs).collect()
 }
 
 /// Choose one token per row of `logits [rows, V]` on the device: greedy (argmax) or, with the
 /// uniform numbers `u` (one per row), temperature, top-k (ties with the k-th kept), top-p (the
 /// smallest prefix of the sorted distribution whose mass reaches `top_p`) and an inverse-CDF draw.
+/// `banned` (`[1, V]`, 0 or `-inf`) is added to the logits the token is drawn from. Returns the
+/// tokens and their log-probs `log_softmax(logits / temperature)` (temperature 1 when greedy;
+/// before `banned`, top-k and top-p: the model's distribution, as the trainer computes it).
 pub fn sample_on_device<B: Backend>(
     logits: Tensor<B, 2>,
+    banned: Option<Tensor<B, 2>>,
     cfg: &SamplingConfig,
     u: &[f64],
-) -> Vec<u32> {
+) -> (Vec<u32>, Vec<f32>) {
     let [rows, v] = logits.dims();
     let device = logits.device();
     let ids = |t: Tensor<B, 2, Int>| -> Vec<u32> {
         t.into_data().iter::<i64>().map(|x| x as u32).collect()
     };
+    let values = |t: Tensor<B, 2>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
+    let t = if cfg.is_greedy() {
+        1.0
+    } else {
+        cfg.temperature as f64
+    };
+    let z = logits.div_scalar(t);
+    let log_probs = log_softmax(z.clone(), 1);
+    let z = match banned {
+        Some(b) => z + b,
+        None => z,
+    };
     if cfg.is_greedy() {
-        return ids(logits.argmax(1));
+        let token = z.argmax(1);
+        let logprob = log_probs.gather(1, token.clone());
+        return (ids(token), values(logprob));
     }
-    let z = logits.div_scalar(cfg.temperature as f64);
     let filtered = cfg.top_k > 0 && cfg.top_k < v || cfg.top_p < 1.0;
     let (z, order) = if filtered {
         let (sorted, order) = z.sort_descending_with_indices(1);
@@ -494,8 +514,10 @@ pub fn sample_on_device<B: Backend>(
         .int()
         .sum_dim(1)
         .clamp_max(v as i64 - 1);
-    match order {
-        Some(order) => ids(order.gather(1, j)),
-        None => ids(j),
-    }
+    let token = match order {
+        Some(order) => order.gather(1, j),
+        None => j,
+    };
+    let logprob = log_probs.gather(1, token.clone());
+    (ids(token), values(logprob))
 }

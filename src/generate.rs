@@ -74,6 +74,9 @@ pub struct Prompt {
 pub struct Generation {
     /// New tokens, including the stop token when one ended the row.
     pub tokens: Vec<u32>,
+    /// The log-prob of each token under the distribution the engine drew it from,
+    /// `log_softmax(logits / temperature)` (GRPO compares them with the trainer's).
+    pub logprobs: Vec<f32>,
     /// True when a stop token ended the row (false: max_new_tokens reached).
     pub stopped: bool,
 }

@@ -1,7 +1,8 @@
 //! GRPO: 4 steps in one run equal 2 steps, stop, `--resume`, 2 more steps: bit-identical weights
 //! and identical rollouts/rewards on ndarray (the prompt order and the sampler of every step
 //! derive from the seed and the step, the optimizer state is restored from the checkpoint).
-//! Also the recipe paths: old log-probs recomputed (2 updates per step) and the KL term on.
+//! Also the recipe paths: old log-probs recomputed (2 updates per step) and the KL term on; and
+//! the same with dynamic sampling, GSPO, TIS, the entropy bonus and overlong handling on.
 
 use burn::backend::{Autodiff, NdArray};
 use infimed::demo::{write_demo_data, DemoDataConfig};
@@ -11,6 +12,16 @@ use infimed::learn::recipe::Recipe;
 type B = Autodiff<NdArray<f32>>;
 
 fn recipe(data: &std::path::Path, out: &std::path::Path, max_steps: usize) -> GrpoRecipe {
+    recipe_with(data, out, max_steps, "")
+}
+
+/// The recipe with more `[algorithm]` lines.
+fn recipe_with(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    max_steps: usize,
+    algorithm: &str,
+) -> GrpoRecipe {
     let text = format!(
         r#"
 model = "builtin:demo-tiny"
@@ -41,6 +52,7 @@ mini_batch = 1
 micro_batch = 2
 [algorithm]
 kl_coef = 0.05
+{algorithm}
 [reward]
 format = "none"
 format_weight = 0.0
@@ -130,5 +142,61 @@ fn resume_continues_with_identical_results() {
         "task",
     ] {
         assert!(first_line.get(k).is_some(), "{k} missing in {first_line}");
+    }
+}
+
+#[test]
+fn resume_with_dynamic_sampling_gspo_and_tis_continues_with_identical_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cfg = DemoDataConfig {
+        seed: 1,
+        train: 20,
+        val: 6,
+        image_size: 56,
+        image_pool: None,
+    };
+    write_demo_data(&data, &cfg).unwrap();
+    let extra = r#"
+policy_loss = "gspo"
+loss_agg = "seq_mean_token_mean"
+clip_low = 0.0003
+clip_high = 0.0004
+rollout_is = "tis"
+entropy_coef = 0.001
+mask_truncated = true
+overlong_buffer = 2
+overlong_penalty = 0.5
+dynamic_sampling = true
+max_sampling_rounds = 3
+"#;
+    let device = Default::default();
+    let a = tmp.path().join("a");
+    train_grpo::<B>(&recipe_with(&data, &a, 4, extra), false, &device).unwrap();
+    let b = tmp.path().join("b");
+    train_grpo::<B>(&recipe_with(&data, &b, 2, extra), false, &device).unwrap();
+    train_grpo::<B>(&recipe_with(&data, &b, 4, extra), true, &device).unwrap();
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "weights differ after resume");
+    let (ma, mb) = (metric_lines(&a), metric_lines(&b));
+    assert_eq!(ma, mb, "per-step metrics differ after resume");
+    assert_eq!(ma.len(), 4);
+    for m in &ma {
+        let get = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{k} in {m}"));
+        let (rounds, kept, dropped) = (
+            get("sampling_rounds"),
+            get("groups_kept"),
+            get("groups_dropped"),
+        );
+        // Every step is filled (2 informative groups) or used its 3 rounds; every group rolled
+        // out was kept, dropped (zero variance) or beyond the 2 needed.
+        assert!(kept == 2.0 || rounds == 3.0, "{m}");
+        assert!((1.0..=3.0).contains(&rounds), "{m}");
+        assert!(kept + dropped <= 2.0 * rounds, "{m}");
+        assert_eq!(get("zero_variance_groups"), dropped, "{m}");
+        // One engine, f32: the engine's log-probs are the trainer's up to rounding.
+        assert!(get("rollout_drift_max") < 1e-4, "{m}");
+        assert!(get("rollout_drift_mean") <= get("rollout_drift_max"), "{m}");
     }
 }

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod reward;
+pub mod rl_filter;
 pub mod score;
 pub mod synth;
 
@@ -30,6 +31,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// GRPO (RL with verifiable rewards) from a TOML recipe (`--dry-run` prints the plan).
     Grpo(crate::learn::trainer::TrainArgs),
+    /// Pass-rate data selection for GRPO: sample n answers per prompt, keep those solved
+    /// neither always nor never.
+    RlFilter(rl_filter::RlFilterArgs),
     /// Score responses with the verifiable rewards (format + accuracy) and print a summary.
     Reward(reward::RewardArgs),
     /// Score benchmark responses (accuracy per benchmark, Table 1 layout).
@@ -50,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sft(args) => crate::sft::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Grpo(args) => crate::grpo::learner::run(args),
+        Command::RlFilter(args) => rl_filter::run(args),
         Command::Reward(args) => reward::run(args),
         Command::Eval(args) => eval::run(args),
         Command::BenchConvert(args) => eval::run_convert(args),

@@ -17,6 +17,7 @@
 //! - `low_var_kl` ([`kl_penalty`]): verl clamps to `[-10, 10]`; the estimator `e^x - x - 1` is >= 0, so we
 //!   clamp to `[0, 10]`, which only removes negative rounding noise (~1e-7 in f32 near x = 0).
 
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -253,8 +254,10 @@ pub struct PolicyLossOut<B: Backend> {
 /// loss    = where(A < 0, min(L3, clipped), clipped)       (just `clipped` when dual_clip is None)
 /// ```
 ///
-/// aggregated with [`agg_loss`]. `old_logp` and the advantages are treated as constants (detached).
-/// `clip_low` / `clip_high` are the epsilons (0.2 / 0.2 in verl; EasyR1 0.2 / 0.3).
+/// multiplied by the rollout importance weights `is_weights` when given (verl's
+/// `rollout_is_weights`, e.g. [`tis_weights`]) and aggregated with [`agg_loss`]. `old_logp` and the
+/// advantages are treated as constants (detached). `clip_low` / `clip_high` are the epsilons (0.2 /
+/// 0.2 in verl; EasyR1 0.2 / 0.3).
 ///
 /// Panics when `dual_clip` is `Some(c)` with `c <= 1` (verl asserts the same).
 #[allow(clippy::too_many_arguments)] // verl's compute_policy_loss, argument for argument
@@ -267,6 +270,7 @@ pub fn policy_loss<B: Backend>(
     clip_high: f64,
     dual_clip: Option<f64>,
     agg: LossAgg,
+    is_weights: Option<Tensor<B, 2>>,
 ) -> PolicyLossOut<B> {
     if let Some(c) = dual_clip {
         assert!(c > 1.0, "the dual clip bound c must be > 1.0, got {c}");
@@ -297,6 +301,10 @@ pub fn policy_loss<B: Backend>(
             (clipped, zero)
         }
     };
+    let loss_tok = match is_weights {
+        Some(w) => loss_tok * w,
+        None => loss_tok,
+    };
     let loss = agg_loss(loss_tok, mask, agg);
     PolicyLossOut {
         loss,
@@ -304,6 +312,103 @@ pub fn policy_loss<B: Backend>(
         ppo_kl,
         clip_frac_lower,
     }
+}
+
+/// verl's GSPO policy loss (`compute_policy_loss_gspo`, arXiv 2507.18071): the sequence-level
+/// ratio `s_i = exp(mean over the response's tokens of (logp - old_logp))`, clipped per response:
+///
+/// ```text
+/// log s_i,t = min(logp_t - sg(logp_t) + sg(log s_i), 10)     value log s_i, gradient d logp_t
+/// L1        = -A * s_i,t
+/// L2        = -A * clamp(s_i,t, 1 - clip_low, 1 + clip_high)
+/// loss      = max(L1, L2)  (x is_weights when given)
+/// ```
+///
+/// aggregated with `seq-mean-token-mean` whatever the recipe's `loss_agg` (as verl does; the
+/// recipe requires `loss_agg = "seq_mean_token_mean"` with GSPO so that the KL term agrees). No
+/// dual clip (`clip_frac_lower` is 0); `ppo_kl` is the unclamped token mean of `old_logp - logp`.
+/// GSPO's clip ranges are ~1e-3 times PPO's (the paper: 3e-4 / 4e-4).
+pub fn policy_loss_gspo<B: Backend>(
+    logp: Tensor<B, 2>,
+    old_logp: Tensor<B, 2>,
+    advantages: impl TokenAdvantages<B>,
+    mask: Tensor<B, 2>,
+    clip_low: f64,
+    clip_high: f64,
+    is_weights: Option<Tensor<B, 2>>,
+) -> PolicyLossOut<B> {
+    let dims = logp.dims();
+    let adv = advantages.into_token_advantages(dims).detach();
+    let neg_approx_kl = masked(logp.clone() - old_logp.detach(), mask.clone());
+    let lens = mask.clone().sum_dim(1).clamp_min(1.0);
+    let seq = (neg_approx_kl.clone().sum_dim(1) / lens).detach(); // [n, 1]
+    let log_ratio = (logp.clone() - logp.detach() + seq.expand(dims)).clamp_max(10.0);
+    let ratio = log_ratio.exp();
+    let neg_adv = adv.neg();
+    let l1 = neg_adv.clone() * ratio.clone();
+    let l2 = neg_adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high);
+    let clip_frac = masked_mean(l2.clone().greater(l1.clone()).float(), mask.clone()).detach();
+    let loss_tok = l1.max_pair(l2);
+    let loss_tok = match is_weights {
+        Some(w) => loss_tok * w,
+        None => loss_tok,
+    };
+    let ppo_kl = masked_mean(neg_approx_kl.neg(), mask.clone()).detach();
+    let device = mask.device();
+    PolicyLossOut {
+        loss: agg_loss(loss_tok, mask, LossAgg::SeqMeanTokenMean),
+        clip_frac,
+        ppo_kl,
+        clip_frac_lower: Tensor::zeros([1], &device),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rollout correction
+// ---------------------------------------------------------------------------------------------------
+
+/// Truncated importance sampling weights (TIS; verl's `compute_rollout_correction_weights` with
+/// `rollout_is = "token"`): `min(exp(clamp(trainer_logp - rollout_logp, -20, 20)), cap)` per
+/// response token, 0 on padding, detached. `trainer_logp` are the log-probs of the sampled tokens
+/// as the trainer computes them before the update (verl's `old_log_prob`), `rollout_logp` as the
+/// rollout engine reported them; the policy loss is multiplied by the weights.
+pub fn tis_weights<B: Backend>(
+    trainer_logp: Tensor<B, 2>,
+    rollout_logp: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    cap: f64,
+) -> Tensor<B, 2> {
+    let w = (trainer_logp - rollout_logp).clamp(-20.0, 20.0).exp();
+    masked(w, mask).clamp_max(cap).detach()
+}
+
+/// `|rollout_logp - trainer_logp|` over the response tokens: `(sum, max)`, each `[1]` and
+/// detached (the `rollout_drift_mean` / `rollout_drift_max` metrics; 0 on an empty mask).
+pub fn rollout_drift<B: Backend>(
+    trainer_logp: Tensor<B, 2>,
+    rollout_logp: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let d = masked((trainer_logp - rollout_logp).abs(), mask).detach();
+    (d.clone().sum(), d.max())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Overlong responses
+// ---------------------------------------------------------------------------------------------------
+
+/// DAPO's soft overlong penalty, added to the reward of a response of `len` tokens (verl's
+/// `DAPORewardManager` with `overlong_buffer`): 0 up to `max_len - buffer` tokens, then falling
+/// linearly to `-factor` at `max_len`: `min(-(len - (max_len - buffer)) / buffer * factor, 0)`.
+///
+/// Panics when `buffer == 0` or `buffer > max_len` (the recipe checks both).
+pub fn overlong_penalty(len: usize, max_len: usize, buffer: usize, factor: f64) -> f64 {
+    assert!(
+        buffer > 0 && buffer <= max_len,
+        "overlong buffer {buffer} must be in 1..={max_len}"
+    );
+    let exceed = len as f64 - (max_len - buffer) as f64;
+    (-exceed / buffer as f64 * factor).min(0.0)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -379,6 +484,15 @@ pub fn kl_penalty<B: Backend, const D: usize>(
 // ---------------------------------------------------------------------------------------------------
 // Entropy
 // ---------------------------------------------------------------------------------------------------
+
+/// Entropy of `softmax(logits)` per row of `logits [rows, V]` (verl's
+/// `torch_functional.entropy_from_logits`): `[rows]`, differentiable. The entropy bonus is
+/// `entropy_coef x agg_loss(entropy, mask, agg)`, subtracted from the loss (verl's
+/// `compute_entropy_loss` and `dp_actor`).
+pub fn entropy_from_logits<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
+    let lp = log_softmax(logits, 1);
+    (lp.clone().exp() * lp).sum_dim(1).neg().squeeze_dim(1)
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Tests
@@ -552,6 +666,7 @@ mod tests {
                 0.2,
                 Some(3.0),
                 agg,
+                None,
             )
         };
         let tm = run(LossAgg::TokenMean);
@@ -603,6 +718,7 @@ mod tests {
             0.2,
             None,
             LossAgg::TokenMean,
+            None,
         );
         close(
             scalar(no_dual.loss),
@@ -634,6 +750,7 @@ mod tests {
                     0.2,
                     Some(3.0),
                     LossAgg::TokenMean,
+                    None,
                 )
                 .loss,
             )
@@ -663,6 +780,7 @@ mod tests {
             0.2,
             Some(3.0),
             LossAgg::TokenMean,
+            None,
         );
         let loss = scalar(out.loss.clone());
         assert!((loss - (3.0 + 1.0) / 2.0).abs() < 1e-6, "{loss}");
@@ -686,6 +804,7 @@ mod tests {
             0.2,
             None,
             LossAgg::TokenMean,
+            None,
         );
         let want = (1.5f64.exp() + 1.0) / 2.0;
         assert!((scalar(out.loss) - want).abs() < 1e-5);
@@ -706,6 +825,7 @@ mod tests {
             0.2,
             Some(3.0),
             LossAgg::TokenMean,
+            None,
         );
         let grad = vec2(lp.grad(&out.loss.backward()).unwrap());
 
@@ -720,6 +840,7 @@ mod tests {
                     0.2,
                     Some(3.0),
                     LossAgg::TokenMean,
+                    None,
                 )
                 .loss,
             )
@@ -897,6 +1018,205 @@ mod tests {
         );
     }
 
+    // -----------------------------------------------------------------------------------------------
+    // Against verl's own functions: tests/fixtures/verl/refs.json, written by make_verl_refs.py
+    // beside it (float64, verl commit b178a3cd56f58b2d502255daba591e92833930a7).
+    // -----------------------------------------------------------------------------------------------
+
+    fn verl() -> serde_json::Value {
+        serde_json::from_str(include_str!("../../tests/fixtures/verl/refs.json")).unwrap()
+    }
+
+    fn rows(v: &serde_json::Value) -> Vec<Vec<f64>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn num(v: &serde_json::Value) -> f64 {
+        v.as_f64().unwrap()
+    }
+
+    fn nums(v: &serde_json::Value) -> Vec<f64> {
+        v.as_array().unwrap().iter().map(num).collect()
+    }
+
+    fn agg_of(verl_name: &str) -> LossAgg {
+        verl_name.parse().unwrap()
+    }
+
+    fn close_all(got: &[f64], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (k, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 1e-6, "{what}[{k}]: {g} vs verl {w}");
+        }
+    }
+
+    #[test]
+    fn agg_loss_equals_verl() {
+        let (v, d) = (verl(), dev());
+        let (l, m) = (
+            rows(&v["inputs"]["loss_mat"]),
+            rows(&v["inputs"]["loss_mask"]),
+        );
+        for (mode, want) in v["agg_loss"].as_object().unwrap() {
+            let got = scalar(agg_loss(t2::<B>(&l, &d), t2::<B>(&m, &d), agg_of(mode)));
+            close_all(&[got], &[num(want)], mode);
+        }
+    }
+
+    /// The rollout weights of verl's TIS for a cap, as computed by verl.
+    fn verl_tis(v: &serde_json::Value, cap: &str) -> Vec<Vec<f64>> {
+        rows(&v["tis_weights"][cap])
+    }
+
+    #[test]
+    fn tis_weights_equal_verl() {
+        let (v, d) = (verl(), dev());
+        let i = &v["inputs"];
+        for cap in ["2.0", "1.2"] {
+            let w = tis_weights(
+                t2::<B>(&rows(&i["old"]), &d),
+                t2::<B>(&rows(&i["rollout"]), &d),
+                t2::<B>(&rows(&i["mask"]), &d),
+                cap.parse().unwrap(),
+            );
+            let want: Vec<f64> = verl_tis(&v, cap).concat();
+            close_all(&vec2(w), &want, &format!("tis weights, cap {cap}"));
+        }
+    }
+
+    #[test]
+    fn vanilla_policy_loss_with_and_without_tis_equals_verl() {
+        let (v, d) = (verl(), dev());
+        let i = &v["inputs"];
+        let (logp, old, mask) = (rows(&i["logp"]), rows(&i["old"]), rows(&i["mask"]));
+        let adv = nums(&i["adv"]);
+        for (key, want) in v["vanilla"].as_object().unwrap() {
+            let (mode, weights) = key.split_once('/').unwrap();
+            let w = (weights == "tis2").then(|| t2::<AB>(&verl_tis(&v, "2.0"), &d));
+            let lp = t2::<AB>(&logp, &d).require_grad();
+            let out = policy_loss(
+                lp.clone(),
+                t2::<AB>(&old, &d),
+                t1::<AB>(&adv, &d),
+                t2::<AB>(&mask, &d),
+                0.2,
+                0.28,
+                Some(3.0),
+                agg_of(mode),
+                w,
+            );
+            let grad = vec2(lp.grad(&out.loss.backward()).unwrap());
+            for (got, name) in [
+                (scalar(out.loss), "loss"),
+                (scalar(out.clip_frac), "clip_frac"),
+                (scalar(out.ppo_kl), "ppo_kl"),
+                (scalar(out.clip_frac_lower), "clip_frac_lower"),
+            ] {
+                close_all(&[got], &[num(&want[name])], &format!("{key} {name}"));
+            }
+            close_all(&grad, &rows(&want["grad"]).concat(), &format!("{key} grad"));
+        }
+    }
+
+    #[test]
+    fn gspo_equals_verl() {
+        let (v, d) = (verl(), dev());
+        let i = &v["inputs"];
+        let (logp, old, mask) = (rows(&i["logp"]), rows(&i["old"]), rows(&i["mask"]));
+        let adv = nums(&i["adv_gspo"]);
+        let mut clipped = 0.0f64;
+        for (key, want) in v["gspo"].as_object().unwrap() {
+            let w = key
+                .ends_with("tis2")
+                .then(|| t2::<AB>(&verl_tis(&v, "2.0"), &d));
+            let lp = t2::<AB>(&logp, &d).require_grad();
+            let out = policy_loss_gspo(
+                lp.clone(),
+                t2::<AB>(&old, &d),
+                t1::<AB>(&adv, &d),
+                t2::<AB>(&mask, &d),
+                num(&want["clip_low"]),
+                num(&want["clip_high"]),
+                w,
+            );
+            let grad = vec2(lp.grad(&out.loss.backward()).unwrap());
+            let clip_frac = scalar(out.clip_frac);
+            clipped = clipped.max(clip_frac);
+            for (got, name) in [
+                (scalar(out.loss), "loss"),
+                (clip_frac, "clip_frac"),
+                (scalar(out.ppo_kl), "ppo_kl"),
+            ] {
+                close_all(&[got], &[num(&want[name])], &format!("{key} {name}"));
+            }
+            close_all(&grad, &rows(&want["grad"]).concat(), &format!("{key} grad"));
+        }
+        assert!(
+            clipped > 0.4,
+            "the narrow clip range clips tokens: {clipped}"
+        );
+    }
+
+    #[test]
+    fn entropy_equals_verl() {
+        let (v, d) = (verl(), dev());
+        let logits: Vec<Vec<f64>> = v["inputs"]["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(rows)
+            .collect();
+        let ent = entropy_from_logits(t2::<B>(&logits, &d));
+        let got: Vec<f64> = ent.clone().into_data().convert::<f64>().to_vec().unwrap();
+        close_all(
+            &got,
+            &rows(&v["entropy_tokens"]).concat(),
+            "entropy per token",
+        );
+        let m = rows(&v["inputs"]["loss_mask"]);
+        let ent = ent.reshape([m.len(), m[0].len()]);
+        for (mode, want) in v["entropy_loss"].as_object().unwrap() {
+            let got = scalar(agg_loss(ent.clone(), t2::<B>(&m, &d), agg_of(mode)));
+            close_all(&[got], &[num(want)], &format!("entropy loss {mode}"));
+        }
+    }
+
+    #[test]
+    fn overlong_penalty_equals_verl() {
+        let v = verl();
+        for case in v["overlong"].as_array().unwrap() {
+            let (max_len, buffer) = (
+                num(&case["max_len"]) as usize,
+                num(&case["buffer"]) as usize,
+            );
+            let got: Vec<f64> = nums(&case["lengths"])
+                .iter()
+                .map(|&l| overlong_penalty(l as usize, max_len, buffer, num(&case["factor"])))
+                .collect();
+            close_all(&got, &nums(&case["penalty"]), &format!("overlong {case}"));
+        }
+    }
+
+    #[test]
+    fn rollout_drift_is_the_masked_absolute_difference() {
+        let d = dev();
+        let a = vec![vec![-1.0, -2.0, 5.0], vec![-0.5, -0.25, -3.0]];
+        let b = vec![vec![-1.5, -2.0, -9.0], vec![-0.5, 0.0, 1.0]];
+        let m = vec![vec![1.0, 1.0, 0.0], vec![1.0, 1.0, 0.0]];
+        let (sum, max) = rollout_drift(t2::<B>(&a, &d), t2::<B>(&b, &d), t2::<B>(&m, &d));
+        assert_eq!((scalar(sum), scalar(max)), (0.75, 0.5));
+    }
+
     fn reward() -> impl Strategy<Value = f64> {
         prop_oneof![-10.0..10.0f64, Just(0.0), Just(1.0), Just(0.1)]
     }
@@ -972,7 +1292,7 @@ mod tests {
             let mask: Vec<Vec<f64>> = rows.iter().map(|(r, _)| r.iter().map(|t| f64::from(t.2 > 0)).collect()).collect();
             let adv: Vec<f64> = rows.iter().map(|(_, a)| *a).collect();
             let agg = if seq { LossAgg::SeqMeanTokenMean } else { LossAgg::TokenMean };
-            let out = policy_loss(t2::<B>(&logp, &d), t2::<B>(&old, &d), t1::<B>(&adv, &d), t2::<B>(&mask, &d), clip, clip, Some(3.0), agg);
+            let out = policy_loss(t2::<B>(&logp, &d), t2::<B>(&old, &d), t1::<B>(&adv, &d), t2::<B>(&mask, &d), clip, clip, Some(3.0), agg, None);
             let cf = scalar(out.clip_frac);
             let cfl = scalar(out.clip_frac_lower);
             prop_assert!((0.0..=1.0).contains(&cf), "clip_frac {}", cf);

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::data::sharegpt::{split_image_tags, IMAGE_TAG};
 use crate::data::template::ChatMessage;
 use crate::eval::{for_each_jsonl, Skipped};
-use crate::grpo::recipe::GrpoRecipe;
+use crate::learn::checkpoint::TrainState;
 use crate::rewards::{answer_text, Task};
 
 /// One RL prompt (EasyR1 layout).
@@ -90,13 +90,14 @@ pub fn read_rl_records(path: &Path, skip_invalid: bool) -> Result<(Vec<RlRecord>
     Ok((out, skipped))
 }
 
-/// The chat messages of a record under the recipe's template and system prompt.
-pub fn prompt_messages(recipe: &GrpoRecipe, rec: &RlRecord) -> Vec<ChatMessage> {
+/// The chat messages of a record under a prompt template (`{problem}` replaced by the record's
+/// problem) and system prompt (a recipe's `prompt_template` and `system_prompt`).
+pub fn prompt_messages(template: &str, system: Option<&str>, rec: &RlRecord) -> Vec<ChatMessage> {
     let mut msgs = vec![];
-    if let Some(s) = &recipe.system_prompt {
-        msgs.push(ChatMessage::text("system", s.clone()));
+    if let Some(s) = system {
+        msgs.push(ChatMessage::text("system", s));
     }
-    let text = recipe.prompt_template.replace("{problem}", &rec.problem);
+    let text = template.replace("{problem}", &rec.problem);
     msgs.push(ChatMessage::new("user", split_image_tags(&text)));
     msgs
 }
@@ -119,4 +120,26 @@ pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
         seed.wrapping_mul(0xD1B5_4A32_D192_ED03)
             ^ (step as u64).wrapping_add(0x5851_F42D_4C95_7F2D),
     )
+}
+
+/// The record indices of the next `count` prompts of the seeded order, moving `state` on (and
+/// into the next epoch's order past the end of this one).
+pub fn next_prompts(
+    state: &mut TrainState,
+    order: &mut Vec<usize>,
+    n_records: usize,
+    count: usize,
+    seed: u64,
+) -> Vec<usize> {
+    let mut picked = Vec::with_capacity(count);
+    while picked.len() < count {
+        if state.batch_in_epoch >= order.len() {
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            *order = epoch_order(n_records, seed, state.epoch);
+        }
+        picked.push(order[state.batch_in_epoch]);
+        state.batch_in_epoch += 1;
+    }
+    picked
 }

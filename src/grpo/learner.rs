@@ -33,10 +33,14 @@ use crate::data::encode::Encoded;
 use crate::engine::{generate_batched, generate_requests, EngineConfig, Request};
 use crate::eval::Skipped;
 use crate::generate::{stop_tokens, Generation, Prompt, SamplingConfig};
-use crate::grpo::data::{epoch_order, prompt_messages, read_rl_records, step_rng, RlRecord};
+use crate::grpo::algos::overlong_penalty;
+use crate::grpo::data::{
+    epoch_order, next_prompts, prompt_messages, read_rl_records, step_rng, RlRecord,
+};
 use crate::grpo::metrics::{summarize, GrpoEnd, GrpoStep, RlEval};
 use crate::grpo::recipe::GrpoRecipe;
 use crate::grpo::rollout::{response_logprobs, rollout_sequence, score_groups, ScoredGroups};
+use crate::grpo::sampling::{sample_groups, Round, StepGroups};
 use crate::grpo::step::{policy_update, StepResponses};
 use crate::inputs::Processor;
 use crate::learn::checkpoint::DiskPlan;
@@ -269,36 +273,19 @@ impl<B: TrainBackend> Learner<B> for GrpoLearner<'_, B> {
 
     fn step(&mut self, trainee: &mut Trainee<B>) -> Result<GrpoStep> {
         let (recipe, t_step) = (self.recipe, Instant::now());
-        // 1. The step's prompts (wrapping into the next epoch's order).
-        let n_records = self.data.records.len();
-        let picked = next_prompts(
-            &mut trainee.state,
-            &mut self.order,
-            n_records,
-            recipe.rollout.prompts_per_step,
-            recipe.seed,
-        );
-        let (prompts, kept, skipped_now) = self.encode_prompts(&picked)?;
-        ensure!(
-            !kept.is_empty(),
-            "step {}: every prompt of the step was skipped",
-            trainee.state.step + 1
-        );
-
-        // 2. Rollouts: n samples per prompt from the policy as it is.
+        // 1-3. Prompts (seeded order), n rollouts each from the policy as it is, rewards and
+        //      group advantages: one round, or with dynamic sampling rounds until the step has
+        //      prompts_per_step informative groups.
         let t_roll = Instant::now();
         let policy = compute_model(&trainee.model().valid(), recipe.precision);
-        let mine = shard_range(prompts.len(), self.rank.rank, self.rank.world);
-        let gens = self.rollouts(&policy, &prompts, mine.clone(), trainee.state.step)?;
+        let groups = self.sample(&mut trainee.state, &policy)?;
         let rollout_secs = t_roll.elapsed().as_secs_f64();
-        let gen_tokens: usize = gens.iter().map(|x| x.tokens.len()).sum();
-
-        // 3. Rewards and group-normalised advantages.
-        let scored = self.score(gens, &kept)?;
+        let (prompts, scored) = (&groups.prompts, &groups.train);
 
         // 4. Old (before any update; reused when there is one update per step) and reference
-        //    log-probs of this rank's responses, both from logits / temperature.
+        //    log-probs of this rank's groups, both from logits / temperature.
         let g = recipe.rollout.n;
+        let mine = shard_range(prompts.len(), self.rank.rank, self.rank.world);
         let own = mine.start * g..mine.end * g;
         let seqs: Vec<Encoded> = own
             .clone()
@@ -334,7 +321,7 @@ impl<B: TrainBackend> Learner<B> for GrpoLearner<'_, B> {
         let stats = policy_update(
             trainee,
             recipe,
-            &scored,
+            scored,
             &responses,
             pad_id,
             self.total_steps,
@@ -348,12 +335,13 @@ impl<B: TrainBackend> Learner<B> for GrpoLearner<'_, B> {
         s.tokens_seen += stats.tokens;
 
         // 6. The step's record (and its completions).
-        let mut record = GrpoStep::new(s, n_records, &scored, &stats, kept.len(), skipped_now);
+        let mut record = GrpoStep::new(s, self.data.records.len(), &groups, &stats);
+        let gen_tokens: usize = groups.all.rollouts.iter().map(|x| x.tokens.len()).sum();
         record.rollout_tokens_per_s = gen_tokens as f64 / rollout_secs.max(1e-9);
         record.update_tokens_per_s = stats.tokens as f64 / update_secs.max(1e-9);
         record.step_secs = t_step.elapsed().as_secs_f64();
         self.step_rewards.push(record.reward_mean);
-        self.log_completions(&mut record, &scored)?;
+        self.log_completions(&mut record, &groups.all)?;
         Ok(record)
     }
 
@@ -416,7 +404,7 @@ impl<B: TrainBackend> GrpoLearner<'_, B> {
             let rec = &self.data.records[r];
             let p = self
                 .processor
-                .prompt(&prompt_messages(recipe, rec), &rec.images)
+                .prompt(&recipe_messages(recipe, rec), &rec.images)
                 .with_context(|| rec.origin.clone());
             let p = match p {
                 Ok(p) if p.input_ids.len() <= recipe.max_prompt_len => Ok(p),
@@ -450,14 +438,44 @@ impl<B: TrainBackend> GrpoLearner<'_, B> {
         Ok((prompts, kept, skipped_now))
     }
 
+    /// The step's groups ([`sample_groups`]): each round draws the next `prompts_per_step`
+    /// prompts of the seeded order, rolls them out and scores them.
+    fn sample(
+        &mut self,
+        state: &mut TrainState,
+        policy: &Qwen25VL<B::InnerBackend>,
+    ) -> Result<StepGroups> {
+        let (recipe, n_records) = (self.recipe, self.data.records.len());
+        let (per_step, step) = (recipe.rollout.prompts_per_step, state.step);
+        sample_groups(&recipe.algorithm, per_step, recipe.rollout.n, |round| {
+            let picked = next_prompts(state, &mut self.order, n_records, per_step, recipe.seed);
+            let (prompts, kept, skipped) = self.encode_prompts(&picked)?;
+            ensure!(
+                !kept.is_empty(),
+                "step {}: every prompt of the step was skipped",
+                step + 1
+            );
+            let mine = shard_range(prompts.len(), self.rank.rank, self.rank.world);
+            let gens = self.rollouts(policy, &prompts, mine, step, round * per_step)?;
+            let scored = self.score(gens, &kept)?;
+            Ok(Round {
+                prompts,
+                scored,
+                skipped,
+            })
+        })
+    }
+
     /// `n` samples of each of this rank's prompts (`mine`), seeded per prompt (the same samples
-    /// on any number of ranks), gathered from every rank: the step's responses, `n` per prompt.
+    /// on any number of ranks; prompt `k` of a step's round starting at prompt `first` has seed
+    /// `base + first + k`), gathered from every rank: the round's responses, `n` per prompt.
     fn rollouts(
         &self,
         policy: &Qwen25VL<B::InnerBackend>,
         prompts: &[Prompt],
         mine: std::ops::Range<usize>,
         step: usize,
+        first: usize,
     ) -> Result<Vec<Generation>> {
         let (recipe, g) = (self.recipe, self.recipe.rollout.n);
         let base: u64 = step_rng(recipe.seed, step).random();
@@ -467,7 +485,7 @@ impl<B: TrainBackend> GrpoLearner<'_, B> {
             .map(|k| Request {
                 prompt: prompts[k].clone(),
                 n: g,
-                seed: base.wrapping_add(k as u64),
+                seed: base.wrapping_add((first + k) as u64),
             })
             .collect();
         let engine = EngineConfig {
@@ -494,14 +512,23 @@ impl<B: TrainBackend> GrpoLearner<'_, B> {
     /// Rewards of the step's responses against their records' answers, and the group advantages.
     fn score(&self, gens: Vec<Generation>, kept: &[usize]) -> Result<ScoredGroups> {
         let (recipe, records, g) = (self.recipe, &self.data.records, self.recipe.rollout.n);
-        let rc = recipe.reward.config();
+        let (rc, alg) = (recipe.reward.config(), &recipe.algorithm);
+        let reward = |record: usize, text: &str, len: usize| {
+            let rec = &records[record];
+            let mut r = rewards::score(&rc, text, &rec.answer, rec.task);
+            if alg.overlong_buffer > 0 {
+                let (max, buffer) = (recipe.max_response_len, alg.overlong_buffer);
+                r.reward += overlong_penalty(len, max, buffer, alg.overlong_penalty);
+            }
+            r
+        };
         score_groups(
             gens.into_iter()
                 .enumerate()
                 .map(|(i, gen)| (kept[i / g], gen))
                 .collect(),
             |tokens| self.processor.tokenizer.decode(tokens, true),
-            |record, text| rewards::score(&rc, text, &records[record].answer, records[record].task),
+            reward,
             g,
             recipe.algorithm.norm_adv_by_std,
             recipe.algorithm.drop_zero_variance_groups,
@@ -538,6 +565,15 @@ impl<B: TrainBackend> GrpoLearner<'_, B> {
     }
 }
 
+/// The chat messages of a record under the recipe's template and system prompt.
+fn recipe_messages(recipe: &GrpoRecipe, rec: &RlRecord) -> Vec<crate::data::template::ChatMessage> {
+    prompt_messages(
+        &recipe.prompt_template,
+        recipe.system_prompt.as_deref(),
+        rec,
+    )
+}
+
 /// The validation records (`eval_data`, at most `eval_limit`) and their prompts.
 fn validation_prompts(
     recipe: &GrpoRecipe,
@@ -556,33 +592,11 @@ fn validation_prompts(
         .iter()
         .map(|r| {
             processor
-                .prompt(&prompt_messages(recipe, r), &r.images)
+                .prompt(&recipe_messages(recipe, r), &r.images)
                 .with_context(|| r.origin.clone())
         })
         .collect::<Result<_>>()?;
     Ok((recs, prompts))
-}
-
-/// The record indices of the next `count` prompts of the seeded order, moving `state` on (and
-/// into the next epoch's order past the end of this one).
-fn next_prompts(
-    state: &mut TrainState,
-    order: &mut Vec<usize>,
-    n_records: usize,
-    count: usize,
-    seed: u64,
-) -> Vec<usize> {
-    let mut picked = Vec::with_capacity(count);
-    while picked.len() < count {
-        if state.batch_in_epoch >= order.len() {
-            state.epoch += 1;
-            state.batch_in_epoch = 0;
-            *order = epoch_order(n_records, seed, state.epoch);
-        }
-        picked.push(order[state.batch_in_epoch]);
-        state.batch_in_epoch += 1;
-    }
-    picked
 }
 
 /// The first `limit` rollouts of a step as a Markdown table (TensorBoard's text tab).

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::grpo::rollout::ScoredGroups;
+use crate::grpo::sampling::StepGroups;
 use crate::grpo::step::UpdateStats;
 use crate::learn::checkpoint::TrainState;
 use crate::learn::metrics::Record;
@@ -119,8 +119,18 @@ pub struct GrpoStep {
     pub response_len_max: usize,
     /// Responses that ended with a stop token (the rest hit `max_response_len`).
     pub stopped_frac: f64,
+    /// Over every group rolled out this step (all rounds).
     pub zero_variance_groups: usize,
     pub zero_variance_frac: f64,
+    /// Rounds of `prompts_per_step` prompts rolled out (dynamic sampling; else 1), the groups
+    /// trained on and the zero-variance groups dynamic sampling dropped.
+    pub sampling_rounds: usize,
+    pub groups_kept: usize,
+    pub groups_dropped: usize,
+    /// |rollout engine log-prob - trainer log-prob| of the sampled tokens (before the update):
+    /// mean and max over the response tokens trained on.
+    pub rollout_drift_mean: f64,
+    pub rollout_drift_max: f64,
     /// The largest gradient norm (before clipping) of the step's updates.
     pub grad_norm: f64,
     /// Updates skipped for a non-finite loss or gradient norm (`nan_policy = "skip"`).
@@ -135,15 +145,10 @@ pub struct GrpoStep {
 }
 
 impl GrpoStep {
-    /// The record of the step that `state` has just completed (timings left at 0).
-    pub fn new(
-        state: &TrainState,
-        n_records: usize,
-        scored: &ScoredGroups,
-        st: &UpdateStats,
-        groups: usize,
-        skipped_now: usize,
-    ) -> Self {
+    /// The record of the step that `state` has just completed (timings left at 0): rewards over
+    /// every response rolled out, losses over those trained on.
+    pub fn new(state: &TrainState, n_records: usize, step: &StepGroups, st: &UpdateStats) -> Self {
+        let (scored, groups) = (&step.all, step.all.in_update.len());
         let breakdowns: Vec<RewardBreakdown> =
             scored.rollouts.iter().map(|r| r.reward.clone()).collect();
         let s = summarize(&breakdowns);
@@ -181,10 +186,15 @@ impl GrpoStep {
             response_len_max: lens.iter().copied().max().unwrap_or(0),
             stopped_frac: scored.rollouts.iter().filter(|r| r.stopped).count() as f64 / n_r,
             zero_variance_groups: scored.zero_variance,
-            zero_variance_frac: scored.zero_variance as f64 / groups as f64,
+            zero_variance_frac: scored.zero_variance as f64 / groups.max(1) as f64,
+            sampling_rounds: step.rounds,
+            groups_kept: step.train.in_update.iter().filter(|k| **k).count(),
+            groups_dropped: step.dropped,
+            rollout_drift_mean: st.drift_sum / st.drift_tokens.max(1) as f64,
+            rollout_drift_max: st.drift_max,
             grad_norm: st.grad_norms.iter().copied().fold(0.0, f64::max),
             skipped_updates: st.skipped_updates,
-            skipped_prompts: skipped_now,
+            skipped_prompts: step.skipped,
             rollout_tokens_per_s: 0.0,
             update_tokens_per_s: 0.0,
             step_secs: 0.0,

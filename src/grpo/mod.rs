@@ -1,13 +1,15 @@
 //! GRPO (RLVR) for the InfiMed-RL stage: [`recipe`], [`plan`] (`--dry-run`), [`data`] (prompt
-//! records and their order), [`rollout`] (sampled responses, rewards, advantages), [`algos`], the
+//! records and their order), [`rollout`] (sampled responses, rewards, advantages), [`sampling`]
+//! (the groups a step trains on: dynamic sampling), [`algos`], the
 //! [`objective`] assembled from them, the updates of a [`step`], its [`metrics`], and the
 //! [`learner`] that the training loop ([`crate::learn::trainer`]) runs.
 //!
 //! [`algos`] holds the core algorithms as small pure functions, one per formula, as verl keeps them in
 //! `verl/trainer/ppo/core_algos.py`: group-normalised advantages, the clipped (dual-clip) policy loss,
-//! the KL estimators, the loss aggregation modes and per-token entropy. They take plain slices or Burn
-//! tensors of shape `[responses, max_len]` with a float response mask, hold no state, and are checked
-//! against figures computed in float64 from verl's formulas (see the tests in `algos.rs`).
+//! GSPO's sequence-level loss, the KL estimators, the loss aggregation modes, per-token entropy, TIS
+//! weights and DAPO's overlong penalty. They take plain slices or Burn tensors of shape
+//! `[responses, max_len]` with a float response mask, hold no state, and are checked against values
+//! computed by verl's own functions (`tests/fixtures/verl/`; see the tests in `algos.rs`).
 //!
 //! How a learner puts them together (verl with `use_kl_loss`, the usual GRPO choice):
 //!
@@ -30,6 +32,7 @@ pub mod objective;
 pub mod plan;
 pub mod recipe;
 pub mod rollout;
+pub mod sampling;
 pub mod step;
 
 pub use learner::{train_grpo, GrpoSummary};

@@ -10,7 +10,7 @@ pub fn describe(recipe: &GrpoRecipe, n_prompts: Option<usize>, n_skipped: usize)
     format!(
         "grpo plan: {} prompts ({} skipped as invalid), {} per step x n = {} -> {} responses per step\n  \
          {} steps ({} epochs), {} optimizer updates per step (mini-batch {} prompts, micro-batch {} responses, {} ppo epochs), {} updates in all\n  \
-         lr {} ({}), kl {} x {}, clip [{}, {}], loss {}, reward {} x format + {} x accuracy ({})",
+         lr {} ({}), kl {} x {}, clip [{}, {}], {:?} policy loss, {}, reward {} x format + {} x accuracy ({}){}",
         show(n_prompts),
         n_skipped,
         recipe.rollout.prompts_per_step,
@@ -29,9 +29,17 @@ pub fn describe(recipe: &GrpoRecipe, n_prompts: Option<usize>, n_skipped: usize)
         recipe.algorithm.kl_kind,
         1.0 - recipe.algorithm.clip_low,
         1.0 + recipe.algorithm.clip_high,
+        recipe.algorithm.policy_loss,
         recipe.algorithm.loss_agg,
         recipe.reward.format_weight,
         recipe.reward.accuracy_weight,
         recipe.reward.format,
+        match recipe.algorithm.dynamic_sampling {
+            true => format!(
+                "\n  dynamic sampling: up to {} rounds of {} prompts per step",
+                recipe.algorithm.max_sampling_rounds, recipe.rollout.prompts_per_step
+            ),
+            false => String::new(),
+        },
     )
 }

@@ -83,6 +83,55 @@ pub struct AlgorithmConfig {
     /// Leave groups whose rewards are all equal (advantage 0) out of the update.
     #[serde(default)]
     pub drop_zero_variance_groups: bool,
+    /// `"vanilla"` (PPO's token ratio, verl's `compute_policy_loss_vanilla`) or `"gspo"` (the
+    /// sequence-level ratio, `compute_policy_loss_gspo`; needs `loss_agg = "seq_mean_token_mean"`).
+    #[serde(default)]
+    pub policy_loss: PolicyLoss,
+    /// Entropy bonus: `loss -= entropy_coef x agg_loss(entropy)` (verl's `entropy_coeff`, 0 = off).
+    /// It runs the full logits of every response token through autodiff (memory ~ tokens x vocab).
+    #[serde(default)]
+    pub entropy_coef: f64,
+    /// Responses cut at `max_response_len` (no stop token) add no loss (DAPO's overlong filter).
+    #[serde(default)]
+    pub mask_truncated: bool,
+    /// DAPO's soft overlong penalty: the last `overlong_buffer` tokens before `max_response_len`
+    /// lower the reward linearly down to `-overlong_penalty` (0 = off).
+    #[serde(default)]
+    pub overlong_buffer: usize,
+    #[serde(default = "one_f64")]
+    pub overlong_penalty: f64,
+    /// `"tis"`: the policy loss is weighted by `min(p_trainer / p_rollout, rollout_is_cap)` per token
+    /// (truncated importance sampling against the rollout engine's log-probs); omit for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_is: Option<RolloutIs>,
+    /// TIS's cap C (verl's `rollout_is_threshold`).
+    #[serde(default = "two")]
+    pub rollout_is_cap: f64,
+    /// DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more prompts are
+    /// drawn and rolled out until the step has `rollout.prompts_per_step` informative groups, at
+    /// most `max_sampling_rounds` rounds of `prompts_per_step` prompts (then the step trains on
+    /// the informative groups it has).
+    #[serde(default)]
+    pub dynamic_sampling: bool,
+    #[serde(default = "default_rounds")]
+    pub max_sampling_rounds: usize,
+}
+
+/// `algorithm.policy_loss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyLoss {
+    #[default]
+    Vanilla,
+    Gspo,
+}
+
+/// `algorithm.rollout_is`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutIs {
+    /// Token-level truncated importance sampling (verl `rollout_is = "token"`, TRL's TIS).
+    Tis,
 }
 
 impl Default for AlgorithmConfig {
@@ -96,6 +145,15 @@ impl Default for AlgorithmConfig {
             loss_agg: LossAgg::TokenMean,
             norm_adv_by_std: true,
             drop_zero_variance_groups: false,
+            policy_loss: PolicyLoss::Vanilla,
+            entropy_coef: 0.0,
+            mask_truncated: false,
+            overlong_buffer: 0,
+            overlong_penalty: 1.0,
+            rollout_is: None,
+            rollout_is_cap: 2.0,
+            dynamic_sampling: false,
+            max_sampling_rounds: 10,
         }
     }
 }
@@ -237,6 +295,12 @@ fn one_f64() -> f64 {
 fn yes() -> bool {
     true
 }
+fn two() -> f64 {
+    2.0
+}
+fn default_rounds() -> usize {
+    10
+}
 fn clip() -> f64 {
     0.2
 }
@@ -344,6 +408,7 @@ impl Recipe for GrpoRecipe {
         if !(a.kl_coef >= 0.0 && a.kl_coef.is_finite()) {
             e.push(format!("algorithm.kl_coef must be >= 0, got {}", a.kl_coef));
         }
+        self.check_extensions(&mut e);
         let w = &self.reward;
         if !(w.format_weight >= 0.0
             && w.accuracy_weight >= 0.0
@@ -368,6 +433,48 @@ impl Recipe for GrpoRecipe {
 }
 
 impl GrpoRecipe {
+    /// The checks of GSPO, the entropy bonus, overlong handling, TIS and dynamic sampling.
+    fn check_extensions(&self, e: &mut Vec<String>) {
+        let a = &self.algorithm;
+        if a.policy_loss == PolicyLoss::Gspo && a.loss_agg != LossAgg::SeqMeanTokenMean {
+            e.push(format!(
+                "algorithm.loss_agg must be \"seq_mean_token_mean\" with policy_loss = \"gspo\" \
+                 (verl's compute_policy_loss_gspo aggregates so), got \"{}\"",
+                a.loss_agg
+            ));
+        }
+        if a.policy_loss == PolicyLoss::Gspo && a.dual_clip.is_some() {
+            e.push("algorithm.dual_clip is not used by policy_loss = \"gspo\"; remove it".into());
+        }
+        if !(a.entropy_coef >= 0.0 && a.entropy_coef.is_finite()) {
+            e.push(format!(
+                "algorithm.entropy_coef must be >= 0, got {}",
+                a.entropy_coef
+            ));
+        }
+        if a.overlong_buffer > self.max_response_len {
+            e.push(format!(
+                "algorithm.overlong_buffer ({}) must be <= max_response_len ({})",
+                a.overlong_buffer, self.max_response_len
+            ));
+        }
+        if !(a.overlong_penalty >= 0.0 && a.overlong_penalty.is_finite()) {
+            e.push(format!(
+                "algorithm.overlong_penalty must be >= 0, got {}",
+                a.overlong_penalty
+            ));
+        }
+        if !(a.rollout_is_cap > 0.0 && a.rollout_is_cap.is_finite()) {
+            e.push(format!(
+                "algorithm.rollout_is_cap must be > 0, got {}",
+                a.rollout_is_cap
+            ));
+        }
+        if a.max_sampling_rounds == 0 {
+            e.push("algorithm.max_sampling_rounds must be >= 1".into());
+        }
+    }
+
     /// Rollout steps for `n_prompts` training prompts.
     pub fn total_steps(&self, n_prompts: usize) -> usize {
         let per_epoch = n_prompts as f64 / self.rollout.prompts_per_step as f64;
@@ -468,5 +575,59 @@ micro_batch = 8
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("unknown field `clip`"), "{err}");
+    }
+
+    #[test]
+    fn extensions_parse_and_bad_values_are_named() {
+        let sets = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = GrpoRecipe::from_str_with(
+            MIN,
+            "t.toml",
+            &sets(&[
+                "algorithm.policy_loss=\"gspo\"",
+                "algorithm.loss_agg=\"seq-mean-token-mean\"",
+                "algorithm.rollout_is=\"tis\"",
+                "algorithm.dynamic_sampling=true",
+                "algorithm.overlong_buffer=512",
+            ]),
+        )
+        .unwrap();
+        let a = ok.algorithm;
+        assert_eq!(
+            (
+                a.policy_loss,
+                a.rollout_is,
+                a.rollout_is_cap,
+                a.max_sampling_rounds
+            ),
+            (PolicyLoss::Gspo, Some(RolloutIs::Tis), 2.0, 10)
+        );
+        let err = GrpoRecipe::from_str_with(
+            MIN,
+            "t.toml",
+            &sets(&[
+                "algorithm.policy_loss=\"gspo\"",
+                "algorithm.overlong_buffer=4096",
+                "algorithm.entropy_coef=-1",
+                "algorithm.rollout_is_cap=0",
+                "algorithm.max_sampling_rounds=0",
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for field in [
+            "algorithm.loss_agg must be \"seq_mean_token_mean\"",
+            "algorithm.overlong_buffer (4096)",
+            "algorithm.entropy_coef",
+            "algorithm.rollout_is_cap",
+            "algorithm.max_sampling_rounds",
+        ] {
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        let err =
+            GrpoRecipe::from_str_with(MIN, "t.toml", &sets(&["algorithm.rollout_is=\"seq\""]))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("rollout_is"), "{err}");
     }
 }

@@ -19,6 +19,8 @@ pub struct Rollout {
     /// Index of its record in the data file.
     pub record: usize,
     pub tokens: Vec<u32>,
+    /// The log-probs the rollout engine reported for `tokens`.
+    pub logprobs: Vec<f32>,
     pub text: String,
     pub stopped: bool,
     pub reward: RewardBreakdown,
@@ -110,6 +112,7 @@ pub fn response_logprobs<B: ModelBackend>(
 
 /// The responses of one step scored: rewards per response, group-normalised advantages, and
 /// which groups take part in the update.
+#[derive(Default)]
 pub struct ScoredGroups {
     pub rollouts: Vec<Rollout>,
     pub rewards: Vec<f64>,
@@ -119,12 +122,46 @@ pub struct ScoredGroups {
     pub in_update: Vec<bool>,
 }
 
-/// Rewards (`crate::rewards::score` of each decoded response against its record's answer) and
-/// the advantages of groups of `g` consecutive responses (`group_advantages`).
+/// A group's rewards.
+pub struct Group<'a> {
+    pub rewards: &'a [f64],
+}
+
+impl ScoredGroups {
+    /// Group `k` of groups of `g` responses.
+    pub fn group(&self, k: usize, g: usize) -> Group<'_> {
+        Group {
+            rewards: &self.rewards[k * g..(k + 1) * g],
+        }
+    }
+
+    /// Append group `k` of `from` (groups of `g`), in the update or not.
+    pub fn push_group(&mut self, from: &ScoredGroups, k: usize, g: usize, in_update: bool) {
+        let rewards = from.group(k, g).rewards;
+        self.rollouts
+            .extend_from_slice(&from.rollouts[k * g..(k + 1) * g]);
+        self.rewards.extend_from_slice(rewards);
+        self.zero_variance += (g > 1 && rewards.iter().all(|r| *r == rewards[0])) as usize;
+        self.in_update.push(in_update);
+    }
+
+    /// Append all the groups of `other` (groups of `g`).
+    pub fn append(&mut self, other: ScoredGroups, g: usize) {
+        debug_assert_eq!(other.rollouts.len() % g.max(1), 0);
+        self.rollouts.extend(other.rollouts);
+        self.rewards.extend(other.rewards);
+        self.zero_variance += other.zero_variance;
+        self.in_update.extend(other.in_update);
+    }
+}
+
+/// Rewards (`reward(record, text, tokens)`: `crate::rewards::score` of each decoded response
+/// against its record's answer, with any length penalty) and the advantages of groups of `g`
+/// consecutive responses (`group_advantages`).
 pub fn score_groups(
     responses: Vec<(usize, crate::generate::Generation)>,
     decode: impl Fn(&[u32]) -> Result<String>,
-    reward: impl Fn(usize, &str) -> RewardBreakdown,
+    reward: impl Fn(usize, &str, usize) -> RewardBreakdown,
     g: usize,
     norm_by_std: bool,
     drop_zero_variance: bool,
@@ -132,10 +169,11 @@ pub fn score_groups(
     let mut rollouts = Vec::with_capacity(responses.len());
     for (record, gen) in responses {
         let text = decode(&gen.tokens)?;
-        let reward = reward(record, &text);
+        let reward = reward(record, &text, gen.tokens.len());
         rollouts.push(Rollout {
             record,
             tokens: gen.tokens,
+            logprobs: gen.logprobs,
             text,
             stopped: gen.stopped,
             reward,

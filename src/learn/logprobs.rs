@@ -4,8 +4,8 @@
 use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 
+use crate::grpo::algos::entropy_from_logits;
 use crate::learn::batch::MicroBatch;
 use crate::model::nn::int1;
 use crate::model::ModelBackend;
@@ -82,28 +82,49 @@ pub fn token_nll_sum_of<B: ModelBackend>(
 }
 
 /// Sum over rows of the entropy of `softmax(logits / temperature)` for final hidden states
-/// `rows [N, C]` (a metric: no gradient), a chunk of rows at a time.
+/// `rows [N, C]` (a metric: no gradient).
 pub fn entropy_sum<B: ModelBackend>(
     model: &Qwen25VL<B>,
     rows: Tensor<B, 2>,
     temperature: f64,
 ) -> f64 {
-    let head = model.head_matrix().detach();
-    let rows = rows.detach();
+    token_entropy(
+        model,
+        rows.detach(),
+        Some(model.head_matrix().detach()),
+        temperature,
+    )
+    .sum()
+    .into_scalar()
+    .elem::<f64>()
+}
+
+/// The entropy of `softmax(logits / temperature)` of each row of final hidden states `rows [N,
+/// C]`: `[N]`, differentiable w.r.t. `rows` and the head (`head`: the head matrix to use, `None`:
+/// the model's). The logits are formed a chunk of rows at a time, but autodiff keeps each
+/// chunk's softmax for the backward pass (memory ~ N x vocab).
+pub fn token_entropy<B: ModelBackend>(
+    model: &Qwen25VL<B>,
+    rows: Tensor<B, 2>,
+    head: Option<Tensor<B, 2>>,
+    temperature: f64,
+) -> Tensor<B, 1> {
+    let head = head.unwrap_or_else(|| model.head_matrix());
     let [n, _] = rows.dims();
-    let mut total = 0.0;
-    for start in (0..n).step_by(crate::model::head::HEAD_CHUNK) {
-        let len = crate::model::head::HEAD_CHUNK.min(n - start);
-        let z = crate::model::nn::upcast(rows.clone().narrow(0, start, len).matmul(head.clone()))
-            .div_scalar(temperature);
-        let lp = log_softmax(z, 1);
-        total += (lp.clone().exp() * lp)
-            .sum()
-            .neg()
-            .into_scalar()
-            .elem::<f64>();
+    if n == 0 {
+        return Tensor::zeros([0], &rows.device());
     }
-    total
+    let chunks: Vec<Tensor<B, 1>> = (0..n)
+        .step_by(crate::model::head::HEAD_CHUNK)
+        .map(|start| {
+            let len = crate::model::head::HEAD_CHUNK.min(n - start);
+            let z =
+                crate::model::nn::upcast(rows.clone().narrow(0, start, len).matmul(head.clone()))
+                    .div_scalar(temperature);
+            entropy_from_logits(z)
+        })
+        .collect();
+    Tensor::cat(chunks, 0)
 }
 
 /// Log-probs of the batch's target tokens (each from the logits at the position before it;

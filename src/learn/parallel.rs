@@ -420,27 +420,32 @@ impl Rank {
             return Ok((0..total)
                 .map(|i| Generation {
                     tokens: vec![],
+                    logprobs: vec![],
                     stopped: head[total + i] > 0.5,
                 })
                 .collect());
         }
-        let mut ids = vec![0f32; total * width];
+        // Token ids (exact in f32 below 2^24) then log-probs, each rank's rows in place and zeros
+        // elsewhere: the sum is every rank's values, bit for bit.
+        let mut buf = vec![0f32; 2 * total * width];
         for (i, g) in local.iter().enumerate() {
-            for (j, &t) in g.tokens.iter().enumerate() {
-                ids[(start + i) * width + j] = t as f32;
+            for (j, (&t, &lp)) in g.tokens.iter().zip(&g.logprobs).enumerate() {
+                buf[(start + i) * width + j] = t as f32;
+                buf[(total + start + i) * width + j] = lp;
             }
         }
-        let ids = self
-            .all_reduce_sum(Tensor::<B, 1>::from_floats(ids.as_slice(), device))?
+        let buf = self
+            .all_reduce_sum(Tensor::<B, 1>::from_floats(buf.as_slice(), device))?
             .into_data()
             .convert::<f32>();
-        let ids = ids.as_slice::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+        let buf = buf.as_slice::<f32>().map_err(|e| anyhow!("{e:?}"))?;
         Ok((0..total)
             .map(|i| Generation {
-                tokens: ids[i * width..i * width + lens[i]]
+                tokens: buf[i * width..i * width + lens[i]]
                     .iter()
                     .map(|&t| t.round() as u32)
                     .collect(),
+                logprobs: buf[(total + i) * width..(total + i) * width + lens[i]].to_vec(),
                 stopped: head[total + i] > 0.5,
             })
             .collect())
