@@ -19,6 +19,6 @@ pub mod weights;
 pub use attention::{AttentionImpl, AttentionMask, Tiles};
 pub use backend::{ModelBackend, TrainBackend};
 pub use config::{Qwen25VlConfig, TextConfig, TokenIds, VisionConfig};
-pub use model::{copy_aux_files, LayerInputs, ModelInput, Qwen25VL};
+pub use model::{copy_aux_files, LayerInputs, ModelInput, Qwen25VL, AUX_FILES};
 pub use text::KvCache;
 pub use weights::{SaveDtype, WeightReader};

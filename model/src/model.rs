@@ -583,23 +583,26 @@ impl<B: ModelBackend> Qwen25VL<B> {
     }
 }
 
-/// Copy the tokenizer, chat template, processor and generation files of an HF model directory.
+/// The tokenizer, chat template, processor and generation files of an HF model directory: what
+/// [`copy_aux_files`] copies beside an export.
+pub const AUX_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+];
+
+/// Copy the [`AUX_FILES`] of an HF model directory that exist.
 pub fn copy_aux_files(from: &Path, to: &Path) -> Result<Vec<String>> {
-    const FILES: &[&str] = &[
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "merges.txt",
-        "chat_template.json",
-        "chat_template.jinja",
-        "preprocessor_config.json",
-        "video_preprocessor_config.json",
-        "generation_config.json",
-    ];
     let mut copied = Vec::new();
-    for f in FILES {
+    for f in AUX_FILES {
         let src = from.join(f);
         if src.exists() {
             std::fs::copy(&src, to.join(f))

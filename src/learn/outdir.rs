@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::learn::checkpoint::{complete_checkpoints, latest_checkpoint};
 use crate::learn::tensorboard::{hostname, wall_time};
+use crate::model::AUX_FILES;
 
 /// What `--resume` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,22 +32,9 @@ pub enum ResumeMode {
     Auto,
 }
 
-/// Files of the model directory a run exports (and copies from its base model).
-const EXPORT_FILES: &[&str] = &[
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-];
+/// Files of the model directory a run exports besides its weights (`model*.safetensors`); the
+/// files it copies from its base model are [`AUX_FILES`].
+const EXPORT_FILES: &[&str] = &["model.safetensors.index.json", "config.json"];
 
 /// Files and directories of a run, other than the export.
 const RUN_FILES: &[&str] = &[
@@ -104,6 +92,7 @@ impl RunContents {
                 || plot
                 || RUN_FILES.contains(&name.as_str())
                 || EXPORT_FILES.contains(&name.as_str())
+                || AUX_FILES.contains(&name.as_str())
             {
                 c.files.push(p);
             }
